@@ -1,0 +1,367 @@
+"""Typed configuration: one dataclass per section, defaults here and nowhere else.
+
+A run's config is the dataclass defaults, then a YAML file, then dotted `key=value` overrides:
+
+    lensrl grpo --config configs/tiny_demo.yaml data.max_prompt_length=2048
+
+Unknown keys fail with the key's name and the closest valid names; wrong types fail with the
+expected type. Nothing loads before the config is valid.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+
+class ConfigError(ValueError):
+    """A user mistake in a config file or override; the message names the key."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Sections
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ModelConfig:
+    path: str = "runs/tiny_model"  # HF folder (downloaded Qwen-VL or `lensrl model tiny`) or a shape name
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: bf16 params+autocast on GPU, fp32 on CPU
+    min_pixels: int | None = None  # None: the model folder's preprocessor_config.json
+    max_pixels: int | None = None
+    trust_remote_code: bool = False
+    gradient_checkpointing: bool = False
+    freeze_vision_tower: bool = False
+
+
+@dataclass
+class DataConfig:
+    train_files: list[str] | None = None  # parquet files or folders; None: eval only
+    val_files: list[str] | None = None
+    prompt_key: str = "problem"
+    answer_key: str = "answer"
+    choice_key: str | None = None  # set for multiple choice (Robo2VLM layout)
+    image_keys: list[str] = field(default_factory=lambda: ["images"])
+    system_prompt: str | None = None
+    instruction: str | None = None  # appended to each prompt ("{prompt} {instruction}")
+    answer_template: str = "\\boxed{{{answer}}}"  # SFT target for free-form answers
+    max_prompt_length: int = 1024  # tokens, image tokens included
+    filter_overlong_prompts: bool = True  # True: drop and count; False: error naming the row
+    skip_bad_rows: bool = False  # undecodable images: skip and count instead of failing
+    shuffle: bool = True
+    seed: int = 1
+    val_size: int | None = None  # evaluate on the first N test rows (None: all)
+
+
+@dataclass
+class RolloutConfig:
+    backend: Literal["auto", "hf", "engine"] = "auto"  # auto: engine on CUDA, hf elsewhere
+    n: int = 8
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    max_new_tokens: int = 512
+    batch_size: int = 64  # prompts per generate call (the backend may split further)
+    val_temperature: float = 0.0  # greedy validation by default
+    val_top_p: float = 1.0
+    val_n: int = 1  # mean@k over k samples per validation prompt
+    gpu_memory_utilization: float = 0.5  # engine KV-cache budget (fraction of free memory)
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-6
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    weight_decay: float = 1e-2
+    warmup_steps: int = 0
+    warmup_ratio: float = 0.0  # used when warmup_steps is 0
+    schedule: Literal["constant", "cosine"] = "constant"
+    min_lr_ratio: float = 0.0  # cosine floor as a fraction of lr
+    grad_clip: float = 1.0
+
+
+@dataclass
+class AlgorithmConfig:
+    adv_estimator: Literal["grpo", "rloo", "reinforce_plus_plus_baseline"] = "grpo"
+    norm_adv_by_std: bool = True  # False: Dr.GRPO
+    filter_zero_variance_groups: bool = False  # DAPO dynamic sampling
+    use_kl_loss: bool = False
+    kl_loss_type: Literal["k1", "k2", "k3", "low_var_kl", "abs"] = "low_var_kl"
+    kl_loss_coef: float = 1e-2
+
+
+@dataclass
+class ActorConfig:
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    ppo_epochs: int = 1
+    mini_batch_size: int = 16  # prompts per optimizer step (x n completions)
+    micro_batch_size: int = 8  # sequences per forward/backward
+    clip_ratio_low: float = 0.2
+    clip_ratio_high: float = 0.28
+    clip_ratio_c: float = 3.0  # dual clip for negative advantages
+    policy_loss: Literal["ppo", "gspo"] = "ppo"  # gspo: sequence-level ratio
+    loss_agg_mode: Literal[
+        "token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"
+    ] = "token-mean"
+    entropy_coeff: float = 0.0
+    mask_truncated_completions: bool = False
+    importance_sampling_fix: bool = False  # truncated importance sampling (TIS)
+    importance_sampling_clip: float = 2.0
+    importance_sampling_level: Literal["token", "sequence"] = "token"
+    logprob_chunk_size: int = 1024  # tokens per chunk in the logprob pass
+
+
+@dataclass
+class RewardConfig:
+    type: Literal["math", "choice"] = "math"
+    format_pattern: str | None = r"<think>.*</think>.*\\boxed\{.*\}.*"  # None: no format reward
+    format_weight: float = 0.1  # score = (1 - w) * accuracy + w * format
+    reward_min_val: float = 0.0
+    reward_max_val: float = 1.0
+    num_workers: int = 2
+    timeout_s: float = 10.0
+
+
+@dataclass
+class TrainerConfig:
+    run_name: str = "run"
+    output_dir: str = "runs"
+    total_steps: int = 100
+    test_freq: int = 10  # validate every N steps (0: never), and once before training
+    val_before_train: bool = True
+    save_freq: int = 0  # checkpoint every N steps (0: only at the end)
+    save_limit: int = 2  # keep the newest N checkpoints
+    save_hf: bool = True  # write runs/<name>/hf at the end
+    resume: str = "auto"  # auto | never | path to checkpoints/step_N
+    seed: int = 1
+    device: str = "auto"  # auto | cpu | cuda
+    loggers: list[str] = field(default_factory=lambda: ["console", "jsonl", "tensorboard"])
+    wandb_project: str = "lensrl"
+    num_logged_samples: int = 4  # samples written to samples/ per step
+    max_bad_steps: int = 3  # consecutive NaN/inf steps before the run stops
+
+
+@dataclass
+class GRPOTrainerConfig(TrainerConfig):
+    rollout_batch_size: int = 16  # prompts per GRPO step (x rollout.n completions)
+
+
+@dataclass
+class GRPOConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    actor: ActorConfig = field(default_factory=ActorConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    trainer: GRPOTrainerConfig = field(default_factory=GRPOTrainerConfig)
+
+
+@dataclass
+class SFTTrainerConfig(TrainerConfig):
+    total_steps: int = 0  # 0: derive from num_epochs
+    num_epochs: int = 1
+    global_batch_size: int = 32  # sequences per optimizer step
+    micro_batch_size: int = 4  # sequences per forward/backward (gradient accumulation between)
+
+
+@dataclass
+class SFTConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(
+        default_factory=lambda: OptimConfig(lr=1e-5, warmup_ratio=0.03, schedule="cosine")
+    )
+    rollout: RolloutConfig = field(default_factory=lambda: RolloutConfig(max_new_tokens=64))  # eval generation
+    reward: RewardConfig = field(default_factory=RewardConfig)  # answer extraction for eval accuracy
+    trainer: SFTTrainerConfig = field(default_factory=SFTTrainerConfig)
+
+
+@dataclass
+class EvalConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig = field(default_factory=lambda: RolloutConfig(max_new_tokens=256))
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    output_dir: str = "runs"
+    run_name: str = "eval"
+    device: str = "auto"
+    seed: int = 1
+
+
+COMMAND_CONFIGS: dict[str, type] = {"grpo": GRPOConfig, "sft": SFTConfig, "eval": EvalConfig}
+
+# ----------------------------------------------------------------------------------------------
+# Loading, merging, validating
+# ----------------------------------------------------------------------------------------------
+
+T = TypeVar("T")
+
+
+def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] | tuple = ()) -> T:
+    """Defaults of `cls`, then the YAML file at `path`, then `key=value` overrides."""
+    config = cls()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:  # OmegaConf reads the YAML so recipes may use ${...} interpolation
+            loaded = OmegaConf.load(path)
+            if not isinstance(loaded, DictConfig):
+                raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+            # Merge onto the defaults first so ${section.key} may name a key the file leaves out.
+            merged = OmegaConf.merge(OmegaConf.create(to_dict(config)), loaded)
+            raw = OmegaConf.to_container(merged, resolve=True)
+        except (yaml.YAMLError, OmegaConfBaseException) as e:
+            raise ConfigError(f"{path}: not a valid config file: {e}") from None
+        config = merge(config, raw, source=str(path))
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value (e.g. data.max_prompt_length=2048)")
+        key, value = item.split("=", 1)
+        nested: dict[str, Any] = {}
+        cursor = nested
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            cursor = cursor.setdefault(part, {})
+        cursor[parts[-1]] = yaml.safe_load(value) if value.strip() else ""
+        config = merge(config, nested, source="command line")
+    return config
+
+
+def merge(config: T, values: dict[str, Any], source: str = "", prefix: str = "") -> T:
+    """Return a copy of dataclass `config` with `values` (a nested dict) applied and type-checked."""
+    hints = typing.get_type_hints(type(config))
+    names = [f.name for f in dataclasses.fields(config)]
+    updates: dict[str, Any] = {}
+    for key, value in values.items():
+        dotted = f"{prefix}{key}"
+        if key not in names:
+            close = difflib.get_close_matches(key, names, n=3, cutoff=0.5)
+            hint = f"; did you mean {', '.join(prefix + c for c in close)}?" if close else ""
+            raise ConfigError(
+                f"{source}: unknown config key '{dotted}'{hint} (valid keys here: {', '.join(names)})"
+            )
+        current = getattr(config, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{source}: '{dotted}' is a section; expected a mapping, got {value!r}")
+            updates[key] = merge(current, value, source, prefix=f"{dotted}.")
+        else:
+            updates[key] = _coerce(value, hints[key], dotted, source)
+    return dataclasses.replace(config, **updates)
+
+
+def _coerce(value: Any, hint: Any, key: str, source: str) -> Any:
+    ok, result = _try_coerce(value, hint)
+    if not ok:
+        raise ConfigError(f"{source}: '{key}' expects {_type_name(hint)}, got {value!r}")
+    return result
+
+
+def _try_coerce(value: Any, hint: Any) -> tuple[bool, Any]:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if hint is Any:
+        return True, value
+    if origin in (typing.Union, types.UnionType):
+        if value is None:
+            return (type(None) in args), None
+        for arg in args:
+            if arg is type(None):
+                continue
+            ok, result = _try_coerce(value, arg)
+            if ok:
+                return True, result
+        return False, None
+    if origin is Literal:
+        return (value in args), value
+    if origin in (list, tuple):
+        if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
+            return False, None
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(value) != len(args):
+                return False, None
+            items = [_try_coerce(v, a) for v, a in zip(value, args)]
+        else:
+            items = [_try_coerce(v, args[0] if args else Any) for v in value]
+        if not all(ok for ok, _ in items):
+            return False, None
+        return True, origin(v for _, v in items)
+    if hint is bool:
+        return isinstance(value, bool), value
+    if hint is int:
+        return (isinstance(value, int) and not isinstance(value, bool)), value
+    if hint is float:
+        if isinstance(value, bool):
+            return False, None
+        if isinstance(value, (int, float)):
+            return True, float(value)
+        if isinstance(value, str):  # yaml reads 1e-6 as a string
+            try:
+                return True, float(value)
+            except ValueError:
+                return False, None
+        return False, None
+    if hint is str:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return True, str(value)
+        return isinstance(value, str), value
+    return isinstance(value, hint), value
+
+
+def _type_name(hint: Any) -> str:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in args)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join("null" if a is type(None) else _type_name(a) for a in args)
+    if origin in (list, tuple):
+        return f"a list of {_type_name(args[0])}" if args else "a list"
+    return {bool: "a boolean (true/false)", int: "an integer", float: "a number", str: "a string"}.get(
+        hint, getattr(hint, "__name__", str(hint))
+    )
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    """Plain nested dict (tuples as lists), for YAML and loggers."""
+
+    def plain(v: Any) -> Any:
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [plain(x) for x in v]
+        return v
+
+    return plain(dataclasses.asdict(config))
+
+
+def to_yaml(config: Any) -> str:
+    return yaml.safe_dump(to_dict(config), sort_keys=False, default_flow_style=None, width=100)
+
+
+def save_config(config: Any, path: str | Path) -> None:
+    Path(path).write_text(to_yaml(config))
+
+
+def flat_keys(config: Any, prefix: str = "") -> list[str]:
+    """Every dotted key of a config, in declaration order."""
+    keys = []
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if dataclasses.is_dataclass(value):
+            keys += flat_keys(value, f"{prefix}{f.name}.")
+        else:
+            keys.append(f"{prefix}{f.name}")
+    return keys

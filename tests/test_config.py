@@ -1,0 +1,295 @@
+"""Config: defaults, YAML, dotted overrides, clear errors, the saved resolved config, `config show`."""
+
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from lensrl.config import (
+    COMMAND_CONFIGS, ConfigError, GRPOConfig, SFTConfig, flat_keys, load_config, save_config, to_dict,
+)
+
+# Every key users can set. A new knob must be added here on purpose (and documented).
+EXPECTED_KEYS = {
+    'grpo': [
+        'model.path',
+        'model.dtype',
+        'model.min_pixels',
+        'model.max_pixels',
+        'model.trust_remote_code',
+        'model.gradient_checkpointing',
+        'model.freeze_vision_tower',
+        'data.train_files',
+        'data.val_files',
+        'data.prompt_key',
+        'data.answer_key',
+        'data.choice_key',
+        'data.image_keys',
+        'data.system_prompt',
+        'data.instruction',
+        'data.answer_template',
+        'data.max_prompt_length',
+        'data.filter_overlong_prompts',
+        'data.skip_bad_rows',
+        'data.shuffle',
+        'data.seed',
+        'data.val_size',
+        'rollout.backend',
+        'rollout.n',
+        'rollout.temperature',
+        'rollout.top_p',
+        'rollout.top_k',
+        'rollout.max_new_tokens',
+        'rollout.batch_size',
+        'rollout.val_temperature',
+        'rollout.val_top_p',
+        'rollout.val_n',
+        'rollout.gpu_memory_utilization',
+        'algorithm.adv_estimator',
+        'algorithm.norm_adv_by_std',
+        'algorithm.filter_zero_variance_groups',
+        'algorithm.use_kl_loss',
+        'algorithm.kl_loss_type',
+        'algorithm.kl_loss_coef',
+        'actor.optim.lr',
+        'actor.optim.betas',
+        'actor.optim.eps',
+        'actor.optim.weight_decay',
+        'actor.optim.warmup_steps',
+        'actor.optim.warmup_ratio',
+        'actor.optim.schedule',
+        'actor.optim.min_lr_ratio',
+        'actor.optim.grad_clip',
+        'actor.ppo_epochs',
+        'actor.mini_batch_size',
+        'actor.micro_batch_size',
+        'actor.clip_ratio_low',
+        'actor.clip_ratio_high',
+        'actor.clip_ratio_c',
+        'actor.policy_loss',
+        'actor.loss_agg_mode',
+        'actor.entropy_coeff',
+        'actor.mask_truncated_completions',
+        'actor.importance_sampling_fix',
+        'actor.importance_sampling_clip',
+        'actor.importance_sampling_level',
+        'actor.logprob_chunk_size',
+        'reward.type',
+        'reward.format_pattern',
+        'reward.format_weight',
+        'reward.reward_min_val',
+        'reward.reward_max_val',
+        'reward.num_workers',
+        'reward.timeout_s',
+        'trainer.run_name',
+        'trainer.output_dir',
+        'trainer.total_steps',
+        'trainer.test_freq',
+        'trainer.val_before_train',
+        'trainer.save_freq',
+        'trainer.save_limit',
+        'trainer.save_hf',
+        'trainer.resume',
+        'trainer.seed',
+        'trainer.device',
+        'trainer.loggers',
+        'trainer.wandb_project',
+        'trainer.num_logged_samples',
+        'trainer.max_bad_steps',
+        'trainer.rollout_batch_size',
+    ],
+    'sft': [
+        'model.path',
+        'model.dtype',
+        'model.min_pixels',
+        'model.max_pixels',
+        'model.trust_remote_code',
+        'model.gradient_checkpointing',
+        'model.freeze_vision_tower',
+        'data.train_files',
+        'data.val_files',
+        'data.prompt_key',
+        'data.answer_key',
+        'data.choice_key',
+        'data.image_keys',
+        'data.system_prompt',
+        'data.instruction',
+        'data.answer_template',
+        'data.max_prompt_length',
+        'data.filter_overlong_prompts',
+        'data.skip_bad_rows',
+        'data.shuffle',
+        'data.seed',
+        'data.val_size',
+        'optim.lr',
+        'optim.betas',
+        'optim.eps',
+        'optim.weight_decay',
+        'optim.warmup_steps',
+        'optim.warmup_ratio',
+        'optim.schedule',
+        'optim.min_lr_ratio',
+        'optim.grad_clip',
+        'rollout.backend',
+        'rollout.n',
+        'rollout.temperature',
+        'rollout.top_p',
+        'rollout.top_k',
+        'rollout.max_new_tokens',
+        'rollout.batch_size',
+        'rollout.val_temperature',
+        'rollout.val_top_p',
+        'rollout.val_n',
+        'rollout.gpu_memory_utilization',
+        'reward.type',
+        'reward.format_pattern',
+        'reward.format_weight',
+        'reward.reward_min_val',
+        'reward.reward_max_val',
+        'reward.num_workers',
+        'reward.timeout_s',
+        'trainer.run_name',
+        'trainer.output_dir',
+        'trainer.total_steps',
+        'trainer.test_freq',
+        'trainer.val_before_train',
+        'trainer.save_freq',
+        'trainer.save_limit',
+        'trainer.save_hf',
+        'trainer.resume',
+        'trainer.seed',
+        'trainer.device',
+        'trainer.loggers',
+        'trainer.wandb_project',
+        'trainer.num_logged_samples',
+        'trainer.max_bad_steps',
+        'trainer.num_epochs',
+        'trainer.global_batch_size',
+        'trainer.micro_batch_size',
+    ],
+    'eval': [
+        'model.path',
+        'model.dtype',
+        'model.min_pixels',
+        'model.max_pixels',
+        'model.trust_remote_code',
+        'model.gradient_checkpointing',
+        'model.freeze_vision_tower',
+        'data.train_files',
+        'data.val_files',
+        'data.prompt_key',
+        'data.answer_key',
+        'data.choice_key',
+        'data.image_keys',
+        'data.system_prompt',
+        'data.instruction',
+        'data.answer_template',
+        'data.max_prompt_length',
+        'data.filter_overlong_prompts',
+        'data.skip_bad_rows',
+        'data.shuffle',
+        'data.seed',
+        'data.val_size',
+        'rollout.backend',
+        'rollout.n',
+        'rollout.temperature',
+        'rollout.top_p',
+        'rollout.top_k',
+        'rollout.max_new_tokens',
+        'rollout.batch_size',
+        'rollout.val_temperature',
+        'rollout.val_top_p',
+        'rollout.val_n',
+        'rollout.gpu_memory_utilization',
+        'reward.type',
+        'reward.format_pattern',
+        'reward.format_weight',
+        'reward.reward_min_val',
+        'reward.reward_max_val',
+        'reward.num_workers',
+        'reward.timeout_s',
+        'output_dir',
+        'run_name',
+        'device',
+        'seed',
+    ],
+}
+
+
+@pytest.mark.parametrize("command", sorted(COMMAND_CONFIGS))
+def test_every_config_key_is_a_conscious_choice(command):
+    assert flat_keys(COMMAND_CONFIGS[command]()) == EXPECTED_KEYS[command]
+
+
+def test_yaml_then_overrides(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("data:\n  max_prompt_length: 512\n  image_keys: [image]\nactor:\n  optim:\n    lr: 1.0e-5\n"
+                    "trainer:\n  run_name: ${data.prompt_key}_run\n")
+    cfg = load_config(GRPOConfig, path, ["data.max_prompt_length=2048", "actor.optim.betas=[0.9,0.95]",
+                                         "rollout.temperature=1", "data.system_prompt=null"])
+    assert cfg.data.max_prompt_length == 2048  # command line wins over the file
+    assert cfg.data.image_keys == ["image"]
+    assert cfg.actor.optim.lr == 1e-5
+    assert cfg.actor.optim.betas == (0.9, 0.95)
+    assert cfg.rollout.temperature == 1.0 and isinstance(cfg.rollout.temperature, float)
+    assert cfg.trainer.run_name == "problem_run"  # OmegaConf interpolation in recipes
+    assert cfg.data.system_prompt is None
+
+
+def test_unknown_key_names_it_and_suggests(tmp_path):
+    with pytest.raises(ConfigError) as e:
+        load_config(GRPOConfig, None, ["data.max_promt_length=3"])
+    assert "data.max_promt_length" in str(e.value) and "data.max_prompt_length" in str(e.value)
+    path = tmp_path / "bad.yaml"
+    path.write_text("actor:\n  optim:\n    learning_rate: 1.0\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(GRPOConfig, path)
+    assert "actor.optim.learning_rate" in str(e.value) and str(path) in str(e.value)
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("data.max_prompt_length=abc", "an integer"),
+    ("rollout.backend=vllm", "one of 'auto', 'hf', 'engine'"),
+    ("algorithm.use_kl_loss=maybe", "a boolean"),
+    ("data.image_keys=images", "a list of a string"),
+    ("actor.optim.betas=[0.9]", "a list"),
+    ("actor=3", "section"),
+])
+def test_wrong_type_names_expected_type(override, expected):
+    with pytest.raises(ConfigError) as e:
+        load_config(GRPOConfig, None, [override])
+    assert expected in str(e.value) and override.split("=")[0] in str(e.value)
+
+
+def test_override_syntax_and_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="key=value"):
+        load_config(GRPOConfig, None, ["data.max_prompt_length"])
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(GRPOConfig, tmp_path / "nope.yaml")
+
+
+def test_saved_config_round_trips(tmp_path):
+    cfg = load_config(SFTConfig, None, ["optim.lr=3e-4", "data.train_files=[a.parquet,b.parquet]"])
+    save_config(cfg, tmp_path / "config.yaml")
+    again = load_config(SFTConfig, tmp_path / "config.yaml")
+    assert to_dict(again) == to_dict(cfg)
+
+
+@pytest.mark.parametrize("recipe", ["tiny_demo_sft", "tiny_demo_grpo", "qwen2_5_vl_3b_geo3k_grpo",
+                                    "qwen2_5_vl_7b_geo3k_grpo", "qwen3_vl_2b_geo3k_tis_grpo",
+                                    "qwen2_5_vl_3b_robo2vlm_sft"])
+def test_recipes_are_valid(recipe):
+    from pathlib import Path
+
+    path = Path(__file__).parents[1] / "configs" / f"{recipe}.yaml"
+    command = "sft" if recipe.endswith("sft") else "grpo"
+    load_config(COMMAND_CONFIGS[command], path)
+
+
+def test_config_show_prints_defaults():
+    out = subprocess.run([sys.executable, "-m", "lensrl", "config", "show", "grpo", "actor.optim.lr=5e-7"],
+                         capture_output=True, text=True, check=True).stdout
+    shown = yaml.safe_load(out)
+    assert shown["actor"]["optim"]["lr"] == 5e-7
+    assert shown["rollout"]["n"] == GRPOConfig().rollout.n
