@@ -1,0 +1,351 @@
+"""load_dataset on parquet files in the layouts users bring, its checks, and BatchSampler."""
+
+from __future__ import annotations
+
+import base64
+import io
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from lensrl.config import DataConfig
+from lensrl.data import prompts
+from lensrl.data.datasets import BatchSampler, load_dataset
+from lensrl.data.sample import DataError, ImageSource
+
+IMAGE_STRUCT = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+
+
+def png(color=(255, 0, 0), size=(8, 6)) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", size, color).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def write(path, columns: dict, schema: pa.Schema | None = None):
+    pq.write_table(pa.table(columns, schema=schema), path)
+    return str(path)
+
+
+def length_fn(sample) -> int:  # stands in for the processor: characters + 4 tokens per image
+    return len(sample.prompt) + 4 * len(sample.images)
+
+
+# ----------------------------------------------------------------------------------------------
+# Layouts
+# ----------------------------------------------------------------------------------------------
+
+
+def test_geo3k_hub_layout(tmp_path):
+    path = write(
+        tmp_path / "train-00000-of-00001.parquet",
+        {
+            "images": pa.array(
+                [[{"bytes": png(), "path": "a.png"}], [{"bytes": png((0, 0, 255), (5, 7)), "path": None}]],
+                pa.list_(IMAGE_STRUCT),
+            ),
+            "problem": ["<image>Find x.", "<image>Find y."],
+            "answer": ["3", "2\\sqrt{3}"],
+            "id": ["q1", "q2"],  # extra columns are ignored
+            "choices": [["1", "2"], ["3", "4"]],
+            "ground_truth": ["3", "2\\sqrt{3}"],
+        },
+    )
+    cfg = DataConfig(instruction="Think first.", system_prompt="You are a geometer.")
+    dataset = load_dataset([path], cfg, "train")
+
+    assert len(dataset) == 2
+    sample = dataset[1]
+    assert sample.prompt == "<image>Find y. Think first."
+    assert sample.answer == "2\\sqrt{3}"
+    assert sample.target == "\\boxed{2\\sqrt{3}}"
+    assert sample.choices is None
+    assert sample.system_prompt == "You are a geometer."
+    assert sample.meta == {"source": path, "row": 1, "split": "train", "id": "q2"}
+    assert isinstance(sample.images[0], ImageSource) and isinstance(sample.images[0].data, dict)
+    assert sample.images[0].origin == f"{path} row 1 column 'images'[0]"
+    assert sample.load_images()[0].size == (5, 7)
+    assert [s.answer for s in dataset] == ["3", "2\\sqrt{3}"]
+    assert dataset.stats == {"rows_read": 2, "skipped_bad": 0, "filtered_overlong": 0}
+    assert "2 rows" in dataset.summary()
+
+
+def test_rlinf_layout_raw_bytes_and_boxed_answers(tmp_path):
+    path = write(
+        tmp_path / "train.parquet",
+        {
+            "problem": ["<image>\nFind x.", "<image>\nFind the area."],
+            "images": pa.array([[png()], [png((0, 255, 0))]], pa.list_(pa.binary())),
+            "answer": ["\\boxed{2\\sqrt{3}}", "\\boxed{\\frac{15}{2}}"],
+        },
+    )
+    dataset = load_dataset(path, DataConfig(), "train")
+    assert [s.answer for s in dataset] == ["2\\sqrt{3}", "\\frac{15}{2}"]
+    assert dataset[1].target == "\\boxed{\\frac{15}{2}}"
+    assert dataset[1].load_images()[0].getpixel((0, 0)) == (0, 255, 0)
+
+
+def test_base64_strings_and_relative_paths(tmp_path):
+    (tmp_path / "imgs").mkdir()
+    (tmp_path / "imgs" / "b.png").write_bytes(png((0, 0, 255)))
+    write(
+        tmp_path / "data.parquet",
+        {
+            "problem": ["<image>What colour?", "<image>What colour?"],
+            "image": [base64.b64encode(png((255, 0, 0))).decode(), "imgs/b.png"],
+            "answer": ["red", "blue"],
+        },
+    )
+    dataset = load_dataset([str(tmp_path)], DataConfig(image_keys=["image"]), "test")  # a folder
+    assert [s.load_images()[0].getpixel((1, 1)) for s in dataset] == [(255, 0, 0), (0, 0, 255)]
+    assert dataset[1].images[0].base_dir == str(tmp_path)
+
+
+def test_several_images_per_row_and_rows_without_placeholders(tmp_path):
+    path = write(
+        tmp_path / "multi.parquet",
+        {
+            "problem": ["Compare <image> with <image>.", "Describe the scene.", "No picture here."],
+            "images": pa.array([[png(), png((0, 255, 0))], [png(), png()], []], pa.list_(pa.binary())),
+            "answer": ["same", "two squares", "nothing"],
+        },
+    )
+    dataset = load_dataset(path, DataConfig(), "train")
+    assert [len(s.images) for s in dataset] == [2, 2, 0]
+    assert [im.origin.rsplit("[", 1)[1] for im in dataset[0].images] == ["0]", "1]"]
+    assert dataset[0].load_images()[1].getpixel((0, 0)) == (0, 255, 0)
+
+
+def test_images_from_two_columns_in_order(tmp_path):
+    path = write(
+        tmp_path / "two.parquet",
+        {
+            "problem": ["<image> then <image>", "only text"],
+            "first": pa.array([png((255, 0, 0)), None], pa.binary()),
+            "second": pa.array([[png((0, 0, 255))], []], pa.list_(pa.binary())),
+            "answer": ["1", "2"],
+        },
+    )
+    dataset = load_dataset(path, DataConfig(image_keys=["first", "second"]), "train")
+    assert [im.getpixel((0, 0)) for im in dataset[0].load_images()] == [(255, 0, 0), (0, 0, 255)]
+    assert dataset[1].images == []
+
+
+# ----------------------------------------------------------------------------------------------
+# Checks before the first step
+# ----------------------------------------------------------------------------------------------
+
+
+def test_missing_column_names_key_file_and_present_columns(tmp_path):
+    path = write(tmp_path / "x.parquet", {"question": ["q"], "images": [[png()]], "answer": ["a"]})
+    with pytest.raises(DataError) as error:
+        load_dataset(path, DataConfig(), "train")
+    message = str(error.value)
+    assert "'problem'" in message and "data.prompt_key" in message and path in message
+    assert "question, images, answer" in message
+
+
+def test_placeholder_count_mismatch_names_the_row(tmp_path):
+    path = write(
+        tmp_path / "x.parquet",
+        {
+            "problem": ["<image>ok", "<image><image>two placeholders"],
+            "images": pa.array([[png()], [png()]], pa.list_(pa.binary())),
+            "answer": ["1", "2"],
+        },
+    )
+    with pytest.raises(DataError, match=r"x\.parquet row 1: the prompt has 2 '<image>' placeholder\(s\) but"):
+        load_dataset(path, DataConfig(), "train")
+
+
+def test_placeholder_without_any_image_is_an_error(tmp_path):
+    path = write(
+        tmp_path / "x.parquet",
+        {"problem": ["<image>Find x."], "images": pa.array([[]], pa.list_(pa.binary())), "answer": ["1"]},
+    )
+    with pytest.raises(DataError, match="row 0"):
+        load_dataset(path, DataConfig(), "train")
+
+
+def bad_image_table(tmp_path):
+    return write(
+        tmp_path / "bad.parquet",
+        {
+            "problem": ["<image>a", "<image>b", "<image>c"],
+            "images": pa.array([[png()], [b"not an image at all"], [png()]], pa.list_(pa.binary())),
+            "answer": ["1", "2", "3"],
+        },
+    )
+
+
+def test_undecodable_image_fails_on_load_naming_file_and_row(tmp_path):
+    path = bad_image_table(tmp_path)
+    dataset = load_dataset(path, DataConfig(), "train")  # not touched before a batch needs it
+    assert len(dataset) == 3
+    with pytest.raises(DataError, match=rf"{path} row 1 column 'images'\[0\]: cannot decode image"):
+        dataset[1].load_images()
+
+
+def test_skip_bad_rows_drops_and_counts_undecodable_images(tmp_path):
+    path = bad_image_table(tmp_path)
+    dataset = load_dataset(path, DataConfig(skip_bad_rows=True), "train")
+    assert [s.meta["row"] for s in dataset] == [0, 2]
+    assert dataset.stats["skipped_bad"] == 1 and dataset.stats["rows_read"] == 3
+    assert "1 skipped" in dataset.summary()
+
+
+def test_overlong_prompts_filtered_and_counted(tmp_path):
+    path = write(
+        tmp_path / "x.parquet",
+        {
+            "problem": ["<image>short", "<image>" + "long " * 20, "<image>also short"],
+            "images": pa.array([[png()], [png()], [png()]], pa.list_(pa.binary())),
+            "answer": ["1", "2", "3"],
+        },
+    )
+    cfg = DataConfig(max_prompt_length=40, filter_overlong_prompts=True)
+    dataset = load_dataset(path, cfg, "train", length_fn=length_fn)
+    assert [s.meta["row"] for s in dataset] == [0, 2]
+    assert dataset.stats["filtered_overlong"] == 1
+    assert "longer than 40 tokens" in dataset.summary()
+
+    cfg = DataConfig(max_prompt_length=40, filter_overlong_prompts=False)
+    with pytest.raises(DataError, match=r"x\.parquet row 1: prompt is 111 tokens.*max_prompt_length=40"):
+        load_dataset(path, cfg, "train", length_fn=length_fn)
+
+
+def test_no_usable_rows_is_an_error(tmp_path):
+    path = write(tmp_path / "x.parquet", {"problem": ["a" * 50], "images": [[png()]], "answer": ["1"]})
+    with pytest.raises(DataError, match="no usable rows"):
+        load_dataset(path, DataConfig(max_prompt_length=10), "train", length_fn=length_fn)
+
+
+def test_missing_path_and_empty_folder(tmp_path):
+    with pytest.raises(DataError, match="not found"):
+        load_dataset([str(tmp_path / "nope.parquet")], DataConfig())
+    with pytest.raises(DataError, match="no \\*.parquet"):
+        load_dataset([str(tmp_path)], DataConfig())
+
+
+# ----------------------------------------------------------------------------------------------
+# Multiple choice
+# ----------------------------------------------------------------------------------------------
+
+CHOICE_CFG = DataConfig(
+    prompt_key="question", choice_key="choices", answer_key="correct_answer", image_keys=["image"]
+)
+
+
+def robo_rows(choices, answers):
+    return {
+        "id": [f"r{i}" for i in range(len(answers))],
+        "question": ["Which way does the gripper move?"] * len(answers),
+        "choices": choices,
+        "correct_answer": answers,
+        "image": pa.array([{"bytes": png(), "path": None}] * len(answers), IMAGE_STRUCT),
+        "tag": ["direction"] * len(answers),
+    }
+
+
+def test_choices_as_python_list_string_with_index_answer(tmp_path):
+    path = write(
+        tmp_path / "mc.parquet", robo_rows(["['left', 'right', 'up']", '["open", "closed"]'], [2, 0])
+    )
+    dataset = load_dataset(path, CHOICE_CFG, "test")
+    sample = dataset[0]
+    assert sample.choices == ["left", "right", "up"]
+    assert sample.answer == "C"
+    assert sample.target == "C. up"
+    assert sample.prompt == "Which way does the gripper move?\nChoices:\nA. left\nB. right\nC. up"
+    assert sample.meta["id"] == "r0"
+    assert (dataset[1].answer, dataset[1].target) == ("A", "A. open")
+
+
+def test_choices_as_real_list_with_letter_answer(tmp_path):
+    rows = robo_rows([["red", "green"], ["a", "b", "c", "d"]], ["B", "d"])
+    path = write(tmp_path / "mc.parquet", rows)
+    dataset = load_dataset(path, CHOICE_CFG, "train")
+    assert [(s.answer, s.target) for s in dataset] == [("B", "B. green"), ("D", "D. d")]
+
+
+@pytest.mark.parametrize(
+    "choices",
+    [
+        "__import__('os').system('echo hi')",
+        "[__import__('os').system('echo hi')]",
+        "['a', 1]",
+        "left, right",
+        "[]",
+    ],
+)
+def test_bad_or_malicious_choices_are_rejected_naming_the_row(tmp_path, choices, capfd):
+    path = write(tmp_path / "mc.parquet", robo_rows(["['a', 'b']", choices], [0, 0]))
+    with pytest.raises(DataError, match=r"mc\.parquet row 1: choices"):
+        load_dataset(path, CHOICE_CFG, "train")
+    assert "hi" not in capfd.readouterr().out
+
+
+def test_answer_index_out_of_range_names_the_row(tmp_path):
+    path = write(tmp_path / "mc.parquet", robo_rows(["['a', 'b']", "['a', 'b']"], [1, 5]))
+    with pytest.raises(DataError, match=r"row 1.*out of range"):
+        load_dataset(path, CHOICE_CFG, "train")
+
+
+# ----------------------------------------------------------------------------------------------
+# prompts.py
+# ----------------------------------------------------------------------------------------------
+
+
+def test_prompt_helpers():
+    assert prompts.format_choices("Q?", ["x", "y"]) == "Q?\nChoices:\nA. x\nB. y"
+    assert prompts.index_to_letter(4) == "E" and prompts.letter_to_index("e") == 4
+    assert prompts.count_placeholders("<image>a<image>") == 2
+    assert prompts.append_instruction("p", None) == "p" and prompts.append_instruction("p", "i") == "p i"
+    assert prompts.unwrap_boxed("\\boxed{\\frac{1}{2}}") == "\\frac{1}{2}"
+    assert prompts.unwrap_boxed(" \\boxed{3} ") == "3"
+    assert prompts.unwrap_boxed("\\boxed{1} + \\boxed{2}") == "\\boxed{1} + \\boxed{2}"
+    assert prompts.unwrap_boxed("60") == "60"
+    assert prompts.answer_index("up", ["left", "up"]) == 1
+    with pytest.raises(DataError):
+        prompts.answer_index(True, ["a", "b"])
+
+
+# ----------------------------------------------------------------------------------------------
+# BatchSampler
+# ----------------------------------------------------------------------------------------------
+
+
+def test_sampler_is_deterministic_and_reshuffles_each_epoch():
+    a = BatchSampler(10, 3, seed=7)
+    b = BatchSampler(10, 3, seed=7)
+    batches = [a.next_batch() for _ in range(6)]
+    assert batches == [b.next_batch() for _ in range(6)]
+    assert all(len(batch) == 3 for batch in batches)
+    epoch0, epoch1 = batches[:3], batches[3:]  # 3 full batches per epoch, the last item dropped
+    assert len(set(sum(epoch0, []))) == 9 and len(set(sum(epoch1, []))) == 9
+    assert epoch0 != epoch1
+    assert BatchSampler(10, 3, seed=8).next_batch() != batches[0]
+
+
+def test_sampler_resume_continues_with_the_same_batches():
+    reference = BatchSampler(11, 4, seed=3)
+    expected = [reference.next_batch() for _ in range(9)]
+    first = BatchSampler(11, 4, seed=3)
+    for _ in range(4):  # stop mid-epoch
+        first.next_batch()
+    state = first.state_dict()
+    resumed = BatchSampler(11, 4, seed=3)
+    resumed.load_state_dict(state)
+    assert [resumed.next_batch() for _ in range(5)] == expected[4:]
+    with pytest.raises(ValueError, match="num_items"):
+        BatchSampler(12, 4, seed=3).load_state_dict(state)
+
+
+def test_sampler_one_pass_in_order_and_edge_cases():
+    sampler = BatchSampler(5, 2, seed=0, shuffle=False, drop_last=False)
+    assert list(sampler.iter_once()) == [[0, 1], [2, 3], [4]]
+    assert [sampler.next_batch() for _ in range(4)] == [[0, 1], [2, 3], [4], [0, 1]]
+    with pytest.raises(ValueError, match="fewer than one batch"):
+        BatchSampler(3, 4, seed=0)
