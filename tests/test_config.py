@@ -7,7 +7,14 @@ import pytest
 import yaml
 
 from lensrl.config import (
-    COMMAND_CONFIGS, ConfigError, GRPOConfig, SFTConfig, flat_keys, load_config, save_config, to_dict,
+    COMMAND_CONFIGS,
+    ConfigError,
+    GRPOConfig,
+    SFTConfig,
+    flat_keys,
+    load_config,
+    save_config,
+    to_dict,
 )
 
 # Every key users can set. A new knob must be added here on purpose (and documented).
