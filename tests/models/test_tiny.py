@@ -1,0 +1,165 @@
+"""Tiny model folders, the tiny tokenizer and the named real shapes."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForImageTextToText, AutoTokenizer
+
+from lensrl.data.sample import ImageSource, Sample
+from lensrl.models.processor import Processor
+from lensrl.models.rope import mm_token_type_ids
+from lensrl.models.shapes import SHAPES, shape_config, shape_dir
+from lensrl.models.tiny import PRESETS, count_parameters, make_tiny_model, tiny_config
+from lensrl.models.tokenizer import SPECIAL_TOKENS, build_tokenizer, tiny_special_token_ids, train_tokenizer
+
+ARCH_CLASSES = {
+    "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
+    "qwen3_vl": "Qwen3VLForConditionalGeneration",
+}
+
+
+@pytest.fixture(params=["qwen2_5_vl", "qwen3_vl"])
+def tiny_dir(request, tiny_qwen25_dir, tiny_qwen3_dir):
+    return {"qwen2_5_vl": tiny_qwen25_dir, "qwen3_vl": tiny_qwen3_dir}[request.param]
+
+
+def test_tokenizer_is_small_fast_deterministic_and_loads(tmp_path):
+    start = time.perf_counter()
+    train_tokenizer(tmp_path / "a")
+    assert time.perf_counter() - start < 5
+    train_tokenizer(tmp_path / "b")
+    assert (tmp_path / "a" / "tokenizer.json").read_bytes() == (
+        tmp_path / "b" / "tokenizer.json"
+    ).read_bytes()
+
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "a")
+    assert 1000 <= len(tokenizer) <= 2100
+    assert tokenizer.eos_token == "<|im_end|>" and tokenizer.pad_token == "<|endoftext|>"
+    ids = tiny_special_token_ids()
+    assert [tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS] == [ids[t] for t in SPECIAL_TOKENS]
+    # Qwen's layout: special tokens right after the learned vocabulary, <|endoftext|> first
+    assert ids["<|endoftext|>"] == len(tokenizer) - len(SPECIAL_TOKENS)
+
+    text = "Find x. <think> \\frac{5}{2} = 4\\sqrt{3}, 45° </think> \\boxed{12}\nA. left\nB. right"
+    encoded = tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert tokenizer.decode(encoded) == text
+    assert encoded == build_tokenizer().encode(text).ids  # transformers' Qwen2Tokenizer == the trained one
+    assert len(encoded) < len(text) / 2  # the BPE learned the domain
+
+
+def test_chat_template_follows_qwen2_vl(tiny_qwen25_dir):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_qwen25_dir)
+    content = [{"type": "text", "text": "Look "}, {"type": "image"}, {"type": "text", "text": " Find x."}]
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
+    )
+    assert text == (
+        "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+        "<|im_start|>user\nLook <|vision_start|><|image_pad|><|vision_end|> Find x.<|im_end|>\n"
+        "<|im_start|>assistant\n"
+    )
+    text = tokenizer.apply_chat_template(
+        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}], tokenize=False
+    )
+    assert text == "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n"
+
+
+def test_tiny_folder_loads_and_generates_with_plain_transformers(tiny_dir, make_image):
+    config = json.loads((tiny_dir / "config.json").read_text())
+    model = AutoModelForImageTextToText.from_pretrained(tiny_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_dir)
+    assert type(model).__name__ == ARCH_CLASSES[config["model_type"]]
+    assert config["image_token_id"] == tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    assert config["vision_start_token_id"] == tokenizer.convert_tokens_to_ids("<|vision_start|>")
+    assert model.generation_config.eos_token_id[0] == tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert model.generation_config.pad_token_id == tokenizer.pad_token_id
+    preprocessor = json.loads((tiny_dir / "preprocessor_config.json").read_text())
+    assert preprocessor["patch_size"] == config["vision_config"]["patch_size"]
+
+    # text only, through the tokenizer's chat template
+    inputs = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Find x."}],
+        add_generation_prompt=True,
+        return_tensors="pt",
+        return_dict=True,
+    )
+    out = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+    assert out.shape[1] <= inputs["input_ids"].shape[1] + 4
+
+    # with an image, through lensrl's processor (transformers 5.x needs mm_token_type_ids in generate)
+    sample = Sample(prompt="<image> How many circles?", images=[ImageSource(make_image(90, 60))])
+    processed = Processor.from_pretrained(tiny_dir)(sample)
+    input_ids = processed.input_ids[None]
+    out = model.generate(
+        input_ids=input_ids,
+        attention_mask=torch.ones_like(input_ids),
+        pixel_values=processed.pixel_values,
+        image_grid_thw=processed.image_grid_thw,
+        mm_token_type_ids=mm_token_type_ids(input_ids, config["image_token_id"]),
+        max_new_tokens=4,
+        do_sample=False,
+    )
+    assert torch.equal(out[0, : input_ids.shape[1]], input_ids[0])
+
+
+def test_make_tiny_model_is_deterministic(tmp_path, tiny_qwen25_dir):
+    again = make_tiny_model(tmp_path / "again", arch="qwen2_5_vl", preset="1m", seed=0)
+    first, second = load_file(tiny_qwen25_dir / "model.safetensors"), load_file(again / "model.safetensors")
+    assert first.keys() == second.keys()
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    other = load_file(
+        make_tiny_model(tmp_path / "other", arch="qwen2_5_vl", preset="1m", seed=1) / "model.safetensors"
+    )
+    key = next(k for k in first if k.endswith("embed_tokens.weight"))
+    assert not torch.equal(other[key], first[key])
+
+
+@pytest.mark.parametrize("arch", ["qwen2_5_vl", "qwen3_vl"])
+def test_preset_sizes(arch):
+    ids = tiny_special_token_ids()
+    bounds = {"1m": (0.5e6, 2e6), "5m": (3e6, 8e6), "20m": (12e6, 30e6), "50m": (35e6, 75e6)}
+    assert set(PRESETS) == set(bounds)
+    for preset, (low, high) in bounds.items():
+        config = tiny_config(arch, preset, ids, vocab_size=max(ids.values()) + 1)
+        assert low <= count_parameters(config) <= high, preset
+        vision = config.vision_config
+        if arch == "qwen2_5_vl":
+            assert vision.fullatt_block_indexes == [vision.depth - 1]
+        else:
+            assert all(0 <= i < vision.depth for i in vision.deepstack_visual_indexes)
+
+
+@pytest.mark.parametrize(
+    "name, billions, hidden",
+    [
+        ("qwen2_5_vl_3b", 3.75, 2048),
+        ("qwen2_5_vl_7b", 8.29, 3584),
+        ("qwen3_vl_2b", 2.13, 2048),
+        ("qwen3_vl_4b", 4.44, 2560),
+    ],
+)
+def test_real_shapes(name, billions, hidden):
+    config = shape_config(name)
+    text = config.get_text_config()
+    assert text.hidden_size == hidden and text.vocab_size in (151936, 152064)
+    assert config.vision_config.out_hidden_size == hidden
+    assert config.image_token_id == tiny_special_token_ids()["<|image_pad|>"]
+    assert count_parameters(config) / 1e9 == pytest.approx(billions, abs=0.01)
+    assert SHAPES[name].arch == config.model_type
+
+
+def test_shape_dir_gives_a_matching_processor(tmp_path):
+    folder = shape_dir("qwen2_5_vl_3b", cache_dir=tmp_path)
+    assert shape_dir("qwen2_5_vl_3b", cache_dir=tmp_path) == folder  # reused
+    processor = Processor.from_pretrained(folder)
+    assert processor.num_image_tokens(448, 448) == 256
+    assert processor.image_token_id == shape_config("qwen2_5_vl_3b").image_token_id
+    assert (
+        Processor.from_pretrained(shape_dir("qwen3_vl_2b", cache_dir=tmp_path)).num_image_tokens(448, 448)
+        == 196
+    )
