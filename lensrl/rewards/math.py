@@ -153,8 +153,12 @@ def grade_math(pred: str, answer: str) -> bool:
     normalized = normalize_answer(pred)
     if not normalized:
         return False
-    if normalized == normalize_answer(answer):
+    gold_normalized = normalize_answer(answer)
+    if normalized == gold_normalized:
         return True
+    verdict = _plain_verdict(normalized, gold_normalized)
+    if verdict is not None:
+        return verdict
     math_verify = _math_verify()
     # Timeouts off (None): they use signal.alarm, which fails outside the main thread and would
     # cancel any alarm of the caller's. The pool's worker processes bound the time instead.
@@ -163,6 +167,21 @@ def grade_math(pred: str, answer: str) -> bool:
     if not gold or not target:
         return False
     return bool(math_verify.verify(gold, target, timeout_seconds=None))
+
+
+_PLAIN_WORDS = re.compile(r"[A-Za-z]{2,}( [A-Za-z]+)*")
+_PLAIN_NUMBER = re.compile(r"-?\d+(\.\d+)?")
+
+
+def _plain_verdict(pred: str, gold: str) -> bool | None:
+    """Decide without math-verify when both sides are plain words or plain decimal numbers (no
+    symbolic equivalence is possible beyond what this checks); None: ask math-verify."""
+    if _PLAIN_WORDS.fullmatch(pred) and _PLAIN_WORDS.fullmatch(gold):
+        return pred.lower() == gold.lower()
+    if _PLAIN_NUMBER.fullmatch(pred) and _PLAIN_NUMBER.fullmatch(gold):
+        a, b = float(pred), float(gold)
+        return abs(a - b) <= 1e-6 * max(1.0, abs(b))  # math-verify's default float rounding
+    return None
 
 
 # ----------------------------------------------------------------------------------------------

@@ -16,11 +16,11 @@ the workers plus `timeout_s` for each round of stuck items (one round when they 
 the workers). An answer that timed out against a ground truth is remembered, so the same answer
 again (a GRPO group often repeats itself) scores a timeout at once instead of costing another one.
 
-Workers start lazily on the first batch and are reused. On Linux they come from a forkserver that
-has imported the graders once: fresh processes that share none of the trainer's threads or CUDA
-state, forked in milliseconds when one must be replaced. They are daemons, die with their parent,
-and have a cap on address space so a runaway computation fails with MemoryError in the worker
-instead of taking the host's memory.
+Workers start lazily on the first batch and are reused. On Linux they are forked from the trainer
+(milliseconds, and unlike forkserver/spawn a fork never re-runs the user's script); they run only
+the graders, never the trainer's threads or CUDA. They are daemons, die with their parent, and
+have a cap on address space so a runaway computation fails with MemoryError in the worker instead
+of taking the host's memory.
 
 `num_workers=0` scores inline in the calling process (for debugging). There a SIGALRM timer
 bounds each item, which works only in the main thread and only between Python bytecodes: one long
@@ -35,6 +35,7 @@ import logging
 import multiprocessing as mp
 import os
 import signal
+import sys
 import threading
 import time
 import weakref
@@ -282,12 +283,11 @@ def _zero_counts() -> dict[str, int]:
 
 
 def _context() -> mp.context.BaseContext:
-    if "forkserver" in mp.get_all_start_methods():
-        ctx = mp.get_context("forkserver")
-        # Imported once in the server, inherited by every worker forked from it. Has no effect if
-        # the forkserver already runs (the workers then import these themselves).
-        ctx.set_forkserver_preload(["__main__", "lensrl.rewards", "math_verify"])
-        return ctx
+    # fork on Linux: workers run only lensrl.rewards code, so they must not re-run the caller's
+    # script (forkserver and spawn import __main__ again, which breaks any unguarded user script),
+    # and a fork starts in milliseconds. Workers touch no threads, CUDA or OpenMP of the parent.
+    if sys.platform.startswith("linux"):
+        return mp.get_context("fork")
     return mp.get_context("spawn")
 
 
@@ -379,28 +379,13 @@ def _score_one(
 
 
 def _die_with_parent(start_method: str) -> None:
-    """Linux: SIGKILL this worker when the trainer exits, even mid-computation.
-
-    The kernel kills it when its parent dies (PR_SET_PDEATHSIG). With a forkserver the parent is
-    the server, which exits once every holder of its "alive" pipe has closed it: the trainer, and
-    each forked child, which inherits a copy. The worker closes its copy, so the server -- and
-    then the worker -- go when the trainer does.
-    """
+    """Linux: SIGKILL this worker when the trainer exits, even mid-computation (PR_SET_PDEATHSIG)."""
     try:
         import ctypes
 
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
-        pass
-    try:
-        from multiprocessing import forkserver
-
-        server = forkserver._forkserver
-        if start_method == "forkserver" and server._forkserver_alive_fd is not None:
-            os.close(server._forkserver_alive_fd)
-            server._forkserver_alive_fd = None
-    except (AttributeError, OSError):  # private API: without it, an orphan runs its item to the end
         pass
 
 
