@@ -1,0 +1,45 @@
+"""The rollout interface: prompts in, `n` completions per prompt out.
+
+Every backend (`hf`: transformers generate; `engine`: lensrl's own) returns the same thing, so
+trainers never know which one ran.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    import torch
+
+    from lensrl.models.processor import ProcessedSample
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    n: int = 1
+    temperature: float = 1.0  # 0 means greedy
+    top_p: float = 1.0
+    top_k: int = -1  # -1: off
+    max_new_tokens: int = 64
+    ignore_eos: bool = False  # benchmarks force a fixed length
+    seed: int | None = None
+
+
+@dataclass
+class Completion:
+    prompt_index: int
+    token_ids: list[int]  # generated tokens, including the stop token when one was produced
+    logprobs: list[float]  # log p(token) under the sampling distribution's logits / temperature
+    finish_reason: str  # "stop" (EOS / stop token) or "length" (max_new_tokens reached)
+    text: str = ""
+
+
+class RolloutBackend(Protocol):
+    def generate(self, prompts: list[ProcessedSample], params: SamplingParams) -> list[list[Completion]]:
+        """Return `params.n` completions for each prompt, in prompt order."""
+        ...
+
+    def sync_weights(self, model: torch.nn.Module) -> None:
+        """Make the backend sample from `model`'s current weights."""
+        ...

@@ -1,0 +1,150 @@
+"""Resumable checkpoints and the final Hugging Face folder.
+
+A checkpoint is `checkpoints/step_N/`:
+    model + optimizer   torch.distributed.checkpoint (DCP) shards: any number of ranks can load them
+    extra_rank{r}.pt    scheduler, RNG states, trainer state (step, data position), one per rank
+    meta.json           step, world size, wall time
+It is written to `checkpoints/.tmp_step_N/` and renamed when complete, so a crash never leaves a
+half-written `step_N`; `latest_checkpoint` only ever sees complete ones.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(
+    ckpt_root: str | Path,
+    step: int,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    trainer_state: dict[str, Any],
+    save_limit: int = 0,
+) -> Path:
+    """Write `ckpt_root/step_{step}` atomically; keep the newest `save_limit` (0: all)."""
+    ckpt_root = Path(ckpt_root)
+    final = ckpt_root / f"step_{step}"
+    tmp = ckpt_root / f".tmp_step_{step}"
+    if _rank() == 0:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+    _barrier()
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    with warnings.catch_warnings():  # "assuming the intent is to save in a single process": it is
+        warnings.filterwarnings("ignore", message=".*single process.*")
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
+    extra = {"scheduler": scheduler.state_dict(), "rng": rng_state(), "trainer": trainer_state}
+    torch.save(extra, tmp / f"extra_rank{_rank()}.pt")
+    _barrier()
+    if _rank() == 0:
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        (tmp / "meta.json").write_text(json.dumps({"step": step, "world_size": world, "time": time.time()}))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        if save_limit > 0:
+            for old in list_checkpoints(ckpt_root)[:-save_limit]:
+                shutil.rmtree(old, ignore_errors=True)
+    _barrier()
+    return final
+
+
+def list_checkpoints(ckpt_root: str | Path) -> list[Path]:
+    """Complete checkpoints, oldest first."""
+    ckpt_root = Path(ckpt_root)
+    if not ckpt_root.is_dir():
+        return []
+    found = []
+    for child in ckpt_root.iterdir():
+        match = _STEP_DIR.match(child.name)
+        if match and (child / "meta.json").is_file():
+            found.append((int(match.group(1)), child))
+    return [path for _, path in sorted(found)]
+
+
+def latest_checkpoint(ckpt_root: str | Path) -> Path | None:
+    found = list_checkpoints(ckpt_root)
+    return found[-1] if found else None
+
+
+def load_checkpoint(
+    path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any
+) -> dict[str, Any]:
+    """Restore model, optimizer, scheduler and RNG from `path`; return the trainer state."""
+    path = Path(path)
+    if not (path / "meta.json").is_file():
+        raise FileNotFoundError(f"{path} is not a complete lensrl checkpoint (no meta.json)")
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    state = {"model": model_sd, "optim": optim_sd}
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*single process.*")
+        dcp.load(state, checkpoint_id=str(path))
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
+                   options=StateDictOptions(strict=True))
+    extra_file = path / f"extra_rank{_rank()}.pt"
+    if not extra_file.exists():  # resumed with more ranks than were saved
+        extra_file = path / "extra_rank0.pt"
+    extra = torch.load(extra_file, weights_only=True)
+    scheduler.load_state_dict(extra["scheduler"])
+    set_rng_state(extra["rng"])
+    return extra["trainer"]
+
+
+def save_hf(model: torch.nn.Module, processor: Any, out_dir: str | Path, dtype: torch.dtype | None = None) -> Path:
+    """Write a plain Hugging Face folder (safetensors + config + processor files), atomically."""
+    out_dir = Path(out_dir)
+    tmp = out_dir.with_name(f".tmp_{out_dir.name}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    state = {k: v.detach().to(dtype) if dtype is not None and v.is_floating_point() else v.detach()
+             for k, v in model.state_dict().items()}
+    model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
+    if dtype is not None:
+        config = json.loads((tmp / "config.json").read_text())
+        config["torch_dtype"] = config["dtype"] = str(dtype).removeprefix("torch.")
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+    processor.save_pretrained(tmp)
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    os.replace(tmp, out_dir)
+    return out_dir

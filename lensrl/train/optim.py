@@ -1,0 +1,44 @@
+"""AdamW and the learning-rate schedule (linear warmup, then constant or cosine)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from lensrl.config import OptimConfig
+
+
+def build_optimizer(params, cfg: OptimConfig) -> torch.optim.AdamW:
+    params = [p for p in params if p.requires_grad]
+    # foreach is fastest on CPU and GPU for many small tensors; fused needs CUDA params.
+    use_fused = bool(params) and all(p.is_cuda for p in params)
+    return torch.optim.AdamW(
+        params, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay, fused=use_fused
+    )
+
+
+def lr_factor(step: int, total_steps: int, cfg: OptimConfig) -> float:
+    """Multiplier of cfg.lr at optimizer step `step` (0-based)."""
+    warmup = cfg.warmup_steps or int(cfg.warmup_ratio * total_steps)
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    if cfg.schedule == "constant":
+        return 1.0
+    progress = min(max(step - warmup, 0) / max(total_steps - warmup, 1), 1.0)
+    cosine = 0.5 * (1.0 + math.cos(math.pi * progress))
+    return cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * cosine
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, cfg: OptimConfig):
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, total_steps, cfg))
+
+
+def clip_grad_norm(params, max_norm: float) -> torch.Tensor:
+    """Clip to `max_norm` (<= 0: only measure) and return the total norm, inf/nan included as is."""
+    params = [p for p in params if p.grad is not None]
+    if not params:
+        return torch.tensor(0.0)
+    if max_norm > 0:
+        return torch.nn.utils.clip_grad_norm_(params, max_norm, error_if_nonfinite=False)
+    return torch.nn.utils.get_total_norm([p.grad for p in params])

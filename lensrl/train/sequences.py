@@ -1,0 +1,115 @@
+"""Training sequences (prompt + response) and the policy forward that scores their responses.
+
+A `Sequence` is what the trainer computes log-probabilities over: the processed prompt (tokens,
+images, multimodal rope positions) followed by response tokens, whose rope positions continue
+the prompt's exactly as they did during generation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from lensrl.models.processor import ProcessedSample
+from lensrl.train.logprobs import token_logprobs
+
+
+@dataclass
+class Sequence:
+    input_ids: torch.Tensor  # (T,) prompt then response
+    position_ids: torch.Tensor  # (3, T)
+    pixel_values: torch.Tensor | None
+    image_grid_thw: torch.Tensor | None
+    prompt_length: int  # response tokens are input_ids[prompt_length:]
+
+    @property
+    def response_length(self) -> int:
+        return self.input_ids.shape[0] - self.prompt_length
+
+    @property
+    def num_tokens(self) -> int:
+        return self.input_ids.shape[0]
+
+
+def make_sequence(prompt: ProcessedSample, response_ids: list[int] | torch.Tensor) -> Sequence:
+    """Append `response_ids` to a processed prompt, continuing its rope positions."""
+    response = torch.as_tensor(response_ids, dtype=torch.long)
+    length = prompt.input_ids.shape[0]
+    start = length + prompt.rope_delta
+    response_pos = torch.arange(start, start + response.shape[0], dtype=torch.long).expand(3, -1)
+    return Sequence(
+        input_ids=torch.cat([prompt.input_ids, response]),
+        position_ids=torch.cat([prompt.position_ids, response_pos], dim=1),
+        pixel_values=prompt.pixel_values,
+        image_grid_thw=prompt.image_grid_thw,
+        prompt_length=length,
+    )
+
+
+def sft_sequence(sample: ProcessedSample) -> Sequence:
+    """A processed SFT sample (prompt + target) as a Sequence whose 'response' is the target."""
+    return Sequence(sample.input_ids, sample.position_ids, sample.pixel_values, sample.image_grid_thw,
+                    sample.prompt_length)
+
+
+def collate(seqs: list[Sequence], pad_token_id: int, device: torch.device) -> dict[str, torch.Tensor]:
+    """Right-padded model inputs for a list of sequences."""
+    max_len = max(s.num_tokens for s in seqs)
+    batch = len(seqs)
+    input_ids = torch.full((batch, max_len), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((batch, max_len), dtype=torch.long)
+    position_ids = torch.ones((3, batch, max_len), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        input_ids[i, : s.num_tokens] = s.input_ids
+        attention_mask[i, : s.num_tokens] = 1
+        position_ids[:, i, : s.num_tokens] = s.position_ids
+    inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
+    pixels = [s.pixel_values for s in seqs if s.pixel_values is not None]
+    if pixels:
+        inputs["pixel_values"] = torch.cat(pixels)
+        inputs["image_grid_thw"] = torch.cat([s.image_grid_thw for s in seqs if s.image_grid_thw is not None])
+    return {k: v.to(device, non_blocking=True) for k, v in inputs.items()}
+
+
+def forward_response_logprobs(
+    model: torch.nn.Module,
+    seqs: list[Sequence],
+    pad_token_id: int,
+    temperature: float = 1.0,
+    chunk_size: int = 1024,
+    with_entropy: bool = False,
+    width: int | None = None,
+    suppress_ids: list[int] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """Log-probabilities (and entropy) of each sequence's response tokens, right-padded.
+
+    Returns logp (B, R), entropy (B, R) or None, and mask (B, R), with R = `width` or the
+    longest response.
+    """
+    device = next(model.parameters()).device
+    inputs = collate(seqs, pad_token_id, device)
+    hidden = model.model(**inputs, use_cache=False).last_hidden_state  # (B, T, H)
+    # The state at position t predicts token t + 1: response token j of sequence i is predicted
+    # by the state at prompt_length + j - 1.
+    rows, cols, targets = [], [], []
+    for i, s in enumerate(seqs):
+        positions = torch.arange(s.prompt_length - 1, s.num_tokens - 1)
+        rows.append(torch.full_like(positions, i))
+        cols.append(positions)
+        targets.append(s.input_ids[s.prompt_length :])
+    rows, cols = torch.cat(rows).to(device), torch.cat(cols).to(device)
+    logp_flat, ent_flat = token_logprobs(
+        hidden[rows, cols], model.lm_head, torch.cat(targets).to(device), temperature, chunk_size, with_entropy,
+        suppress_ids,
+    )
+    max_response = width if width is not None else max(s.response_length for s in seqs)
+    mask = torch.zeros(len(seqs), max_response, dtype=torch.bool, device=device)
+    for i, s in enumerate(seqs):
+        mask[i, : s.response_length] = True
+    logp = torch.zeros(len(seqs), max_response, dtype=torch.float32, device=device)
+    logp = logp.masked_scatter(mask, logp_flat)
+    entropy = None
+    if ent_flat is not None:
+        entropy = torch.zeros_like(logp).masked_scatter(mask, ent_flat)
+    return logp, entropy, mask
