@@ -119,6 +119,8 @@ class ActorConfig:
     importance_sampling_clip: float = 2.0
     importance_sampling_level: Literal["token", "sequence"] = "token"
     logprob_chunk_size: int = 1024  # tokens per chunk in the logprob pass
+    use_dynamic_bsz: bool = True  # packed micro-batches under a token budget (False: micro_batch_size, padded)
+    max_tokens_per_mbs: int = 16384  # token budget of one packed micro-batch
 
 
 @dataclass
@@ -173,6 +175,8 @@ class SFTTrainerConfig(TrainerConfig):
     num_epochs: int = 1
     global_batch_size: int = 32  # sequences per optimizer step
     micro_batch_size: int = 4  # sequences per forward/backward (gradient accumulation between)
+    use_dynamic_bsz: bool = True  # packed micro-batches under a token budget (False: micro_batch_size, padded)
+    max_tokens_per_mbs: int = 16384
 
 
 @dataclass

@@ -82,6 +82,8 @@ EXPECTED_KEYS = {
         'actor.importance_sampling_clip',
         'actor.importance_sampling_level',
         'actor.logprob_chunk_size',
+        'actor.use_dynamic_bsz',
+        'actor.max_tokens_per_mbs',
         'reward.type',
         'reward.format_pattern',
         'reward.format_weight',
@@ -174,6 +176,8 @@ EXPECTED_KEYS = {
         'trainer.num_epochs',
         'trainer.global_batch_size',
         'trainer.micro_batch_size',
+        'trainer.use_dynamic_bsz',
+        'trainer.max_tokens_per_mbs',
     ],
     'eval': [
         'model.path',

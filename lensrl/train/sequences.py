@@ -81,34 +81,37 @@ def forward_response_logprobs(
     with_entropy: bool = False,
     width: int | None = None,
     suppress_ids: list[int] | None = None,
+    packed: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """Log-probabilities (and entropy) of each sequence's response tokens, right-padded.
 
-    Returns logp (B, R), entropy (B, R) or None, and mask (B, R), with R = `width` or the
-    longest response.
+    `packed`: one packed row with attention kept inside each sequence (lensrl.train.packing);
+    otherwise a right-padded batch. Both give the same numbers. Returns logp (B, R), entropy
+    (B, R) or None, and mask (B, R), with R = `width` or the longest response.
     """
     device = next(model.parameters()).device
-    inputs = collate(seqs, pad_token_id, device)
-    hidden = model.model(**inputs, use_cache=False).last_hidden_state  # (B, T, H)
-    # The state at position t predicts token t + 1: response token j of sequence i is predicted
-    # by the state at prompt_length + j - 1.
-    rows, cols, targets = [], [], []
-    for i, s in enumerate(seqs):
-        positions = torch.arange(s.prompt_length - 1, s.num_tokens - 1)
-        rows.append(torch.full_like(positions, i))
-        cols.append(positions)
-        targets.append(s.input_ids[s.prompt_length :])
-    rows, cols = torch.cat(rows).to(device), torch.cat(cols).to(device)
-    logp_flat, ent_flat = token_logprobs(
-        hidden[rows, cols], model.lm_head, torch.cat(targets).to(device), temperature, chunk_size, with_entropy,
-        suppress_ids,
-    )
-    max_response = width if width is not None else max(s.response_length for s in seqs)
-    mask = torch.zeros(len(seqs), max_response, dtype=torch.bool, device=device)
-    for i, s in enumerate(seqs):
-        mask[i, : s.response_length] = True
-    logp = torch.zeros(len(seqs), max_response, dtype=torch.float32, device=device)
-    logp = logp.masked_scatter(mask, logp_flat)
+    # The state at position t predicts token t + 1: response token j of a sequence is predicted
+    # by the state at (its start) + prompt_length + j - 1.
+    if packed:
+        from lensrl.train.packing import packed_hidden_states
+
+        hidden = packed_hidden_states(model, seqs)  # (T_total, H)
+        starts = torch.tensor([0] + [s.num_tokens for s in seqs[:-1]]).cumsum(0).tolist()
+    else:
+        hidden = model.model(**collate(seqs, pad_token_id, device), use_cache=False).last_hidden_state  # (B, T, H)
+        starts = [i * hidden.shape[1] for i in range(len(seqs))]
+        hidden = hidden.flatten(0, 1)  # (B * T, H)
+    rows = torch.cat([torch.arange(start + s.prompt_length - 1, start + s.num_tokens - 1)
+                      for start, s in zip(starts, seqs)]).to(device)
+    targets = torch.cat([s.input_ids[s.prompt_length :] for s in seqs]).to(device)
+    logp_flat, ent_flat = token_logprobs(hidden[rows], model.lm_head, targets, temperature, chunk_size,
+                                         with_entropy, suppress_ids)
+    lengths = torch.tensor([s.response_length for s in seqs])
+    max_response = width if width is not None else int(lengths.max())
+    if int(lengths.max()) > max_response:
+        raise ValueError(f"width {max_response} is shorter than the longest response ({int(lengths.max())})")
+    mask = (torch.arange(max_response) < lengths[:, None]).to(device)  # (B, R)
+    logp = torch.zeros(len(seqs), max_response, dtype=torch.float32, device=device).masked_scatter(mask, logp_flat)
     entropy = None
     if ent_flat is not None:
         entropy = torch.zeros_like(logp).masked_scatter(mask, ent_flat)
