@@ -1,0 +1,143 @@
+"""`lensrl` command line: one entry point for every job.
+
+    lensrl demo                                   tiny model + synthetic data: SFT, then GRPO, offline
+    lensrl grpo --config FILE [key=value ...]     GRPO (and relatives) of a Qwen-VL policy
+    lensrl sft  --config FILE [key=value ...]     supervised fine-tuning
+    lensrl eval --model DIR --data DIR [key=value ...]
+    lensrl data geo3k|robo2vlm|synth ...          datasets into lensrl's parquet layout
+    lensrl model tiny --arch qwen2_5_vl --out DIR a random-init tiny Qwen-VL folder
+    lensrl config show grpo|sft|eval              the defaults of a command
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="YAML recipe (e.g. configs/qwen2_5_vl_3b_geo3k_grpo.yaml)")
+    p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. actor.optim.lr=2e-6")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lensrl", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo", help="offline end-to-end demo: tiny model, synthetic data, SFT then GRPO")
+    demo.add_argument("--out", default="runs/demo", help="folder for the demo's model, data and runs")
+    demo.add_argument("--seed", type=int, default=1)
+    demo.add_argument("--quick", action="store_true", help="a smaller, faster run (used by the tests)")
+
+    _add_config_args(sub.add_parser("grpo", help="GRPO / Dr.GRPO / RLOO / REINFORCE++ training"))
+    _add_config_args(sub.add_parser("sft", help="supervised fine-tuning"))
+    ev = sub.add_parser("eval", help="accuracy of a model folder on a dataset")
+    ev.add_argument("--model", help="HF model folder (sets model.path)")
+    ev.add_argument("--data", help="parquet file or a folder with test.parquet (sets data.val_files)")
+    _add_config_args(ev)
+
+    data = sub.add_parser("data", help="make or convert datasets").add_subparsers(dest="data_command", required=True)
+    g = data.add_parser("geo3k", help="geometry3k (hub or RLinf layout) -> lensrl train/test parquet")
+    g.add_argument("--src", required=True)
+    g.add_argument("--out", required=True)
+    g.add_argument("--instruction", default=None,
+                   help="text appended to each problem; 'r1' for the verl/EasyR1 <think>/\\boxed{} instruction")
+    r = data.add_parser("robo2vlm", help="Robo2VLM-1 shards (mixed train/test) -> train/test parquet")
+    r.add_argument("--src", required=True)
+    r.add_argument("--out", required=True)
+    s = data.add_parser("synth", help="procedurally rendered geometry problems")
+    s.add_argument("--task", required=True)
+    s.add_argument("--n", type=int, default=1000, help="training rows")
+    s.add_argument("--n-test", type=int, default=None, help="test rows (default: a fifth of --n)")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--out", required=True)
+    s.add_argument("--format", choices=["geo3k", "choice"], default="geo3k")
+    s.add_argument("--image-size", type=int, default=None)
+
+    model = sub.add_parser("model", help="model folders").add_subparsers(dest="model_command", required=True)
+    t = model.add_parser("tiny", help="write a random-init tiny Qwen-VL model folder")
+    t.add_argument("--arch", choices=["qwen2_5_vl", "qwen3_vl"], default="qwen2_5_vl")
+    t.add_argument("--preset", default="5m")
+    t.add_argument("--out", required=True)
+    t.add_argument("--seed", type=int, default=0)
+
+    cfg = sub.add_parser("config", help="configuration").add_subparsers(dest="config_command", required=True)
+    show = cfg.add_parser("show", help="print a command's defaults (or a resolved recipe) as YAML")
+    show.add_argument("name", choices=["grpo", "sft", "eval"])
+    _add_config_args(show)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    from lensrl.config import ConfigError
+    from lensrl.data.sample import DataError
+
+    args = build_parser().parse_args(argv)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # lensrl prints its own progress
+    try:
+        _dispatch(args)
+    except (ConfigError, DataError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def _dispatch(args: argparse.Namespace) -> None:
+    if args.command == "demo":
+        from lensrl.demo import run_demo
+
+        run_demo(out=args.out, seed=args.seed, quick=args.quick)
+    elif args.command == "grpo":
+        from lensrl.trainers.grpo import run_grpo
+
+        run_grpo(args.config, args.overrides)
+    elif args.command == "sft":
+        from lensrl.trainers.sft import run_sft
+
+        run_sft(args.config, args.overrides)
+    elif args.command == "eval":
+        from lensrl.trainers.evaluate import run_eval
+
+        overrides = list(args.overrides)
+        if args.model:
+            overrides.append(f"model.path={args.model}")
+        if args.data:
+            data = Path(args.data)
+            files = [str(data / "test.parquet")] if (data / "test.parquet").is_file() else [str(data)]
+            overrides.append(f"data.val_files=[{','.join(files)}]")
+        run_eval(args.config, overrides)
+    elif args.command == "data":
+        _data(args)
+    elif args.command == "model":
+        from lensrl.models.tiny import make_tiny_model
+
+        path = make_tiny_model(args.out, arch=args.arch, preset=args.preset, seed=args.seed)
+        print(f"wrote {path}")
+    elif args.command == "config":
+        from lensrl.config import COMMAND_CONFIGS, load_config, to_yaml
+
+        print(to_yaml(load_config(COMMAND_CONFIGS[args.name], args.config, args.overrides)), end="")
+
+
+def _data(args: argparse.Namespace) -> None:
+    if args.data_command == "geo3k":
+        from lensrl.data.geo3k import R1_INSTRUCTION, convert_geo3k
+
+        instruction = R1_INSTRUCTION if args.instruction == "r1" else args.instruction
+        counts = convert_geo3k(args.src, args.out, instruction=instruction)
+    elif args.data_command == "robo2vlm":
+        from lensrl.data.robo2vlm import convert_robo2vlm
+
+        counts = convert_robo2vlm(args.src, args.out)
+    else:
+        from lensrl.data.synth import make_synth
+
+        kwargs = {"image_size": args.image_size} if args.image_size else {}
+        counts = make_synth(args.task, args.n, args.seed, args.out, n_test=args.n_test, fmt=args.format, **kwargs)
+    print(f"wrote {args.out}: {counts}")
+
+
+if __name__ == "__main__":
+    main()

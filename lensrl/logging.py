@@ -1,0 +1,141 @@
+"""Where a run's numbers go: console progress, metrics.jsonl, TensorBoard events, wandb, samples/.
+
+Only rank 0 writes; other ranks get a `RunLogger` whose methods do nothing, so trainers call it
+unconditionally.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+console = Console(stderr=True, highlight=False)
+
+# The two numbers the progress line shows, first found wins.
+_PROGRESS_KEYS = {
+    "reward": ("reward/mean", "train/loss"),
+    "acc": ("reward/accuracy", "val/accuracy"),
+}
+
+
+class RunLogger:
+    """Fan metrics out to the configured sinks: "console", "jsonl", "tensorboard", "wandb"."""
+
+    def __init__(
+        self,
+        run_dir: str | Path,
+        loggers: list[str],
+        total_steps: int,
+        config: dict[str, Any] | None = None,
+        run_name: str = "run",
+        wandb_project: str = "lensrl",
+        enabled: bool = True,
+        start_step: int = 0,
+    ):
+        self.enabled = enabled
+        self.run_dir = Path(run_dir)
+        self.total_steps = total_steps
+        self.loggers = set(loggers)
+        unknown = self.loggers - {"console", "jsonl", "tensorboard", "wandb"}
+        if unknown:
+            raise ValueError(f"unknown logger(s) {sorted(unknown)}; choose from console, jsonl, tensorboard, wandb")
+        self._tb = None
+        self._wandb = None
+        self._jsonl = None
+        self._start_time = time.time()
+        self._start_step = start_step
+        self._last: dict[str, float] = {}
+        if not enabled:
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if "jsonl" in self.loggers:
+            self._jsonl = open(self.run_dir / "metrics.jsonl", "a")
+        if "tensorboard" in self.loggers:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(log_dir=str(self.run_dir / "tensorboard"))
+        if "wandb" in self.loggers:
+            try:
+                import wandb
+            except ImportError:
+                raise RuntimeError("trainer.loggers has 'wandb' but wandb is not installed: pip install 'lensrl[wandb]'") from None
+            self._wandb = wandb.init(project=wandb_project, name=run_name, config=config, dir=str(self.run_dir),
+                                     resume="allow")
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        if not self.enabled:
+            return
+        clean = {k: float(v) for k, v in metrics.items() if v is not None}
+        self._last.update(clean)
+        if self._jsonl is not None:
+            record = {"step": step, **{k: (v if math.isfinite(v) else str(v)) for k, v in clean.items()}}
+            self._jsonl.write(json.dumps(record) + "\n")
+            self._jsonl.flush()
+        if self._tb is not None:
+            for key, value in clean.items():
+                self._tb.add_scalar(key, value, step)
+            self._tb.flush()
+        if self._wandb is not None:
+            self._wandb.log(clean, step=step)
+
+    def progress(self, step: int, extra: str = "") -> None:
+        """One line per step: step, elapsed<ETA, reward, accuracy."""
+        if not (self.enabled and "console" in self.loggers):
+            return
+        elapsed = time.time() - self._start_time
+        done = max(step - self._start_step, 1)
+        eta = elapsed / done * max(self.total_steps - step, 0)
+        parts = [f"step {step}/{self.total_steps}", f"[{_clock(elapsed)}<{_clock(eta)}]"]
+        for label, keys in _PROGRESS_KEYS.items():
+            value = next((self._last[k] for k in keys if k in self._last), None)
+            if value is not None:
+                parts.append(f"{label}={value:.3f}")
+        if extra:
+            parts.append(extra)
+        console.print(" ".join(parts))
+
+    def info(self, message: str) -> None:
+        if self.enabled and "console" in self.loggers:
+            console.print(message)
+
+    def write_samples(self, step: int, records: list[dict[str, Any]], name: str = "train") -> None:
+        """Append a few samples (prompt, image reference, completion, reward) to samples/<name>_step_N.jsonl."""
+        if not self.enabled or not records:
+            return
+        folder = self.run_dir / "samples"
+        folder.mkdir(exist_ok=True)
+        with open(folder / f"{name}_step_{step}.jsonl", "w") as f:
+            for record in records:
+                f.write(json.dumps(record, ensure_ascii=False) + "\n")
+
+    def close(self) -> None:
+        if self._jsonl is not None:
+            self._jsonl.close()
+            self._jsonl = None
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
+        if self._wandb is not None:
+            self._wandb.finish()
+            self._wandb = None
+
+
+def _clock(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 60:02d}:{seconds % 60:02d}" if seconds < 3600 else f"{seconds // 3600}h{seconds % 3600 // 60:02d}"
+
+
+def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
+    """The records of a run's metrics.jsonl, in order."""
+    with open(Path(run_dir) / "metrics.jsonl") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def is_interactive() -> bool:
+    return sys.stderr.isatty()

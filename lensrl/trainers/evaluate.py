@@ -1,0 +1,114 @@
+"""Accuracy of a policy on a dataset: generate, score, aggregate. Used by GRPO validation, SFT
+evaluation and `lensrl eval`."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from lensrl.config import EvalConfig, load_config
+from lensrl.data.datasets import PromptDataset
+from lensrl.logging import console
+from lensrl.rewards.pool import RewardPool
+from lensrl.rollout.base import SamplingParams
+from lensrl.train import distributed as dist
+
+
+def evaluate(
+    rollout,
+    processor,
+    dataset: PromptDataset,
+    pool: RewardPool,
+    params: SamplingParams,
+    batch_size: int = 64,
+    max_samples: int | None = None,
+    prefix: str = "val",
+) -> tuple[dict[str, float], list[dict]]:
+    """Generate `params.n` completions per prompt and score them.
+
+    Returns metrics (`{prefix}/accuracy` is mean@n accuracy, `{prefix}/<source>/acc/mean@n` per
+    data source) and one record per completion (prompt, image reference, completion, reward).
+    Each rank evaluates its own share; metrics cover the whole set.
+    """
+    count = len(dataset) if max_samples is None else min(max_samples, len(dataset))
+    indices = list(range(count))[dist.rank() :: dist.world_size()]
+    records: list[dict] = []
+    for start in range(0, len(indices), batch_size):
+        samples = [dataset[i] for i in indices[start : start + batch_size]]
+        prompts = [processor(s) for s in samples]
+        completions = rollout.generate(prompts, params)
+        flat = [(c, s) for s, group in zip(samples, completions) for c in group]
+        results = pool.score_batch([(c.text, s.answer) for c, s in flat])
+        for (c, s), r in zip(flat, results):
+            records.append({
+                "source": s.meta.get("source", ""), "row": s.meta.get("row"), "prompt": s.prompt,
+                "images": [im.origin for im in s.images], "answer": s.answer, "completion": c.text,
+                "reward": r.score, **{f"reward_{k}": v for k, v in r.parts.items()},
+                "finish_reason": c.finish_reason, "response_length": len(c.token_ids), "status": r.status,
+            })
+    records = [r for part in dist.all_gather_objects(records) for r in part]
+    return summarize(records, params.n, prefix), records
+
+
+def summarize(records: list[dict], n: int, prefix: str) -> dict[str, float]:
+    if not records:
+        return {}
+    def mean(values):
+        return sum(values) / len(values)
+    metrics = {
+        f"{prefix}/accuracy": mean([r.get("reward_accuracy", 0.0) for r in records]),
+        f"{prefix}/reward/mean": mean([r["reward"] for r in records]),
+        f"{prefix}/response_length/mean": mean([r["response_length"] for r in records]),
+    }
+    if any("reward_format" in r for r in records):
+        metrics[f"{prefix}/format"] = mean([r.get("reward_format", 0.0) for r in records])
+    by_source: dict[str, list[float]] = {}
+    for r in records:
+        by_source.setdefault(Path(r["source"]).stem or "data", []).append(r.get("reward_accuracy", 0.0))
+    for source, values in by_source.items():
+        metrics[f"{prefix}/{source}/acc/mean@{n}"] = mean(values)
+    return metrics
+
+
+def run_eval(config_path: str | None, overrides: list[str]) -> dict[str, float]:
+    """`lensrl eval`: accuracy of a model folder on a dataset, samples written to the run folder."""
+    from lensrl.models.load import load_policy
+    from lensrl.trainers.common import (
+        build_rollout,
+        load_split,
+        model_dtypes,
+        prepare_run_dir,
+        seed_everything,
+    )
+
+    cfg = load_config(EvalConfig, config_path, overrides)
+    device = dist.resolve_device(cfg.device)
+    dist.init_distributed(device)
+    seed_everything(cfg.seed)
+    param_dtype, _ = model_dtypes(cfg.model, device)
+    model, processor = load_policy(cfg.model.path, dtype=param_dtype, device=device,
+                                   min_pixels=cfg.model.min_pixels, max_pixels=cfg.model.max_pixels)
+    model.eval()
+    dataset = load_split(cfg.data.val_files, cfg.data, "test", processor)
+    run_dir = prepare_run_dir(cfg.output_dir, cfg.run_name, cfg)
+    rollout = build_rollout(cfg.rollout, model, processor, device)
+    params = SamplingParams(n=cfg.rollout.val_n, temperature=cfg.rollout.val_temperature,
+                            top_p=cfg.rollout.val_top_p, max_new_tokens=cfg.rollout.max_new_tokens, seed=cfg.seed)
+    start = time.time()
+    with RewardPool(cfg.reward) as pool, torch.no_grad():
+        metrics, records = evaluate(rollout, processor, dataset, pool, params, cfg.rollout.batch_size,
+                                    cfg.data.val_size, prefix="eval")
+    metrics["eval/num_samples"] = len(records)
+    metrics["timing_s/eval"] = time.time() - start
+    if dist.is_main():
+        (run_dir / "samples").mkdir(exist_ok=True)
+        with open(run_dir / "samples" / "eval.jsonl", "w") as f:
+            for record in records:
+                f.write(json.dumps(record, ensure_ascii=False) + "\n")
+        (run_dir / "eval_metrics.json").write_text(json.dumps(metrics, indent=2))
+        console.print(f"accuracy {metrics['eval/accuracy']:.3f} on {len(records)} completions; "
+                      f"samples in {run_dir / 'samples' / 'eval.jsonl'}")
+    return metrics

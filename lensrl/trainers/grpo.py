@@ -1,0 +1,409 @@
+"""GRPO and its relatives: rollout -> reward -> advantage -> logprobs -> loss -> step -> sync.
+
+`GRPOTrainer.train_step` reads top to bottom; the details live in named functions in
+`lensrl.algorithms` (advantages, losses) and `lensrl.train` (sequences, logprobs, checkpoints).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+from lensrl.algorithms.advantages import compute_advantages, group_stats, zero_variance_groups
+from lensrl.algorithms.losses import (
+    agg_loss,
+    kl_penalty,
+    policy_loss,
+    rollout_train_gap,
+    truncated_is_weights,
+)
+from lensrl.config import GRPOConfig
+from lensrl.data.datasets import BatchSampler
+from lensrl.logging import console
+from lensrl.models.load import load_policy
+from lensrl.rewards.pool import RewardPool
+from lensrl.rollout.base import SamplingParams
+from lensrl.train import distributed as dist
+from lensrl.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, save_hf
+from lensrl.train.optim import build_optimizer, build_scheduler, clip_grad_norm
+from lensrl.train.sequences import Sequence, forward_response_logprobs, make_sequence
+from lensrl.trainers.common import (
+    StopFlag,
+    autocast,
+    build_rollout,
+    cpu_memory_gb,
+    load_split,
+    make_logger,
+    micro_batches,
+    model_dtypes,
+    prepare_run_dir,
+    seed_everything,
+)
+from lensrl.trainers.evaluate import evaluate
+
+H100_BF16_FLOPS = 989e12  # dense bf16 peak used for perf/mfu
+
+
+class BadStepsError(RuntimeError):
+    """Too many consecutive steps with non-finite loss or gradients."""
+
+
+class GRPOTrainer:
+    def __init__(self, cfg: GRPOConfig):
+        self.cfg = cfg
+        t, actor = cfg.trainer, cfg.actor
+        self.device = dist.resolve_device(t.device)
+        dist.init_distributed(self.device)
+        seed_everything(t.seed + dist.rank())
+        _check_batch_sizes(cfg)
+        param_dtype, self.amp_dtype = model_dtypes(cfg.model, self.device)
+        load = dict(dtype=param_dtype, device=self.device, min_pixels=cfg.model.min_pixels,
+                    max_pixels=cfg.model.max_pixels)
+        self.policy, self.processor = load_policy(cfg.model.path, **load)
+        self.policy.train()
+        if cfg.model.gradient_checkpointing:
+            self.policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if cfg.model.freeze_vision_tower:
+            self.policy.model.visual.requires_grad_(False)
+        self.ref = None
+        if cfg.algorithm.use_kl_loss:  # the frozen reference exists only when a KL term needs it
+            self.ref = copy.deepcopy(self.policy).requires_grad_(False).eval()
+        self.train_data = load_split(cfg.data.train_files, cfg.data, "train", self.processor)
+        if self.train_data is None:
+            raise ValueError("GRPO needs data.train_files (parquet files or folders)")
+        self.val_data = load_split(cfg.data.val_files, cfg.data, "test", self.processor)
+        self.sampler = BatchSampler(len(self.train_data), t.rollout_batch_size, cfg.data.seed, cfg.data.shuffle)
+        self.rollout = build_rollout(cfg.rollout, self.policy, self.processor, self.device)
+        self.pool = RewardPool(cfg.reward)
+        self.updates_per_step = actor.ppo_epochs * (t.rollout_batch_size // actor.mini_batch_size)
+        self.optimizer = build_optimizer(self.policy.parameters(), actor.optim)
+        self.scheduler = build_scheduler(self.optimizer, t.total_steps * self.updates_per_step, actor.optim)
+        self.run_dir = prepare_run_dir(t.output_dir, t.run_name, cfg)
+        self.ckpt_dir = self.run_dir / "checkpoints"
+        self.step = 0
+        self.bad_steps_in_row = 0
+        self._resume()
+        self.logger = make_logger(self.run_dir, t, cfg, t.total_steps, start_step=self.step)
+
+    # ------------------------------------------------------------------------------------------
+    def fit(self) -> dict[str, float]:
+        t = self.cfg.trainer
+        stop = StopFlag()
+        stop.install()
+        metrics: dict[str, float] = {}
+        try:
+            if t.val_before_train and self.step == 0 and self.val_data is not None:
+                metrics = self.validate(0)
+                self.logger.log(metrics, 0)
+                self.logger.info(f"before training: val/accuracy {metrics['val/accuracy']:.3f}")
+            while self.step < t.total_steps:
+                self.step += 1
+                metrics = self.train_step(self.step)
+                last = self.step == t.total_steps
+                if self.val_data is not None and ((t.test_freq and self.step % t.test_freq == 0) or last):
+                    metrics.update(self.validate(self.step))
+                self.logger.log(metrics, self.step)
+                self.logger.progress(self.step)
+                if self.bad_steps_in_row >= t.max_bad_steps:
+                    last_good = latest_checkpoint(self.ckpt_dir)
+                    raise BadStepsError(
+                        f"{self.bad_steps_in_row} consecutive steps had non-finite loss or gradients; stopping. "
+                        f"Last good checkpoint: {last_good or 'none'} (lower actor.optim.lr or check the data)"
+                    )
+                # No checkpoint while steps are failing: the last one stays the last good one.
+                periodic = t.save_freq and self.step % t.save_freq == 0 and self.bad_steps_in_row == 0
+                if periodic or stop.requested or last:
+                    self.save()
+                if stop.requested:
+                    if dist.is_main():
+                        console.print(f"stopped at step {self.step}; checkpoint saved, resume with trainer.resume=auto")
+                    return metrics
+            if t.save_hf and dist.is_main():
+                path = save_hf(self.policy, self.processor, self.run_dir / "hf")
+                self.logger.info(f"Hugging Face model: {path}")
+            return metrics
+        finally:
+            self.pool.close()
+            self.logger.close()
+
+    def train_step(self, step: int) -> dict[str, float]:
+        cfg, actor = self.cfg, self.cfg.actor
+        n = cfg.rollout.n
+        timing: dict[str, float] = {}
+        step_start = time.time()
+
+        # 1. Rollout: this rank's share of the prompt batch, n completions each.
+        samples = [self.train_data[i] for i in dist.shard(self.sampler.next_batch())]
+        prompts = [self.processor(s) for s in samples]
+        with _timer(timing, "gen"), torch.no_grad(), autocast(self.device, self.amp_dtype):
+            groups = self.rollout.generate(prompts, self.sampling_params())
+        flat = [(i, c) for i, group in enumerate(groups) for c in group]
+
+        # 2. Reward.
+        with _timer(timing, "reward"):
+            results = self.score(samples, flat)
+        rewards = torch.tensor([r.score for r in results], dtype=torch.float32)
+
+        # 3. Sequences, masks, advantages.
+        seqs = [make_sequence(prompts[i], c.token_ids) for i, c in flat]
+        width = max(s.response_length for s in seqs)
+        mask = _pad([[1.0] * len(c.token_ids) for _, c in flat], width).bool()
+        truncated = torch.tensor([c.finish_reason == "length" for _, c in flat])
+        if actor.mask_truncated_completions:
+            mask[truncated] = False
+        rollout_logp = _pad([c.logprobs for _, c in flat], width)
+        advantages = compute_advantages(rewards, n, mask.float(), cfg.algorithm.adv_estimator,
+                                        cfg.algorithm.norm_adv_by_std)
+        keep = torch.ones(len(seqs), dtype=torch.bool)
+        num_filtered = 0
+        if cfg.algorithm.filter_zero_variance_groups:  # DAPO dynamic sampling: no signal, no update
+            flat_groups = zero_variance_groups(rewards, n)
+            num_filtered = int(flat_groups.sum())
+            keep = ~flat_groups.repeat_interleave(n)
+
+        # 4. Old and reference log-probabilities (at the rollout temperature).
+        with _timer(timing, "old_logprob"):
+            old_logp = self.logprobs(self.policy, seqs, width)
+        ref_logp = None
+        if self.ref is not None:
+            with _timer(timing, "ref"):
+                ref_logp = self.logprobs(self.ref, seqs, width)
+        is_weights, is_metrics = None, {}
+        if actor.importance_sampling_fix:
+            is_weights, is_metrics = truncated_is_weights(old_logp, rollout_logp, mask, actor.importance_sampling_clip,
+                                                          actor.importance_sampling_level)
+
+        # 5. Policy update over ppo_epochs x mini-batches.
+        batch = {"old_logp": old_logp, "ref_logp": ref_logp, "adv": advantages, "mask": mask, "is_weights": is_weights}
+        rows = keep.nonzero().squeeze(-1).tolist()
+        with _timer(timing, "update"):
+            update_metrics = self.update(seqs, batch, rows, width)
+
+        # 6. Weights into the rollout backend.
+        with _timer(timing, "weight_sync"):
+            self.rollout.sync_weights(self.policy)
+        timing["step"] = time.time() - step_start
+
+        metrics = self._step_metrics(flat, results, rewards, seqs, mask, truncated, rollout_logp, old_logp, timing)
+        metrics.update(update_metrics)
+        metrics.update({f"rollout/{k}" if not k.startswith("rollout/") else k: v for k, v in is_metrics.items()})
+        metrics.update(group_stats(rewards, n, cfg.reward.reward_max_val, cfg.reward.reward_min_val))
+        metrics["advantage/filtered_groups"] = float(num_filtered)
+        self._log_samples(step, samples, flat, results)
+        return metrics
+
+    # ------------------------------------------------------------------------------------------
+    def score(self, samples, flat) -> list:
+        """Reward of each completion against its sample's answer (worker processes, timeouts)."""
+        return self.pool.score_batch([(c.text, samples[i].answer) for i, c in flat])
+
+    def sampling_params(self) -> SamplingParams:
+        r = self.cfg.rollout
+        return SamplingParams(n=r.n, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
+                              max_new_tokens=r.max_new_tokens)
+
+    def logprobs(self, model: torch.nn.Module, seqs: list[Sequence], width: int) -> torch.Tensor:
+        """Response log-probabilities under `model`, no gradient, in micro-batches: (B, width)."""
+        out = torch.zeros(len(seqs), width)
+        with torch.no_grad(), autocast(self.device, self.amp_dtype):
+            for micro in self.micro_batches(list(range(len(seqs))), seqs):
+                logp, _, _ = self.forward(model, [seqs[i] for i in micro], width)
+                out[micro] = logp.cpu()
+        return out
+
+    def forward(self, model, seqs: list[Sequence], width: int, with_entropy: bool = False):
+        actor = self.cfg.actor
+        return forward_response_logprobs(model, seqs, self.processor.pad_token_id, self.temperature,
+                                         actor.logprob_chunk_size, with_entropy, width,
+                                         self.processor.suppress_token_ids, packed=actor.use_dynamic_bsz)
+
+    def micro_batches(self, rows: list[int], seqs: list[Sequence]) -> list[list[int]]:
+        a = self.cfg.actor
+        return micro_batches(rows, seqs, a.use_dynamic_bsz, a.max_tokens_per_mbs, a.micro_batch_size)
+
+    @property
+    def temperature(self) -> float:
+        t = self.cfg.rollout.temperature
+        return t if t > 0 else 1.0
+
+    def update(self, seqs: list[Sequence], batch: dict, rows: list[int], width: int) -> dict[str, float]:
+        actor = self.cfg.actor
+        totals: dict[str, float] = {}
+        num_updates = skipped = 0
+        if not rows:
+            return {"actor/skipped_updates": 0.0, "actor/num_updates": 0.0}
+        num_minibatches = max(1, self.cfg.trainer.rollout_batch_size // actor.mini_batch_size)
+        per_minibatch = math.ceil(len(rows) / num_minibatches)
+        step_bad = False
+        for _ in range(actor.ppo_epochs):
+            for mb_start in range(0, len(rows), per_minibatch):
+                mb = rows[mb_start : mb_start + per_minibatch]
+                mb_mask = batch["mask"][mb]
+                # Normalise by the whole mini-batch's counts (all micro-batches, all ranks), so the
+                # summed micro-batch losses equal the mini-batch loss whatever the split.
+                counts = dist.all_reduce_sum(torch.tensor(
+                    [float(mb_mask.sum()), float((mb_mask.sum(-1) > 0).sum())], device=self.device))
+                num_tokens, num_seqs = max(counts[0].item(), 1.0), max(counts[1].item(), 1.0)
+                self.optimizer.zero_grad(set_to_none=True)
+                mb_metrics: dict[str, float] = {}
+                for micro in self.micro_batches(mb, seqs):
+                    loss, micro_metrics = self._micro_loss(seqs, batch, micro, width, num_tokens, num_seqs)
+                    loss.backward()
+                    for k, v in micro_metrics.items():
+                        mb_metrics[k] = mb_metrics.get(k, 0.0) + v
+                grad_norm = clip_grad_norm(self.policy.parameters(), actor.optim.grad_clip)
+                finite = math.isfinite(float(grad_norm)) and math.isfinite(mb_metrics.get("actor/loss", 0.0))
+                if finite:
+                    self.optimizer.step()
+                    num_updates += 1
+                else:  # skip, count, keep the weights as they were
+                    self.optimizer.zero_grad(set_to_none=True)
+                    skipped += 1
+                    step_bad = True
+                self.scheduler.step()
+                mb_metrics["actor/grad_norm"] = float(grad_norm)
+                for k, v in mb_metrics.items():
+                    totals[k] = totals.get(k, 0.0) + v
+        self.bad_steps_in_row = self.bad_steps_in_row + 1 if step_bad else 0
+        count = max(num_updates + skipped, 1)
+        metrics = {k: v / count for k, v in totals.items()}
+        metrics["actor/lr"] = self.scheduler.get_last_lr()[0]
+        metrics["actor/skipped_updates"] = float(skipped)
+        metrics["actor/num_updates"] = float(num_updates)
+        return metrics
+
+    def _micro_loss(self, seqs, batch, micro, width, num_tokens, num_seqs):
+        cfg, actor = self.cfg, self.cfg.actor
+        mask = batch["mask"][micro].to(self.device)
+        agg = dict(num_tokens=num_tokens, num_seqs=num_seqs, horizon=cfg.rollout.max_new_tokens)
+        with autocast(self.device, self.amp_dtype):
+            logp, entropy, _ = self.forward(self.policy, [seqs[i] for i in micro], width, with_entropy=True)
+        is_w = batch["is_weights"][micro].to(self.device) if batch["is_weights"] is not None else None
+        pg_loss, pg = policy_loss(
+            logp, batch["old_logp"][micro].to(self.device), batch["adv"][micro].to(self.device), mask,
+            actor.clip_ratio_low, actor.clip_ratio_high, actor.clip_ratio_c, actor.loss_agg_mode,
+            level="sequence" if actor.policy_loss == "gspo" else "token", is_weights=is_w, **agg)
+        entropy_term = agg_loss(entropy, mask, actor.loss_agg_mode, **agg)
+        loss = pg_loss - actor.entropy_coeff * entropy_term
+        share = float(mask.sum()) / num_tokens  # this micro-batch's share of the mini-batch's tokens
+        metrics = {"actor/pg_loss": pg_loss.item(), "actor/entropy": entropy_term.item()}
+        for key in ("pg_clipfrac", "pg_clipfrac_lower", "ppo_kl"):
+            metrics[f"actor/{key}"] = float(pg[key]) * share
+        if self.ref is not None:
+            kl = kl_penalty(logp, batch["ref_logp"][micro].to(self.device), cfg.algorithm.kl_loss_type)
+            kl_loss = agg_loss(kl, mask, actor.loss_agg_mode, **agg)
+            loss = loss + cfg.algorithm.kl_loss_coef * kl_loss
+            metrics["actor/kl_loss"] = kl_loss.item()
+        metrics["actor/loss"] = loss.item()
+        return loss, metrics
+
+    # ------------------------------------------------------------------------------------------
+    def validate(self, step: int) -> dict[str, float]:
+        r = self.cfg.rollout
+        params = SamplingParams(n=r.val_n, temperature=r.val_temperature, top_p=r.val_top_p,
+                                max_new_tokens=r.max_new_tokens, seed=self.cfg.trainer.seed + step)
+        start = time.time()
+        with torch.no_grad(), autocast(self.device, self.amp_dtype):
+            metrics, records = evaluate(self.rollout, self.processor, self.val_data, self.pool, params,
+                                        r.batch_size, self.cfg.data.val_size)
+        metrics["timing_s/val"] = time.time() - start
+        self.logger.write_samples(step, records[: self.cfg.trainer.num_logged_samples], "val")
+        return metrics
+
+    def save(self) -> Path:
+        state = {"step": self.step, "sampler": self.sampler.state_dict(), "bad_steps_in_row": self.bad_steps_in_row}
+        return save_checkpoint(self.ckpt_dir, self.step, self.policy, self.optimizer, self.scheduler, state,
+                               self.cfg.trainer.save_limit)
+
+    def _resume(self) -> None:
+        resume = self.cfg.trainer.resume
+        if resume == "never":
+            return
+        path = latest_checkpoint(self.ckpt_dir) if resume == "auto" else Path(resume)
+        if path is None:
+            return
+        state = load_checkpoint(path, self.policy, self.optimizer, self.scheduler)
+        self.step = state["step"]
+        self.sampler.load_state_dict(state["sampler"])
+        self.bad_steps_in_row = state.get("bad_steps_in_row", 0)
+        if dist.is_main():
+            print(f"resumed from {path} at step {self.step}")
+
+    def _step_metrics(self, flat, results, rewards, seqs, mask, truncated, rollout_logp, old_logp, timing):
+        lengths = torch.tensor([len(c.token_ids) for _, c in flat], dtype=torch.float32)
+        prompt_lengths = torch.tensor([float(s.prompt_length) for s in seqs])
+        metrics = {
+            "reward/mean": rewards.mean().item(), "reward/std": rewards.std().item() if len(rewards) > 1 else 0.0,
+            "response_length/mean": lengths.mean().item(), "response_length/max": lengths.max().item(),
+            "response_length/min": lengths.min().item(), "response_length/clip_ratio": truncated.float().mean().item(),
+            "prompt_length/mean": prompt_lengths.mean().item(), "prompt_length/max": prompt_lengths.max().item(),
+            "reward/timeouts": float(sum(r.status == "timeout" for r in results)),
+            "reward/errors": float(sum(r.status == "error" for r in results)),
+        }
+        for part in results[0].parts if results else []:
+            metrics[f"reward/{part}"] = sum(r.parts.get(part, 0.0) for r in results) / len(results)
+        metrics.update(rollout_train_gap(old_logp, rollout_logp, _pad_mask(flat, mask.shape[1])))
+        metrics.update({f"timing_s/{k}": v for k, v in timing.items()})
+        tokens = sum(s.num_tokens for s in seqs)
+        metrics["perf/throughput"] = tokens / max(timing["step"], 1e-9)
+        metrics["perf/cpu_memory_gb"] = cpu_memory_gb()
+        if self.device.type == "cuda":
+            metrics["perf/max_memory_allocated_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+            num_params = sum(p.numel() for p in self.policy.parameters())
+            metrics["perf/mfu"] = 6 * num_params * tokens / max(timing["update"], 1e-9) / H100_BF16_FLOPS
+        return metrics
+
+    def _log_samples(self, step, samples, flat, results) -> None:
+        records = []
+        for (i, c), r in list(zip(flat, results))[: self.cfg.trainer.num_logged_samples]:
+            s = samples[i]
+            records.append({"prompt": s.prompt, "images": [im.origin for im in s.images], "answer": s.answer,
+                            "completion": c.text, "reward": r.score, **{f"reward_{k}": v for k, v in r.parts.items()},
+                            "finish_reason": c.finish_reason})
+        self.logger.write_samples(step, records)
+
+
+def _pad(rows: list[list[float]], width: int) -> torch.Tensor:
+    out = torch.zeros(len(rows), width, dtype=torch.float32)
+    for i, row in enumerate(rows):
+        out[i, : len(row)] = torch.tensor(row, dtype=torch.float32)
+    return out
+
+
+def _pad_mask(flat, width: int) -> torch.Tensor:
+    """All generated tokens (truncated ones included): the rollout/train gap is about every token."""
+    return _pad([[1.0] * len(c.token_ids) for _, c in flat], width).bool()
+
+
+@contextmanager
+def _timer(timing: dict[str, float], name: str):
+    start = time.time()
+    try:
+        yield
+    finally:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        timing[name] = timing.get(name, 0.0) + time.time() - start
+
+
+def _check_batch_sizes(cfg: GRPOConfig) -> None:
+    t, actor, world = cfg.trainer, cfg.actor, dist.world_size()
+    if t.rollout_batch_size % actor.mini_batch_size:
+        raise ValueError(f"trainer.rollout_batch_size ({t.rollout_batch_size}) must be a multiple of "
+                         f"actor.mini_batch_size ({actor.mini_batch_size})")
+    if t.rollout_batch_size % world:
+        raise ValueError(f"trainer.rollout_batch_size ({t.rollout_batch_size}) must be divisible by the "
+                         f"number of ranks ({world})")
+    if cfg.rollout.n < 1:
+        raise ValueError(f"rollout.n must be >= 1, got {cfg.rollout.n}")
+
+
+def run_grpo(config_path: str | None, overrides: list[str]) -> dict[str, float]:
+    from lensrl.config import load_config
+
+    return GRPOTrainer(load_config(GRPOConfig, config_path, overrides)).fit()

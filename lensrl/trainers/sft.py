@@ -1,0 +1,189 @@
+"""Full-parameter supervised fine-tuning of a VLM: loss on assistant tokens only, gradient
+accumulation from micro-batches to the global batch, periodic accuracy by greedy generation."""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from lensrl.config import SFTConfig, load_config
+from lensrl.data.datasets import BatchSampler
+from lensrl.logging import console
+from lensrl.models.load import load_policy
+from lensrl.rewards.pool import RewardPool
+from lensrl.rollout.base import SamplingParams
+from lensrl.train import distributed as dist
+from lensrl.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, save_hf
+from lensrl.train.optim import build_optimizer, build_scheduler, clip_grad_norm
+from lensrl.train.sequences import forward_response_logprobs, sft_sequence
+from lensrl.trainers.common import (
+    StopFlag,
+    autocast,
+    build_rollout,
+    cpu_memory_gb,
+    load_split,
+    make_logger,
+    micro_batches,
+    model_dtypes,
+    prepare_run_dir,
+    seed_everything,
+)
+from lensrl.trainers.evaluate import evaluate
+
+
+class SFTTrainer:
+    def __init__(self, cfg: SFTConfig):
+        self.cfg = cfg
+        t = cfg.trainer
+        self.device = dist.resolve_device(t.device)
+        dist.init_distributed(self.device)
+        seed_everything(t.seed + dist.rank())
+        param_dtype, self.amp_dtype = model_dtypes(cfg.model, self.device)
+        self.policy, self.processor = load_policy(cfg.model.path, dtype=param_dtype, device=self.device,
+                                                  min_pixels=cfg.model.min_pixels, max_pixels=cfg.model.max_pixels)
+        self.policy.train()
+        if cfg.model.gradient_checkpointing:
+            self.policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if cfg.model.freeze_vision_tower:
+            self.policy.model.visual.requires_grad_(False)
+        self.train_data = load_split(cfg.data.train_files, cfg.data, "train", self.processor)
+        self.val_data = load_split(cfg.data.val_files, cfg.data, "test", self.processor)
+        if self.train_data is None and self.val_data is None:
+            raise ValueError("set data.train_files (training) and/or data.val_files (evaluation)")
+        if t.global_batch_size % (t.micro_batch_size * dist.world_size()):
+            raise ValueError(f"trainer.global_batch_size ({t.global_batch_size}) must be a multiple of "
+                             f"trainer.micro_batch_size x ranks ({t.micro_batch_size} x {dist.world_size()})")
+        num_train = len(self.train_data) if self.train_data is not None else 0
+        self.total_steps = t.total_steps or max(1, t.num_epochs * num_train // t.global_batch_size)
+        if self.train_data is None:
+            self.total_steps = 0  # data.train_files: null means evaluation only
+        self.sampler = BatchSampler(max(num_train, 1), min(t.global_batch_size, max(num_train, 1)),
+                                    cfg.data.seed, cfg.data.shuffle)
+        self.optimizer = build_optimizer(self.policy.parameters(), cfg.optim)
+        self.scheduler = build_scheduler(self.optimizer, max(self.total_steps, 1), cfg.optim)
+        self.rollout = build_rollout(cfg.rollout, self.policy, self.processor, self.device)
+        self.pool = RewardPool(cfg.reward)
+        self.run_dir = prepare_run_dir(t.output_dir, t.run_name, cfg)
+        self.ckpt_dir = self.run_dir / "checkpoints"
+        self.step = 0
+        self.bad_steps_in_row = 0
+        self._resume()
+        self.logger = make_logger(self.run_dir, t, cfg, self.total_steps, start_step=self.step)
+
+    def fit(self) -> dict[str, float]:
+        t = self.cfg.trainer
+        stop = StopFlag()
+        stop.install()
+        metrics: dict[str, float] = {}
+        try:
+            if self.val_data is not None and (self.total_steps == 0 or (t.val_before_train and self.step == 0)):
+                metrics = self.evaluate(self.step)
+                self.logger.log(metrics, self.step)
+                self.logger.info(f"step {self.step}: val/accuracy {metrics['val/accuracy']:.3f}")
+            while self.step < self.total_steps:
+                self.step += 1
+                metrics = self.train_step()
+                last = self.step == self.total_steps
+                if self.val_data is not None and ((t.test_freq and self.step % t.test_freq == 0) or last):
+                    metrics.update(self.evaluate(self.step))
+                self.logger.log(metrics, self.step)
+                self.logger.progress(self.step)
+                if self.bad_steps_in_row >= t.max_bad_steps:
+                    raise RuntimeError(
+                        f"{self.bad_steps_in_row} consecutive steps had non-finite loss or gradients; stopping. "
+                        f"Last good checkpoint: {latest_checkpoint(self.ckpt_dir) or 'none'}")
+                # No checkpoint while steps are failing: the last one stays the last good one.
+                periodic = t.save_freq and self.step % t.save_freq == 0 and self.bad_steps_in_row == 0
+                if periodic or stop.requested or last:
+                    self.save()
+                if stop.requested:
+                    if dist.is_main():
+                        console.print(f"stopped at step {self.step}; checkpoint saved, resume with trainer.resume=auto")
+                    return metrics
+            if self.total_steps and t.save_hf and dist.is_main():
+                path = save_hf(self.policy, self.processor, self.run_dir / "hf")
+                self.logger.info(f"Hugging Face model: {path}")
+            return metrics
+        finally:
+            self.pool.close()
+            self.logger.close()
+
+    def train_step(self) -> dict[str, float]:
+        t, start = self.cfg.trainer, time.time()
+        samples = [self.train_data[i] for i in dist.shard(self.sampler.next_batch())]
+        processed = [self.processor(s, add_target=True) for s in samples]
+        seqs = [sft_sequence(p) for p in processed]
+        width = max(s.response_length for s in seqs)
+        target_mask = torch.zeros(len(seqs), width, dtype=torch.bool)
+        for i, p in enumerate(processed):
+            m = p.loss_mask[p.prompt_length :]
+            target_mask[i, : m.shape[0]] = m
+        num_tokens = dist.all_reduce_sum(torch.tensor(float(target_mask.sum()), device=self.device)).item()
+        self.optimizer.zero_grad(set_to_none=True)
+        total_loss = 0.0
+        for micro in micro_batches(list(range(len(seqs))), seqs, t.use_dynamic_bsz, t.max_tokens_per_mbs,
+                                   t.micro_batch_size):
+            mask = target_mask[micro].to(self.device)
+            with autocast(self.device, self.amp_dtype):
+                logp, _, _ = forward_response_logprobs(self.policy, [seqs[i] for i in micro],
+                                                       self.processor.pad_token_id, chunk_size=1024, width=width,
+                                                       suppress_ids=self.processor.suppress_token_ids,
+                                                       packed=t.use_dynamic_bsz)
+            loss = -(logp * mask).sum() / max(num_tokens, 1.0)  # token mean over the global batch
+            loss.backward()
+            total_loss += loss.item()
+        grad_norm = float(clip_grad_norm(self.policy.parameters(), self.cfg.optim.grad_clip))
+        if math.isfinite(grad_norm) and math.isfinite(total_loss):
+            self.optimizer.step()
+            self.bad_steps_in_row = 0
+        else:
+            self.optimizer.zero_grad(set_to_none=True)
+            self.bad_steps_in_row += 1
+        self.scheduler.step()
+        elapsed = time.time() - start
+        tokens = sum(s.num_tokens for s in seqs)
+        total_loss = dist.all_reduce_sum(torch.tensor(total_loss, device=self.device)).item()
+        return {
+            "train/loss": total_loss, "train/grad_norm": grad_norm, "train/lr": self.scheduler.get_last_lr()[0],
+            "train/target_tokens": num_tokens, "train/skipped_updates": float(self.bad_steps_in_row > 0),
+            "timing_s/step": elapsed, "perf/throughput": tokens / max(elapsed, 1e-9),
+            "perf/cpu_memory_gb": cpu_memory_gb(),
+        }
+
+    def evaluate(self, step: int) -> dict[str, float]:
+        r = self.cfg.rollout
+        params = SamplingParams(n=r.val_n, temperature=r.val_temperature, top_p=r.val_top_p,
+                                max_new_tokens=r.max_new_tokens, seed=self.cfg.trainer.seed + step)
+        start = time.time()
+        with torch.no_grad(), autocast(self.device, self.amp_dtype):
+            metrics, records = evaluate(self.rollout, self.processor, self.val_data, self.pool, params,
+                                        r.batch_size, self.cfg.data.val_size)
+        metrics["timing_s/val"] = time.time() - start
+        self.logger.write_samples(step, records[: self.cfg.trainer.num_logged_samples], "val")
+        return metrics
+
+    def save(self) -> Path:
+        state = {"step": self.step, "sampler": self.sampler.state_dict(), "bad_steps_in_row": self.bad_steps_in_row}
+        return save_checkpoint(self.ckpt_dir, self.step, self.policy, self.optimizer, self.scheduler, state,
+                               self.cfg.trainer.save_limit)
+
+    def _resume(self) -> None:
+        resume = self.cfg.trainer.resume
+        if resume == "never" or self.total_steps == 0:
+            return
+        path = latest_checkpoint(self.ckpt_dir) if resume == "auto" else Path(resume)
+        if path is None:
+            return
+        state = load_checkpoint(path, self.policy, self.optimizer, self.scheduler)
+        self.step = state["step"]
+        self.sampler.load_state_dict(state["sampler"])
+        self.bad_steps_in_row = state.get("bad_steps_in_row", 0)
+        if dist.is_main():
+            print(f"resumed from {path} at step {self.step}")
+
+
+def run_sft(config_path: str | None, overrides: list[str]) -> dict[str, float]:
+    return SFTTrainer(load_config(SFTConfig, config_path, overrides)).fit()

@@ -1,0 +1,167 @@
+"""GRPO end to end on a tiny Qwen2.5-VL: what a run writes, resume, Ctrl-C, bad steps, variants."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from trainer_helpers import grpo_overrides, run_cli
+
+from lensrl.config import GRPOConfig, load_config
+from lensrl.logging import read_metrics
+from lensrl.rewards.pool import RewardResult
+from lensrl.trainers.grpo import BadStepsError, GRPOTrainer
+
+TIMING_PREFIXES = ("timing_s/", "perf/")
+
+
+def test_grpo_cli_writes_a_complete_run(tiny_qwen25_dir, color_data, tmp_path):
+    """`lensrl grpo` writes config, metrics, TensorBoard events, samples, checkpoints and an HF folder."""
+    overrides = grpo_overrides(tiny_qwen25_dir, color_data, tmp_path, "cli", "trainer.save_freq=1",
+                               "trainer.save_limit=1", "trainer.test_freq=2", "trainer.val_before_train=true",
+                               "trainer.loggers=[console,jsonl,tensorboard]")
+    result = run_cli("grpo", *overrides)
+    assert result.returncode == 0, result.stderr[-3000:]
+    run = tmp_path / "cli"
+    assert load_config(GRPOConfig, run / "config.yaml").rollout.n == 4  # the resolved config, reloadable
+    records = read_metrics(run)
+    assert [r["step"] for r in records] == [0, 1, 2]
+    for name in ["reward/mean", "reward/std", "reward/accuracy", "response_length/mean", "response_length/clip_ratio",
+                 "prompt_length/mean", "actor/pg_loss", "actor/pg_clipfrac", "actor/ppo_kl", "actor/entropy",
+                 "actor/grad_norm", "actor/lr", "rollout/train_kl", "rollout/train_logprob_absdiff",
+                 "advantage/all_correct_ratio", "advantage/all_wrong_ratio", "timing_s/gen", "timing_s/reward",
+                 "timing_s/old_logprob", "timing_s/update", "timing_s/step", "perf/throughput"]:
+        assert name in records[1], name
+    assert "val/accuracy" in records[0] and "val/accuracy" in records[2]
+    # TensorBoard: a real event file with the same numbers.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run / "tensorboard"))
+    events.Reload()
+    reward = events.Scalars("reward/mean")
+    assert [e.step for e in reward] == [1, 2]
+    assert reward[0].value == pytest.approx(records[1]["reward/mean"], rel=1e-6)
+    # Samples: prompt, image reference, completion, reward.
+    sample = json.loads((run / "samples" / "train_step_1.jsonl").read_text().splitlines()[0])
+    assert {"prompt", "images", "completion", "reward", "answer"} <= set(sample)
+    assert "row" in sample["images"][0]
+    # Checkpoints: complete ones only, the oldest pruned.
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_2"]
+    # Progress on the console.
+    assert "step 2/2" in result.stderr
+    # The final HF folder loads with plain transformers and generates.
+    from transformers import AutoModelForImageTextToText, AutoTokenizer
+
+    model = AutoModelForImageTextToText.from_pretrained(run / "hf")
+    tokenizer = AutoTokenizer.from_pretrained(run / "hf")
+    ids = tokenizer("hello", return_tensors="pt").input_ids
+    assert model.generate(ids, max_new_tokens=3, do_sample=False).shape[1] == ids.shape[1] + 3
+
+
+def _comparable(record: dict) -> dict:
+    return {k: v for k, v in record.items() if not k.startswith(TIMING_PREFIXES)}
+
+
+def test_resume_matches_uninterrupted_run(tiny_qwen25_dir, color_data, tmp_path):
+    """Resuming from step 1 recomputes step 2 exactly as the uninterrupted run did (CPU, fp32)."""
+    overrides = grpo_overrides(tiny_qwen25_dir, color_data, tmp_path, "resume", "trainer.total_steps=2",
+                               "trainer.save_freq=1", "trainer.save_limit=3", "trainer.save_hf=false",
+                               "actor.optim.schedule=cosine", "actor.optim.warmup_steps=1")
+    GRPOTrainer(load_config(GRPOConfig, None, overrides)).fit()
+    run = tmp_path / "resume"
+    uninterrupted = read_metrics(run)[-1]
+    assert uninterrupted["step"] == 2
+    shutil.rmtree(run / "checkpoints" / "step_2")  # as if the run had died during step 2
+    trainer = GRPOTrainer(load_config(GRPOConfig, None, overrides))
+    assert trainer.step == 1
+    trainer.fit()
+    resumed = read_metrics(run)[-1]
+    assert resumed["step"] == 2
+    assert _comparable(resumed) == _comparable(uninterrupted)
+
+
+def test_ctrl_c_saves_a_checkpoint_and_exits(tiny_qwen25_dir, color_data, tmp_path):
+    overrides = grpo_overrides(tiny_qwen25_dir, color_data, tmp_path, "interrupt", "trainer.total_steps=1000",
+                               "trainer.save_freq=0")
+    process = subprocess.Popen([sys.executable, "-m", "lensrl", "grpo", *overrides], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    metrics = tmp_path / "interrupt" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (metrics.exists() and metrics.read_text().strip()):
+        time.sleep(0.2)
+    assert metrics.exists(), "the run never logged a step"
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 0, stderr[-2000:]
+    checkpoints = list((tmp_path / "interrupt" / "checkpoints").glob("step_*"))
+    assert len(checkpoints) == 1 and (checkpoints[0] / "meta.json").is_file()
+    step = int(checkpoints[0].name.split("_")[1])
+    assert 1 <= step < 1000
+    assert "resume" in stderr
+
+
+class NaNRewardTrainer(GRPOTrainer):
+    """A reward function that returns NaN (a user's buggy reward), from step `bad_from` on."""
+
+    bad_from = 2
+
+    def score(self, samples, flat):
+        results = super().score(samples, flat)
+        if self.step >= self.bad_from:
+            return [RewardResult(float("nan"), r.parts, r.status) for r in results]
+        return results
+
+
+def test_nonfinite_steps_are_skipped_then_the_run_stops(tiny_qwen25_dir, color_data, tmp_path):
+    overrides = grpo_overrides(tiny_qwen25_dir, color_data, tmp_path, "nan", "trainer.total_steps=10",
+                               "trainer.save_freq=1", "trainer.save_limit=5", "trainer.max_bad_steps=3")
+    trainer = NaNRewardTrainer(load_config(GRPOConfig, None, overrides))
+    with pytest.raises(BadStepsError, match="step_1"):
+        trainer.fit()
+    records = read_metrics(tmp_path / "nan")
+    assert [r["actor/skipped_updates"] for r in records] == [0.0, 1.0, 1.0, 1.0]
+    # Skipped steps leave the weights alone: the policy still equals the step-1 checkpoint.
+    good = GRPOTrainer(load_config(GRPOConfig, None, [*overrides, "trainer.resume=" + str(tmp_path / "nan" / "checkpoints" / "step_1")]))
+    for (name, a), (_, b) in zip(trainer.policy.named_parameters(), good.policy.named_parameters()):
+        assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("variant", [
+    ["algorithm.adv_estimator=rloo"],
+    ["algorithm.adv_estimator=reinforce_plus_plus_baseline"],
+    ["algorithm.norm_adv_by_std=false", "actor.loss_agg_mode=seq-mean-token-sum-norm"],
+    ["actor.policy_loss=gspo", "actor.loss_agg_mode=seq-mean-token-mean"],
+    ["algorithm.use_kl_loss=true", "algorithm.kl_loss_type=k3", "actor.loss_agg_mode=seq-mean-token-sum"],
+    ["actor.importance_sampling_fix=true", "actor.importance_sampling_level=sequence"],
+    ["actor.importance_sampling_fix=true", "rollout.top_p=0.9", "rollout.top_k=20"],
+    ["algorithm.filter_zero_variance_groups=true", "actor.mask_truncated_completions=true"],
+    ["actor.ppo_epochs=2", "actor.mini_batch_size=2", "actor.micro_batch_size=3", "actor.entropy_coeff=0.01"],
+], ids=["rloo", "rpp", "drgrpo", "gspo", "kl", "tis_seq", "tis_topp", "dapo_filter", "epochs"])
+def test_algorithm_variants_take_finite_steps(tiny_qwen25_dir, color_data, tmp_path, variant):
+    overrides = grpo_overrides(tiny_qwen25_dir, color_data, tmp_path, "variant", "trainer.total_steps=1",
+                               "trainer.save_hf=false", *variant)
+    trainer = GRPOTrainer(load_config(GRPOConfig, None, overrides))
+    before = [p.detach().clone() for p in trainer.policy.parameters()]
+    trainer.fit()
+    record = read_metrics(tmp_path / "variant")[-1]
+    assert all(math.isfinite(v) for k, v in record.items() if isinstance(v, float)), record
+    if "algorithm.use_kl_loss=true" in variant:
+        assert "actor/kl_loss" in record and trainer.ref is not None
+    else:
+        assert trainer.ref is None  # the reference model exists only when a KL term needs it
+    if any("importance_sampling_fix=true" in v for v in variant):
+        assert 0 < record["rollout/is_weight_mean"] <= 2.0
+    if "actor.ppo_epochs=2" in variant:
+        assert record["actor/num_updates"] == 4  # 2 epochs x 2 mini-batches
+    moved = any(not torch.equal(a, b) for a, b in zip(before, trainer.policy.parameters()))
+    if record["advantage/filtered_groups"] == 4:  # every group had zero reward variance: nothing to learn
+        assert not moved and record["actor/num_updates"] == 0
+    else:
+        assert moved

@@ -1,0 +1,26 @@
+"""Helpers shared by the trainer tests."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+
+def grpo_overrides(model_dir: Path, data: Path, out: Path, name: str = "run", *extra: str) -> list[str]:
+    """A GRPO run small enough for a test: 4 prompts x 4 completions of at most 6 tokens."""
+    return [
+        f"model.path={model_dir}", f"data.train_files=[{data / 'train.parquet'}]",
+        f"data.val_files=[{data / 'test.parquet'}]", "data.max_prompt_length=64", "rollout.backend=hf",
+        "rollout.n=4", "rollout.max_new_tokens=6", "trainer.rollout_batch_size=4", "actor.mini_batch_size=4",
+        "actor.micro_batch_size=8", "actor.optim.lr=1e-3", "reward.format_pattern=null", "reward.num_workers=1",
+        "trainer.total_steps=2", "trainer.test_freq=0", "trainer.val_before_train=false",
+        f"trainer.output_dir={out}", f"trainer.run_name={name}", "trainer.loggers=[jsonl]", *extra,
+    ]
+
+
+def run_cli(*args: str, timeout: float = 300, **kwargs) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.run([sys.executable, "-m", "lensrl", *args], capture_output=True, text=True, timeout=timeout,
+                          env=env, cwd=kwargs.pop("cwd", None), **kwargs)
