@@ -177,6 +177,7 @@ class SFTTrainerConfig(TrainerConfig):
     micro_batch_size: int = 4  # sequences per forward/backward (gradient accumulation between)
     use_dynamic_bsz: bool = True  # packed micro-batches under a token budget (False: micro_batch_size, padded)
     max_tokens_per_mbs: int = 16384
+    stop_at_loss: float | None = None  # stop early once the mean loss of the last 5 steps is below this
 
 
 @dataclass

@@ -178,6 +178,7 @@ EXPECTED_KEYS = {
         'trainer.micro_batch_size',
         'trainer.use_dynamic_bsz',
         'trainer.max_tokens_per_mbs',
+        'trainer.stop_at_loss',
     ],
     'eval': [
         'model.path',

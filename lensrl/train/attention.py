@@ -213,6 +213,8 @@ def _disable_varlen(error: Exception) -> None:
 def _varlen(query, key, value, segments: Segments, causal: bool, scale):
     from torch.nn.attention.varlen import varlen_attn
 
+    if "params" not in _varlen_state and not _varlen_usable():  # called as backend="varlen" directly
+        raise RuntimeError("torch.nn.attention.varlen is not available in this torch build")
     params = _varlen_state["params"]
     head_dim = query.shape[-1]
     q = query[0].transpose(0, 1)  # (T, Hq, D)

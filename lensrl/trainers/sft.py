@@ -78,6 +78,7 @@ class SFTTrainer:
         stop = StopFlag()
         stop.install()
         metrics: dict[str, float] = {}
+        recent_losses: list[float] = []
         try:
             if self.val_data is not None and (self.total_steps == 0 or (t.val_before_train and self.step == 0)):
                 metrics = self.evaluate(self.step)
@@ -86,6 +87,10 @@ class SFTTrainer:
             while self.step < self.total_steps:
                 self.step += 1
                 metrics = self.train_step()
+                recent_losses = (recent_losses + [metrics["train/loss"]])[-5:]
+                if t.stop_at_loss is not None and len(recent_losses) == 5 and sum(recent_losses) / 5 < t.stop_at_loss:
+                    self.logger.info(f"step {self.step}: mean loss of the last 5 steps below {t.stop_at_loss}; stopping")
+                    self.total_steps = self.step
                 last = self.step == self.total_steps
                 if self.val_data is not None and ((t.test_freq and self.step % t.test_freq == 0) or last):
                     metrics.update(self.evaluate(self.step))
@@ -158,6 +163,7 @@ class SFTTrainer:
         params = SamplingParams(n=r.val_n, temperature=r.val_temperature, top_p=r.val_top_p,
                                 max_new_tokens=r.max_new_tokens, seed=self.cfg.trainer.seed + step)
         start = time.time()
+        self.rollout.sync_weights(self.policy)  # a backend with its own copy must see the trained weights
         with torch.no_grad(), autocast(self.device, self.amp_dtype):
             metrics, records = evaluate(self.rollout, self.processor, self.val_data, self.pool, params,
                                         r.batch_size, self.cfg.data.val_size)
