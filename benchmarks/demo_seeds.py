@@ -11,6 +11,8 @@ import argparse
 import json
 from pathlib import Path
 
+from transformers.utils import logging as hf_logging
+
 from lensrl.demo import run_demo
 
 
@@ -20,6 +22,7 @@ def main() -> None:
     parser.add_argument("--out", default="runs/demo_seeds")
     parser.add_argument("--quick", action="store_true", help="the reduced size the test runs")
     args = parser.parse_args()
+    hf_logging.disable_progress_bar()
     rows = []
     for seed in args.seeds:
         result = run_demo(str(Path(args.out) / f"seed{seed}"), seed=seed, quick=args.quick)
