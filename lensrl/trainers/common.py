@@ -6,6 +6,7 @@ import contextlib
 import os
 import random
 import signal
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from lensrl.config import DataConfig, ModelConfig, RolloutConfig, save_config, t
 from lensrl.data.datasets import PromptDataset, load_dataset
 from lensrl.logging import RunLogger, console
 from lensrl.train import distributed as dist
+from lensrl.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from lensrl.train.packing import plan_micro_batches
 
 
@@ -109,6 +111,49 @@ def micro_batches(rows: list[int], seqs, use_dynamic_bsz: bool, max_tokens: int,
         plan = plan_micro_batches([seqs[i].num_tokens for i in rows], max_tokens)
         return [[rows[j] for j in group] for group in plan if group]
     return [rows[i : i + micro_batch_size] for i in range(0, len(rows), micro_batch_size)]
+
+
+def validate(trainer, step: int) -> dict[str, float]:
+    """Held-out accuracy of `trainer.policy` through its rollout backend (greedy by default,
+    `rollout.val_n` samples each for mean@k); a few samples written to samples/val_step_N.jsonl."""
+    from lensrl.rollout.base import SamplingParams
+    from lensrl.trainers.evaluate import evaluate
+
+    r = trainer.cfg.rollout
+    params = SamplingParams(n=r.val_n, temperature=r.val_temperature, top_p=r.val_top_p,
+                            max_new_tokens=r.max_new_tokens, seed=trainer.cfg.trainer.seed + step)
+    start = time.time()
+    trainer.rollout.sync_weights(trainer.policy)  # a backend with its own weight copy must see the latest
+    with torch.no_grad(), autocast(trainer.device, trainer.amp_dtype):
+        metrics, records = evaluate(trainer.rollout, trainer.processor, trainer.val_data, trainer.pool, params,
+                                    r.batch_size, trainer.cfg.data.val_size)
+    metrics["timing_s/val"] = time.time() - start
+    trainer.logger.write_samples(step, records[: trainer.cfg.trainer.num_logged_samples], "val")
+    return metrics
+
+
+def save(trainer) -> Path:
+    """Checkpoint the trainer at its current step (model, optimizer, scheduler, RNG, data position)."""
+    state = {"step": trainer.step, "sampler": trainer.sampler.state_dict(),
+             "bad_steps_in_row": trainer.bad_steps_in_row}
+    return save_checkpoint(trainer.ckpt_dir, trainer.step, trainer.policy, trainer.optimizer, trainer.scheduler,
+                           state, trainer.cfg.trainer.save_limit)
+
+
+def resume(trainer) -> None:
+    """Restore the trainer from `trainer.resume` (auto: the newest complete checkpoint, if any)."""
+    setting = trainer.cfg.trainer.resume
+    if setting == "never":
+        return
+    path = latest_checkpoint(trainer.ckpt_dir) if setting == "auto" else Path(setting)
+    if path is None:
+        return
+    state = load_checkpoint(path, trainer.policy, trainer.optimizer, trainer.scheduler)
+    trainer.step = state["step"]
+    trainer.sampler.load_state_dict(state["sampler"])
+    trainer.bad_steps_in_row = state.get("bad_steps_in_row", 0)
+    if dist.is_main():
+        console.print(f"resumed from {path} at step {trainer.step}")
 
 
 def cpu_memory_gb() -> float:

@@ -29,7 +29,7 @@ from lensrl.models.load import load_policy
 from lensrl.rewards.pool import RewardPool
 from lensrl.rollout.base import SamplingParams
 from lensrl.train import distributed as dist
-from lensrl.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, save_hf
+from lensrl.train.checkpoint import latest_checkpoint, save_hf
 from lensrl.train.optim import build_optimizer, build_scheduler, clip_grad_norm
 from lensrl.train.sequences import Sequence, forward_response_logprobs, make_sequence
 from lensrl.trainers.common import (
@@ -42,9 +42,11 @@ from lensrl.trainers.common import (
     micro_batches,
     model_dtypes,
     prepare_run_dir,
+    resume,
+    save,
     seed_everything,
+    validate,
 )
-from lensrl.trainers.evaluate import evaluate
 
 H100_BF16_FLOPS = 989e12  # dense bf16 peak used for perf/mfu
 
@@ -87,7 +89,7 @@ class GRPOTrainer:
         self.ckpt_dir = self.run_dir / "checkpoints"
         self.step = 0
         self.bad_steps_in_row = 0
-        self._resume()
+        resume(self)
         self.logger = make_logger(self.run_dir, t, cfg, t.total_steps, start_step=self.step)
 
     # ------------------------------------------------------------------------------------------
@@ -304,35 +306,10 @@ class GRPOTrainer:
 
     # ------------------------------------------------------------------------------------------
     def validate(self, step: int) -> dict[str, float]:
-        r = self.cfg.rollout
-        params = SamplingParams(n=r.val_n, temperature=r.val_temperature, top_p=r.val_top_p,
-                                max_new_tokens=r.max_new_tokens, seed=self.cfg.trainer.seed + step)
-        start = time.time()
-        with torch.no_grad(), autocast(self.device, self.amp_dtype):
-            metrics, records = evaluate(self.rollout, self.processor, self.val_data, self.pool, params,
-                                        r.batch_size, self.cfg.data.val_size)
-        metrics["timing_s/val"] = time.time() - start
-        self.logger.write_samples(step, records[: self.cfg.trainer.num_logged_samples], "val")
-        return metrics
+        return validate(self, step)
 
     def save(self) -> Path:
-        state = {"step": self.step, "sampler": self.sampler.state_dict(), "bad_steps_in_row": self.bad_steps_in_row}
-        return save_checkpoint(self.ckpt_dir, self.step, self.policy, self.optimizer, self.scheduler, state,
-                               self.cfg.trainer.save_limit)
-
-    def _resume(self) -> None:
-        resume = self.cfg.trainer.resume
-        if resume == "never":
-            return
-        path = latest_checkpoint(self.ckpt_dir) if resume == "auto" else Path(resume)
-        if path is None:
-            return
-        state = load_checkpoint(path, self.policy, self.optimizer, self.scheduler)
-        self.step = state["step"]
-        self.sampler.load_state_dict(state["sampler"])
-        self.bad_steps_in_row = state.get("bad_steps_in_row", 0)
-        if dist.is_main():
-            print(f"resumed from {path} at step {self.step}")
+        return save(self)
 
     def _step_metrics(self, flat, results, rewards, seqs, mask, truncated, rollout_logp, old_logp, timing):
         lengths = torch.tensor([len(c.token_ids) for _, c in flat], dtype=torch.float32)

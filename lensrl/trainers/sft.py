@@ -14,9 +14,8 @@ from lensrl.data.datasets import BatchSampler
 from lensrl.logging import console
 from lensrl.models.load import load_policy
 from lensrl.rewards.pool import RewardPool
-from lensrl.rollout.base import SamplingParams
 from lensrl.train import distributed as dist
-from lensrl.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, save_hf
+from lensrl.train.checkpoint import latest_checkpoint, save_hf
 from lensrl.train.optim import build_optimizer, build_scheduler, clip_grad_norm
 from lensrl.train.sequences import forward_response_logprobs, sft_sequence
 from lensrl.trainers.common import (
@@ -29,9 +28,11 @@ from lensrl.trainers.common import (
     micro_batches,
     model_dtypes,
     prepare_run_dir,
+    resume,
+    save,
     seed_everything,
+    validate,
 )
-from lensrl.trainers.evaluate import evaluate
 
 
 class SFTTrainer:
@@ -70,7 +71,8 @@ class SFTTrainer:
         self.ckpt_dir = self.run_dir / "checkpoints"
         self.step = 0
         self.bad_steps_in_row = 0
-        self._resume()
+        if self.total_steps:  # evaluation only: nothing to resume
+            resume(self)
         self.logger = make_logger(self.run_dir, t, cfg, self.total_steps, start_step=self.step)
 
     def fit(self) -> dict[str, float]:
@@ -81,7 +83,7 @@ class SFTTrainer:
         recent_losses: list[float] = []
         try:
             if self.val_data is not None and (self.total_steps == 0 or (t.val_before_train and self.step == 0)):
-                metrics = self.evaluate(self.step)
+                metrics = self.validate(self.step)
                 self.logger.log(metrics, self.step)
                 self.logger.info(f"step {self.step}: val/accuracy {metrics['val/accuracy']:.3f}")
             while self.step < self.total_steps:
@@ -93,7 +95,7 @@ class SFTTrainer:
                     self.total_steps = self.step
                 last = self.step == self.total_steps
                 if self.val_data is not None and ((t.test_freq and self.step % t.test_freq == 0) or last):
-                    metrics.update(self.evaluate(self.step))
+                    metrics.update(self.validate(self.step))
                 self.logger.log(metrics, self.step)
                 self.logger.progress(self.step)
                 if self.bad_steps_in_row >= t.max_bad_steps:
@@ -158,37 +160,11 @@ class SFTTrainer:
             "perf/cpu_memory_gb": cpu_memory_gb(),
         }
 
-    def evaluate(self, step: int) -> dict[str, float]:
-        r = self.cfg.rollout
-        params = SamplingParams(n=r.val_n, temperature=r.val_temperature, top_p=r.val_top_p,
-                                max_new_tokens=r.max_new_tokens, seed=self.cfg.trainer.seed + step)
-        start = time.time()
-        self.rollout.sync_weights(self.policy)  # a backend with its own copy must see the trained weights
-        with torch.no_grad(), autocast(self.device, self.amp_dtype):
-            metrics, records = evaluate(self.rollout, self.processor, self.val_data, self.pool, params,
-                                        r.batch_size, self.cfg.data.val_size)
-        metrics["timing_s/val"] = time.time() - start
-        self.logger.write_samples(step, records[: self.cfg.trainer.num_logged_samples], "val")
-        return metrics
+    def validate(self, step: int) -> dict[str, float]:
+        return validate(self, step)
 
     def save(self) -> Path:
-        state = {"step": self.step, "sampler": self.sampler.state_dict(), "bad_steps_in_row": self.bad_steps_in_row}
-        return save_checkpoint(self.ckpt_dir, self.step, self.policy, self.optimizer, self.scheduler, state,
-                               self.cfg.trainer.save_limit)
-
-    def _resume(self) -> None:
-        resume = self.cfg.trainer.resume
-        if resume == "never" or self.total_steps == 0:
-            return
-        path = latest_checkpoint(self.ckpt_dir) if resume == "auto" else Path(resume)
-        if path is None:
-            return
-        state = load_checkpoint(path, self.policy, self.optimizer, self.scheduler)
-        self.step = state["step"]
-        self.sampler.load_state_dict(state["sampler"])
-        self.bad_steps_in_row = state.get("bad_steps_in_row", 0)
-        if dist.is_main():
-            print(f"resumed from {path} at step {self.step}")
+        return save(self)
 
 
 def run_sft(config_path: str | None, overrides: list[str]) -> dict[str, float]:
