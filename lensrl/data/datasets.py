@@ -75,7 +75,11 @@ def parquet_files(paths: list[str] | str) -> list[str]:
         elif os.path.isfile(path):
             files.append(path)
         else:
-            raise DataError(f"data file or folder not found: {path}")
+            raise DataError(
+                f"data file or folder not found: {path}. Download the dataset and convert it, e.g. "
+                "`lensrl data geo3k --src RAW --out DIR` or `lensrl data robo2vlm --src RAW --out DIR`, "
+                "or make synthetic data with `lensrl data synth --task geo --n 1000 --out DIR`"
+            )
     return files
 
 

@@ -26,6 +26,7 @@ def test_grpo_cli_writes_a_complete_run(tiny_qwen25_dir, color_data, tmp_path):
     """`lensrl grpo` writes config, metrics, TensorBoard events, samples, checkpoints and an HF folder."""
     overrides = grpo_overrides(tiny_qwen25_dir, color_data, tmp_path, "cli", "trainer.save_freq=1",
                                "trainer.save_limit=1", "trainer.test_freq=2", "trainer.val_before_train=true",
+                               "rollout.val_n=2", "rollout.val_temperature=1.0",
                                "trainer.loggers=[console,jsonl,tensorboard]")
     result = run_cli("grpo", *overrides)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -40,6 +41,7 @@ def test_grpo_cli_writes_a_complete_run(tiny_qwen25_dir, color_data, tmp_path):
                  "timing_s/old_logprob", "timing_s/update", "timing_s/step", "perf/throughput"]:
         assert name in records[1], name
     assert "val/accuracy" in records[0] and "val/accuracy" in records[2]
+    assert "val/test/acc/mean@2" in records[2]  # 2 samples per validation prompt
     # TensorBoard: a real event file with the same numbers.
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

@@ -82,3 +82,5 @@ def test_missing_model_or_data_path_says_how_to_get_it(color_data, tmp_path):
     assert result.returncode != 0 and "lensrl model tiny" in result.stderr
     result = run_cli("eval", "--model", str(tmp_path / "nope"), "--data", str(tmp_path / "nodata"))
     assert result.returncode != 0 and "nope" in result.stderr
+    result = run_cli("sft", f"model.path={color_data}", f"data.train_files=[{tmp_path / 'geo3k' / 'train.parquet'}]")
+    assert result.returncode != 0 and "geo3k" in result.stderr and "lensrl data" in result.stderr
