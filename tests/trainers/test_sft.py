@@ -77,10 +77,10 @@ def test_eval_cli_scores_a_model_folder(tiny_qwen25_dir, color_data, tmp_path):
     assert {"prompt", "images", "answer", "completion", "reward"} <= set(first)
 
 
-def test_missing_model_or_data_path_says_how_to_get_it(color_data, tmp_path):
+def test_missing_model_or_data_path_says_how_to_get_it(tiny_qwen25_dir, color_data, tmp_path):
     result = run_cli("sft", f"model.path={tmp_path / 'nope'}", f"data.train_files=[{color_data / 'train.parquet'}]")
     assert result.returncode != 0 and "lensrl model tiny" in result.stderr
     result = run_cli("eval", "--model", str(tmp_path / "nope"), "--data", str(tmp_path / "nodata"))
     assert result.returncode != 0 and "nope" in result.stderr
-    result = run_cli("sft", f"model.path={color_data}", f"data.train_files=[{tmp_path / 'geo3k' / 'train.parquet'}]")
+    result = run_cli("sft", f"model.path={tiny_qwen25_dir}", f"data.train_files=[{tmp_path / 'geo3k' / 'train.parquet'}]")
     assert result.returncode != 0 and "geo3k" in result.stderr and "lensrl data" in result.stderr
