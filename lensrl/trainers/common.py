@@ -16,7 +16,7 @@ from lensrl.config import DataConfig, ModelConfig, RolloutConfig, save_config, t
 from lensrl.data.datasets import PromptDataset, load_dataset
 from lensrl.logging import RunLogger, console
 from lensrl.train import distributed as dist
-from lensrl.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from lensrl.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, save_hf
 from lensrl.train.packing import plan_micro_batches
 
 
@@ -154,6 +154,41 @@ def resume(trainer) -> None:
     trainer.bad_steps_in_row = state.get("bad_steps_in_row", 0)
     if dist.is_main():
         console.print(f"resumed from {path} at step {trainer.step}")
+
+
+class BadStepsError(RuntimeError):
+    """Too many consecutive steps with non-finite loss or gradients."""
+
+
+def finish_step(trainer, metrics: dict[str, float], stop: StopFlag) -> bool:
+    """Everything after a training step, the same for every trainer: validation on schedule,
+    logging, the bad-step stop, checkpoints, Ctrl-C. Returns True when the run should stop now."""
+    t = trainer.cfg.trainer
+    last = trainer.step == trainer.total_steps
+    if trainer.val_data is not None and ((t.test_freq and trainer.step % t.test_freq == 0) or last):
+        metrics.update(validate(trainer, trainer.step))
+    trainer.logger.log(metrics, trainer.step)
+    trainer.logger.progress(trainer.step)
+    if trainer.bad_steps_in_row >= t.max_bad_steps:
+        raise BadStepsError(
+            f"{trainer.bad_steps_in_row} consecutive steps had non-finite loss or gradients; stopping. "
+            f"Last good checkpoint: {latest_checkpoint(trainer.ckpt_dir) or 'none'} "
+            "(lower the learning rate or check the data)"
+        )
+    # No checkpoint while steps are failing: the last one stays the last good one.
+    periodic = t.save_freq and trainer.step % t.save_freq == 0 and trainer.bad_steps_in_row == 0
+    if periodic or stop.requested or last:
+        save(trainer)
+    if stop.requested and dist.is_main():
+        console.print(f"stopped at step {trainer.step}; checkpoint saved, resume with trainer.resume=auto")
+    return stop.requested
+
+
+def save_final_hf(trainer) -> None:
+    """runs/<name>/hf: the trained policy as a plain Hugging Face folder (rank 0)."""
+    if trainer.total_steps and trainer.cfg.trainer.save_hf and dist.is_main():
+        path = save_hf(trainer.policy, trainer.processor, trainer.run_dir / "hf")
+        trainer.logger.info(f"Hugging Face model: {path}")
 
 
 def cpu_memory_gb() -> float:

@@ -10,7 +10,6 @@ import copy
 import math
 import time
 from contextlib import contextmanager
-from pathlib import Path
 
 import torch
 
@@ -24,12 +23,10 @@ from lensrl.algorithms.losses import (
 )
 from lensrl.config import GRPOConfig
 from lensrl.data.datasets import BatchSampler
-from lensrl.logging import console
 from lensrl.models.load import load_policy
 from lensrl.rewards.pool import RewardPool
 from lensrl.rollout.base import SamplingParams
 from lensrl.train import distributed as dist
-from lensrl.train.checkpoint import latest_checkpoint, save_hf
 from lensrl.train.optim import build_optimizer, build_scheduler, clip_grad_norm
 from lensrl.train.sequences import Sequence, forward_response_logprobs, make_sequence
 from lensrl.trainers.common import (
@@ -37,22 +34,19 @@ from lensrl.trainers.common import (
     autocast,
     build_rollout,
     cpu_memory_gb,
+    finish_step,
     load_split,
     make_logger,
     micro_batches,
     model_dtypes,
     prepare_run_dir,
     resume,
-    save,
+    save_final_hf,
     seed_everything,
     validate,
 )
 
 H100_BF16_FLOPS = 989e12  # dense bf16 peak used for perf/mfu
-
-
-class BadStepsError(RuntimeError):
-    """Too many consecutive steps with non-finite loss or gradients."""
 
 
 class GRPOTrainer:
@@ -87,6 +81,7 @@ class GRPOTrainer:
         self.scheduler = build_scheduler(self.optimizer, t.total_steps * self.updates_per_step, actor.optim)
         self.run_dir = prepare_run_dir(t.output_dir, t.run_name, cfg)
         self.ckpt_dir = self.run_dir / "checkpoints"
+        self.total_steps = t.total_steps
         self.step = 0
         self.bad_steps_in_row = 0
         resume(self)
@@ -100,34 +95,15 @@ class GRPOTrainer:
         metrics: dict[str, float] = {}
         try:
             if t.val_before_train and self.step == 0 and self.val_data is not None:
-                metrics = self.validate(0)
+                metrics = validate(self, 0)
                 self.logger.log(metrics, 0)
                 self.logger.info(f"before training: val/accuracy {metrics['val/accuracy']:.3f}")
-            while self.step < t.total_steps:
+            while self.step < self.total_steps:
                 self.step += 1
                 metrics = self.train_step(self.step)
-                last = self.step == t.total_steps
-                if self.val_data is not None and ((t.test_freq and self.step % t.test_freq == 0) or last):
-                    metrics.update(self.validate(self.step))
-                self.logger.log(metrics, self.step)
-                self.logger.progress(self.step)
-                if self.bad_steps_in_row >= t.max_bad_steps:
-                    last_good = latest_checkpoint(self.ckpt_dir)
-                    raise BadStepsError(
-                        f"{self.bad_steps_in_row} consecutive steps had non-finite loss or gradients; stopping. "
-                        f"Last good checkpoint: {last_good or 'none'} (lower actor.optim.lr or check the data)"
-                    )
-                # No checkpoint while steps are failing: the last one stays the last good one.
-                periodic = t.save_freq and self.step % t.save_freq == 0 and self.bad_steps_in_row == 0
-                if periodic or stop.requested or last:
-                    self.save()
-                if stop.requested:
-                    if dist.is_main():
-                        console.print(f"stopped at step {self.step}; checkpoint saved, resume with trainer.resume=auto")
+                if finish_step(self, metrics, stop):
                     return metrics
-            if t.save_hf and dist.is_main():
-                path = save_hf(self.policy, self.processor, self.run_dir / "hf")
-                self.logger.info(f"Hugging Face model: {path}")
+            save_final_hf(self)
             return metrics
         finally:
             self.pool.close()
@@ -305,11 +281,6 @@ class GRPOTrainer:
         return loss, metrics
 
     # ------------------------------------------------------------------------------------------
-    def validate(self, step: int) -> dict[str, float]:
-        return validate(self, step)
-
-    def save(self) -> Path:
-        return save(self)
 
     def _step_metrics(self, flat, results, rewards, seqs, mask, truncated, rollout_logp, old_logp, timing):
         lengths = torch.tensor([len(c.token_ids) for _, c in flat], dtype=torch.float32)

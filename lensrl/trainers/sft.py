@@ -5,17 +5,14 @@ from __future__ import annotations
 
 import math
 import time
-from pathlib import Path
 
 import torch
 
 from lensrl.config import SFTConfig, load_config
 from lensrl.data.datasets import BatchSampler
-from lensrl.logging import console
 from lensrl.models.load import load_policy
 from lensrl.rewards.pool import RewardPool
 from lensrl.train import distributed as dist
-from lensrl.train.checkpoint import latest_checkpoint, save_hf
 from lensrl.train.optim import build_optimizer, build_scheduler, clip_grad_norm
 from lensrl.train.sequences import forward_response_logprobs, sft_sequence
 from lensrl.trainers.common import (
@@ -23,13 +20,14 @@ from lensrl.trainers.common import (
     autocast,
     build_rollout,
     cpu_memory_gb,
+    finish_step,
     load_split,
     make_logger,
     micro_batches,
     model_dtypes,
     prepare_run_dir,
     resume,
-    save,
+    save_final_hf,
     seed_everything,
     validate,
 )
@@ -83,7 +81,7 @@ class SFTTrainer:
         recent_losses: list[float] = []
         try:
             if self.val_data is not None and (self.total_steps == 0 or (t.val_before_train and self.step == 0)):
-                metrics = self.validate(self.step)
+                metrics = validate(self, self.step)
                 self.logger.log(metrics, self.step)
                 self.logger.info(f"step {self.step}: val/accuracy {metrics['val/accuracy']:.3f}")
             while self.step < self.total_steps:
@@ -93,26 +91,9 @@ class SFTTrainer:
                 if t.stop_at_loss is not None and len(recent_losses) == 5 and sum(recent_losses) / 5 < t.stop_at_loss:
                     self.logger.info(f"step {self.step}: mean loss of the last 5 steps below {t.stop_at_loss}; stopping")
                     self.total_steps = self.step
-                last = self.step == self.total_steps
-                if self.val_data is not None and ((t.test_freq and self.step % t.test_freq == 0) or last):
-                    metrics.update(self.validate(self.step))
-                self.logger.log(metrics, self.step)
-                self.logger.progress(self.step)
-                if self.bad_steps_in_row >= t.max_bad_steps:
-                    raise RuntimeError(
-                        f"{self.bad_steps_in_row} consecutive steps had non-finite loss or gradients; stopping. "
-                        f"Last good checkpoint: {latest_checkpoint(self.ckpt_dir) or 'none'}")
-                # No checkpoint while steps are failing: the last one stays the last good one.
-                periodic = t.save_freq and self.step % t.save_freq == 0 and self.bad_steps_in_row == 0
-                if periodic or stop.requested or last:
-                    self.save()
-                if stop.requested:
-                    if dist.is_main():
-                        console.print(f"stopped at step {self.step}; checkpoint saved, resume with trainer.resume=auto")
+                if finish_step(self, metrics, stop):
                     return metrics
-            if self.total_steps and t.save_hf and dist.is_main():
-                path = save_hf(self.policy, self.processor, self.run_dir / "hf")
-                self.logger.info(f"Hugging Face model: {path}")
+            save_final_hf(self)
             return metrics
         finally:
             self.pool.close()
@@ -160,11 +141,6 @@ class SFTTrainer:
             "perf/cpu_memory_gb": cpu_memory_gb(),
         }
 
-    def validate(self, step: int) -> dict[str, float]:
-        return validate(self, step)
-
-    def save(self) -> Path:
-        return save(self)
 
 
 def run_sft(config_path: str | None, overrides: list[str]) -> dict[str, float]:

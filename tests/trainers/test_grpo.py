@@ -17,7 +17,8 @@ from trainer_helpers import grpo_overrides, run_cli
 from lensrl.config import GRPOConfig, load_config
 from lensrl.logging import read_metrics
 from lensrl.rewards.pool import RewardResult
-from lensrl.trainers.grpo import BadStepsError, GRPOTrainer
+from lensrl.trainers.common import BadStepsError
+from lensrl.trainers.grpo import GRPOTrainer
 
 TIMING_PREFIXES = ("timing_s/", "perf/")
 
