@@ -97,16 +97,15 @@ class EngineRollout:
         self._synchronize()
         self.stats["sleep_s"] = time.perf_counter() - start
 
+    def _kv_layout(self) -> KVLayout:
+        """The KV pool's shape: every layer's keys and values in blocks of `block_size` tokens."""
+        return KVLayout(self.shape.num_layers, self.shape.num_kv_heads, self.shape.head_dim, self.block_size,
+                        self.weights.matmul_dtype)
+
     def wake(self, num_blocks: int, max_blocks_per_seq: int, max_position: int) -> None:
         """Take the KV pool (num_blocks) back; generate calls this with the sizes it needs."""
         start = time.perf_counter()
-        layout = KVLayout(
-            self.shape.num_layers,
-            self.shape.num_kv_heads,
-            self.shape.head_dim,
-            self.block_size,
-            self.weights.matmul_dtype,
-        )
+        layout = self._kv_layout()
         self.runner.wake(layout, num_blocks, max_blocks_per_seq, max_position)
         self._synchronize()
         self.stats["wake_s"] = time.perf_counter() - start
@@ -273,13 +272,7 @@ class EngineRollout:
             1 + live * max(own for _, own, _ in sizes) + min(len(groups), live) * max(p for p, _, _ in sizes)
         )
         need = min(everything, at_once)
-        layout = KVLayout(
-            self.shape.num_layers,
-            self.shape.num_kv_heads,
-            self.shape.head_dim,
-            self.block_size,
-            self.weights.matmul_dtype,
-        )
+        layout = self._kv_layout()
         kv = self.runner.kv
         if (
             kv is not None
