@@ -133,13 +133,14 @@ def _rope_cache_kernel(
     else:
         kv_head = head - NUM_HEADS
         slot = tl.load(SLOT + row)
-        dst = slot * stride_slot + kv_head * (2 * HALF)
-        tl.store(K_CACHE + dst + j, o1.to(K_CACHE.dtype.element_ty))
-        tl.store(K_CACHE + dst + HALF + j, o2.to(K_CACHE.dtype.element_ty))
+        # not `dst`: Triton 3.6 rejects a name bound to a pointer in one branch, an int in the other
+        off = slot * stride_slot + kv_head * (2 * HALF)
+        tl.store(K_CACHE + off + j, o1.to(K_CACHE.dtype.element_ty))
+        tl.store(K_CACHE + off + HALF + j, o2.to(K_CACHE.dtype.element_ty))
         v_src = QKV + row * stride_qkv + (NUM_HEADS + NUM_KV_HEADS + kv_head) * (2 * HALF)
         v_ty = V_CACHE.dtype.element_ty
-        tl.store(V_CACHE + dst + j, tl.load(v_src + j).to(v_ty))
-        tl.store(V_CACHE + dst + HALF + j, tl.load(v_src + HALF + j).to(v_ty))
+        tl.store(V_CACHE + off + j, tl.load(v_src + j).to(v_ty))
+        tl.store(V_CACHE + off + HALF + j, tl.load(v_src + HALF + j).to(v_ty))
 
 
 def rope_and_cache(
