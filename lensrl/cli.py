@@ -6,6 +6,8 @@
     lensrl eval --model DIR --data DIR [key=value ...]
     lensrl data geo3k|robo2vlm|synth ...          datasets into lensrl's parquet layout
     lensrl model tiny --arch qwen2_5_vl --out DIR a random-init tiny Qwen-VL folder
+    lensrl convert --ckpt RUN/checkpoints/step_N --out DIR [--base MODEL] [--dtype bfloat16]
+                                                  a training checkpoint to a Hugging Face folder
     lensrl config show grpo|sft|eval              the defaults of a command
 """
 
@@ -62,6 +64,17 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", required=True)
     t.add_argument("--seed", type=int, default=0)
 
+    conv = sub.add_parser("convert", help="a training checkpoint (RUN/checkpoints/step_N) to a Hugging Face folder")
+    conv.add_argument("--ckpt", required=True, help="checkpoint folder, e.g. runs/NAME/checkpoints/step_100")
+    conv.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
+    conv.add_argument("--base", default=None,
+                      help="model folder or shape name the run started from (default: model.path of RUN/config.yaml)")
+    conv.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                      help="cast floating-point weights (default: as stored in the checkpoint)")
+    conv.add_argument("--max-shard-size", default="5GiB",
+                      help="largest safetensors file, e.g. 5GB (10^9 bytes), 4GiB (2^30) or bytes (default 5GiB)")
+    conv.add_argument("--no-progress", action="store_true", help="no progress bar")
+
     cfg = sub.add_parser("config", help="configuration").add_subparsers(dest="config_command", required=True)
     show = cfg.add_parser("show", help="print a command's defaults (or a resolved recipe) as YAML")
     show.add_argument("name", choices=["grpo", "sft", "eval"])
@@ -72,6 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     from lensrl.config import ConfigError
     from lensrl.data.sample import DataError
+    from lensrl.train.convert import ConvertError
 
     args = build_parser().parse_args(argv)
     from transformers.utils import logging as hf_logging
@@ -79,7 +93,7 @@ def main(argv: list[str] | None = None) -> None:
     hf_logging.disable_progress_bar()  # lensrl prints its own progress
     try:
         _dispatch(args)
-    except (ConfigError, DataError, FileNotFoundError) as e:
+    except (ConfigError, DataError, ConvertError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 
@@ -114,6 +128,12 @@ def _dispatch(args: argparse.Namespace) -> None:
         from lensrl.models.tiny import make_tiny_model
 
         path = make_tiny_model(args.out, arch=args.arch, preset=args.preset, seed=args.seed)
+        print(f"wrote {path}")
+    elif args.command == "convert":
+        from lensrl.train.convert import convert_checkpoint, parse_size
+
+        path = convert_checkpoint(args.ckpt, args.out, base=args.base, dtype=args.dtype,
+                                  max_shard_size_bytes=parse_size(args.max_shard_size), progress=not args.no_progress)
         print(f"wrote {path}")
     elif args.command == "config":
         from lensrl.config import COMMAND_CONFIGS, load_config, to_yaml
