@@ -75,6 +75,7 @@ class RolloutConfig:
     val_top_p: float = 1.0
     val_n: int = 1  # mean@k over k samples per validation prompt
     gpu_memory_utilization: float = 0.5  # engine KV-cache budget (fraction of free memory)
+    seed: int | None = None  # set: each prompt's samples seeded by (seed, step, its position in the global batch)
 
 
 @dataclass
@@ -135,6 +136,14 @@ class RewardConfig:
 
 
 @dataclass
+class FSDPConfig:
+    enable: Literal["auto", "always", "never"] = "auto"  # auto: shard when launched on more than one rank
+    param_dtype: Literal["bfloat16", "float32"] = "bfloat16"  # all-gather/compute dtype on GPU (fp32 on CPU)
+    reshard_after_forward: bool = True  # False: keep gathered weights from forward to backward (faster, more memory)
+    offload_params: bool = False  # CPUOffloadPolicy: parameters, gradients and optimizer state in host memory
+
+
+@dataclass
 class TrainerConfig:
     run_name: str = "run"
     output_dir: str = "runs"
@@ -144,6 +153,7 @@ class TrainerConfig:
     save_freq: int = 0  # checkpoint every N steps (0: only at the end)
     save_limit: int = 2  # keep the newest N checkpoints
     save_hf: bool = True  # write runs/<name>/hf at the end
+    save_last: bool = True  # checkpoint after the last step (benchmarks turn it off)
     resume: str = "auto"  # auto | never | path to checkpoints/step_N
     seed: int = 1
     device: str = "auto"  # auto | cpu | cuda
@@ -151,6 +161,8 @@ class TrainerConfig:
     wandb_project: str = "lensrl"
     num_logged_samples: int = 4  # samples written to samples/ per step
     max_bad_steps: int = 3  # consecutive NaN/inf steps before the run stops
+    fsdp: FSDPConfig = field(default_factory=FSDPConfig)
+    dist_timeout_s: float = 600.0  # a collective that waits longer (a rank died or hung) fails the run
 
 
 @dataclass

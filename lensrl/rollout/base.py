@@ -36,8 +36,11 @@ class Completion:
 
 
 class RolloutBackend(Protocol):
-    def generate(self, prompts: list[ProcessedSample], params: SamplingParams) -> list[list[Completion]]:
-        """Return `params.n` completions for each prompt, in prompt order."""
+    def generate(
+        self, prompts: list[ProcessedSample], params: SamplingParams, first_index: int = 0
+    ) -> list[list[Completion]]:
+        """Return `params.n` completions for each prompt, in prompt order. `first_index`: the
+        position of prompts[0] in the global batch (seeding is per global position)."""
         ...
 
     def sync_weights(self, model: torch.nn.Module) -> None:

@@ -21,7 +21,13 @@ class HFRollout:
         self.model = model  # generate runs on the trainer's own module: nothing to copy
 
     @torch.no_grad()
-    def generate(self, prompts: list[ProcessedSample], params: SamplingParams) -> list[list[Completion]]:
+    def generate(
+        self, prompts: list[ProcessedSample], params: SamplingParams, first_index: int = 0
+    ) -> list[list[Completion]]:
+        """first_index: the position of prompts[0] in the global batch. With a seed, each chunk of
+        prompts is seeded by (seed, its global position), chunks aligned to global positions, so
+        a prompt's samples do not depend on how the batch was split over ranks (when the
+        per-call chunk divides each rank's share)."""
         # Each call of generate takes up to batch_size sequences (prompts x n).
         per_call = max(1, self.batch_size // max(params.n, 1))
         was_training = self.model.training
@@ -29,12 +35,16 @@ class HFRollout:
         generator_state = None
         if params.seed is not None:
             generator_state = torch.random.get_rng_state()
-            torch.manual_seed(params.seed)
         try:
             results: list[list[Completion]] = []
-            for start in range(0, len(prompts), per_call):
-                chunk = prompts[start : start + per_call]
-                results += self._generate_chunk(chunk, params, start)
+            start = 0
+            while start < len(prompts):
+                position = first_index + start
+                end = min(len(prompts), start + per_call - position % per_call)
+                if params.seed is not None:
+                    torch.manual_seed(params.seed * 1_000_003 + position)
+                results += self._generate_chunk(prompts[start:end], params, start)
+                start = end
             return results
         finally:
             self.model.train(was_training)

@@ -130,14 +130,22 @@ def load_checkpoint(
     return extra["trainer"]
 
 
-def save_hf(model: torch.nn.Module, processor: Any, out_dir: str | Path, dtype: torch.dtype | None = None) -> Path:
-    """Write a plain Hugging Face folder (safetensors + config + processor files), atomically."""
+def save_hf(
+    model: torch.nn.Module,
+    processor: Any,
+    out_dir: str | Path,
+    dtype: torch.dtype | None = None,
+    state_dict: dict[str, torch.Tensor] | None = None,
+) -> Path:
+    """Write a plain Hugging Face folder (safetensors + config + processor files), atomically.
+    `state_dict`: full tensors to write instead of `model.state_dict()` (a sharded model's,
+    gathered)."""
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(f".tmp_{out_dir.name}")
     if tmp.exists():
         shutil.rmtree(tmp)
     state = {k: v.detach().to(dtype) if dtype is not None and v.is_floating_point() else v.detach()
-             for k, v in model.state_dict().items()}
+             for k, v in (state_dict if state_dict is not None else model.state_dict()).items()}
     model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
     if dtype is not None:
         config = json.loads((tmp / "config.json").read_text())

@@ -11,14 +11,30 @@ import torch
 import torch.distributed as dist
 
 
-def init_distributed(device: torch.device, timeout_s: float = 600) -> None:
-    """Join the process group when launched by torchrun (WORLD_SIZE > 1); otherwise do nothing."""
-    if dist.is_initialized() or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+def launched_world_size() -> int:
+    """The number of ranks the launcher (torchrun) started; 1 without one."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def init_distributed(device: torch.device, timeout_s: float = 600, force: bool = False) -> None:
+    """Join the process group when launched by torchrun with several ranks, or make one when
+    `force` (FSDP in a single process: torchrun's env, else a private one-rank group)."""
+    if dist.is_initialized() or (launched_world_size() <= 1 and not force):
         return
     backend = "nccl" if device.type == "cuda" else "gloo"
     if device.type == "cuda":
         torch.cuda.set_device(local_rank())
-    dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s))
+    timeout = timedelta(seconds=timeout_s)
+    if "MASTER_ADDR" in os.environ:
+        dist.init_process_group(backend=backend, timeout=timeout)
+        return
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dist.init_process_group(backend=backend, init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1,
+                            timeout=timeout)
 
 
 def rank() -> int:
@@ -44,8 +60,50 @@ def barrier() -> None:
 
 def all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
     if dist.is_initialized():
-        dist.all_reduce(value, op=dist.ReduceOp.SUM)
+        moved = value.to(_comm_device())
+        dist.all_reduce(moved, op=dist.ReduceOp.SUM)
+        return moved.to(value.device)
     return value
+
+
+def all_reduce_max(value: torch.Tensor) -> torch.Tensor:
+    if dist.is_initialized():
+        moved = value.to(_comm_device())
+        dist.all_reduce(moved, op=dist.ReduceOp.MAX)
+        return moved.to(value.device)
+    return value
+
+
+def sum_metrics(metrics: dict[str, float]) -> dict[str, float]:
+    """Each key summed over ranks (every rank must pass the same keys)."""
+    if not dist.is_initialized() or not metrics:
+        return metrics
+    keys = sorted(metrics)
+    values = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64, device=_comm_device())
+    dist.all_reduce(values, op=dist.ReduceOp.SUM)
+    return dict(zip(keys, values.tolist()))
+
+
+def mean_metrics(metrics: dict[str, float]) -> dict[str, float]:
+    """Each key averaged over ranks ("max" keys: the maximum). Tensors become floats."""
+    metrics = {k: float(v) for k, v in metrics.items()}
+    if not dist.is_initialized() or not metrics:
+        return metrics
+    keys = sorted(metrics)
+    world = dist.get_world_size()
+    values = [metrics[k] for k in keys]
+    gathered = all_gather_objects(values)
+    out = {}
+    for j, k in enumerate(keys):
+        column = [g[j] for g in gathered]
+        out[k] = max(column) if "max" in k else sum(column) / world
+    return out
+
+
+def _comm_device() -> torch.device:
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def all_gather_objects(obj: Any) -> list[Any]:
@@ -72,3 +130,35 @@ def resolve_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise ValueError("trainer.device=cuda but no CUDA device is available (use trainer.device=auto or cpu)")
     return torch.device(f"cuda:{local_rank()}" if name == "cuda" else name)
+
+
+def balanced_assignment(lengths: list[int], num_ranks: int) -> list[int]:
+    """Which rank gets each item: longest first, each to the rank with the fewest tokens so far
+    (ties: fewer items, then lower rank). Deterministic, so every rank computes the same plan."""
+    load = [(0, 0, r) for r in range(num_ranks)]
+    owner = [0] * len(lengths)
+    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        load.sort()
+        tokens, count, r = load[0]
+        owner[i] = r
+        load[0] = (tokens + lengths[i], count + 1, r)
+    return owner
+
+
+def exchange(items: dict[int, Any], owner: dict[int, int]) -> dict[int, Any]:
+    """Move items between ranks. `items`: this rank's {global id: item}; `owner`: every global id's
+    destination rank (the same dict on every rank). Returns the items this rank now owns; only
+    the items that change rank travel (pickled, one scatter per source rank)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return dict(items)
+    me, world = dist.get_rank(), dist.get_world_size()
+    outgoing: list[dict[int, Any]] = [{} for _ in range(world)]
+    for gid, item in items.items():
+        outgoing[owner[gid]][gid] = item
+    mine = dict(outgoing[me])
+    outgoing[me] = {}
+    for src in range(world):
+        received: list[Any] = [None]
+        dist.scatter_object_list(received, outgoing if src == me else None, src=src)
+        mine.update(received[0])
+    return mine

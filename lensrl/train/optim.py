@@ -40,5 +40,8 @@ def clip_grad_norm(params, max_norm: float) -> torch.Tensor:
     if not params:
         return torch.tensor(0.0)
     if max_norm > 0:
-        return torch.nn.utils.clip_grad_norm_(params, max_norm, error_if_nonfinite=False)
-    return torch.nn.utils.get_total_norm([p.grad for p in params])
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm, error_if_nonfinite=False)
+    else:
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+    # FSDP: the norm of sharded gradients is a DTensor (already reduced over ranks)
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm

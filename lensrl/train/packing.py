@@ -138,12 +138,14 @@ def pack_sequences(seqs: list[Sequence], device: torch.device | str) -> dict[str
     return {k: v.to(device, non_blocking=True) for k, v in inputs.items()}
 
 
-def packed_hidden_states(model: torch.nn.Module, seqs: list[Sequence]) -> torch.Tensor:
+def packed_hidden_states(
+    model: torch.nn.Module, seqs: list[Sequence], device: torch.device | None = None
+) -> torch.Tensor:
     """Final hidden states (T, H) of `seqs` packed into one row (no attention across them).
     Switches the model to packed attention on first use (`enable_packed_attention`)."""
     enable_packed_attention(model)
     calls_before = packed_attention_calls()
-    device = next(model.parameters()).device
+    device = device if device is not None else next(model.parameters()).device
     inputs = pack_sequences(seqs, device)
     hidden = model.model(**inputs, use_cache=False).last_hidden_state[0]  # (T, H)
     if len(seqs) > 1 and model.config.get_text_config()._attn_implementation == TEXT_ATTENTION:

@@ -89,23 +89,27 @@ def forward_response_logprobs(
     otherwise a right-padded batch. Both give the same numbers. Returns logp (B, R), entropy
     (B, R) or None, and mask (B, R), with R = `width` or the longest response.
     """
-    device = next(model.parameters()).device
-    # The state at position t predicts token t + 1: response token j of a sequence is predicted
-    # by the state at (its start) + prompt_length + j - 1.
-    if packed:
-        from lensrl.train.packing import packed_hidden_states
+    device = compute_device(model)
 
-        hidden = packed_hidden_states(model, seqs)  # (T_total, H)
-        starts = torch.tensor([0] + [s.num_tokens for s in seqs[:-1]]).cumsum(0).tolist()
-    else:
-        hidden = model.model(**collate(seqs, pad_token_id, device), use_cache=False).last_hidden_state  # (B, T, H)
-        starts = [i * hidden.shape[1] for i in range(len(seqs))]
-        hidden = hidden.flatten(0, 1)  # (B * T, H)
-    rows = torch.cat([torch.arange(start + s.prompt_length - 1, start + s.num_tokens - 1)
-                      for start, s in zip(starts, seqs)]).to(device)
-    targets = torch.cat([s.input_ids[s.prompt_length :] for s in seqs]).to(device)
-    logp_flat, ent_flat = token_logprobs(hidden[rows], model.lm_head, targets, temperature, chunk_size,
-                                         with_entropy, suppress_ids)
+    def body() -> tuple[torch.Tensor, torch.Tensor | None]:
+        # The state at position t predicts token t + 1: response token j of a sequence is predicted
+        # by the state at (its start) + prompt_length + j - 1.
+        if packed:
+            from lensrl.train.packing import packed_hidden_states
+
+            hidden = packed_hidden_states(model, seqs, device)  # (T_total, H)
+            starts = torch.tensor([0] + [s.num_tokens for s in seqs[:-1]]).cumsum(0).tolist()
+        else:
+            hidden = model.model(**collate(seqs, pad_token_id, device), use_cache=False).last_hidden_state  # (B, T, H)
+            starts = [i * hidden.shape[1] for i in range(len(seqs))]
+            hidden = hidden.flatten(0, 1)  # (B * T, H)
+        rows = torch.cat([torch.arange(start + s.prompt_length - 1, start + s.num_tokens - 1)
+                          for start, s in zip(starts, seqs)]).to(device)
+        targets = torch.cat([s.input_ids[s.prompt_length :] for s in seqs]).to(device)
+        return token_logprobs(hidden[rows], model.lm_head, targets, temperature, chunk_size, with_entropy,
+                              suppress_ids)
+
+    logp_flat, ent_flat = run_as_forward(model, body)
     lengths = torch.tensor([s.response_length for s in seqs])
     max_response = width if width is not None else int(lengths.max())
     if int(lengths.max()) > max_response:
@@ -116,3 +120,36 @@ def forward_response_logprobs(
     if ent_flat is not None:
         entropy = torch.zeros_like(logp).masked_scatter(mask, ent_flat)
     return logp, entropy, mask
+
+
+def compute_device(model: torch.nn.Module) -> torch.device:
+    """Where `model` computes: its parameters' device, or for FSDP-sharded parameters (possibly
+    offloaded to the host) the device of their mesh."""
+    param = next(model.parameters())
+    mesh = getattr(param, "device_mesh", None)
+    if mesh is not None and mesh.device_type == "cuda":
+        return torch.device("cuda", torch.cuda.current_device())
+    return param.device
+
+
+def run_as_forward(model: torch.nn.Module, fn):
+    """`fn()` run as `model`'s forward call, so hooks on the module wrap it. For an FSDP-sharded
+    model this gathers the root's parameters (embeddings, final norm, head) around code that
+    reads them outside the model's own forward (the chunked head), and reduce-scatters their
+    gradients in backward. A plain model just runs `fn()`."""
+    from torch.distributed.fsdp import FSDPModule
+
+    if not isinstance(model, FSDPModule):
+        return fn()
+    had_own = "forward" in model.__dict__
+    previous = model.__dict__.get("forward")
+    model.forward = lambda _: fn()
+    try:
+        # one (empty) argument: FSDP's root pre-forward moves the inputs to the device and cannot
+        # take a call with none
+        return model(torch.empty(0))
+    finally:
+        if had_own:
+            model.forward = previous
+        else:
+            del model.forward

@@ -6,7 +6,6 @@
 
 from __future__ import annotations
 
-import copy
 import math
 import time
 from contextlib import contextmanager
@@ -23,10 +22,10 @@ from lensrl.algorithms.losses import (
 )
 from lensrl.config import GRPOConfig
 from lensrl.data.datasets import BatchSampler
-from lensrl.models.load import load_policy
 from lensrl.rewards.pool import RewardPool
 from lensrl.rollout.base import SamplingParams
 from lensrl.train import distributed as dist
+from lensrl.train.fsdp import with_image_anchor
 from lensrl.train.optim import build_optimizer, build_scheduler, clip_grad_norm
 from lensrl.train.sequences import Sequence, forward_response_logprobs, make_sequence
 from lensrl.trainers.common import (
@@ -38,11 +37,12 @@ from lensrl.trainers.common import (
     load_split,
     make_logger,
     micro_batches,
-    model_dtypes,
     prepare_run_dir,
     resume,
     save_final_hf,
-    seed_everything,
+    setup_policy,
+    spread,
+    sync_rollout,
     validate,
 )
 
@@ -53,28 +53,15 @@ class GRPOTrainer:
     def __init__(self, cfg: GRPOConfig):
         self.cfg = cfg
         t, actor = cfg.trainer, cfg.actor
-        self.device = dist.resolve_device(t.device)
-        dist.init_distributed(self.device)
-        seed_everything(t.seed + dist.rank())
+        # the frozen reference exists only when a KL term needs it
+        setup_policy(self, cfg, with_ref=cfg.algorithm.use_kl_loss)
         _check_batch_sizes(cfg)
-        param_dtype, self.amp_dtype = model_dtypes(cfg.model, self.device)
-        load = dict(dtype=param_dtype, device=self.device, min_pixels=cfg.model.min_pixels,
-                    max_pixels=cfg.model.max_pixels)
-        self.policy, self.processor = load_policy(cfg.model.path, **load)
-        self.policy.train()
-        if cfg.model.gradient_checkpointing:
-            self.policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if cfg.model.freeze_vision_tower:
-            self.policy.model.visual.requires_grad_(False)
-        self.ref = None
-        if cfg.algorithm.use_kl_loss:  # the frozen reference exists only when a KL term needs it
-            self.ref = copy.deepcopy(self.policy).requires_grad_(False).eval()
         self.train_data = load_split(cfg.data.train_files, cfg.data, "train", self.processor)
         if self.train_data is None:
             raise ValueError("GRPO needs data.train_files (parquet files or folders)")
         self.val_data = load_split(cfg.data.val_files, cfg.data, "test", self.processor)
         self.sampler = BatchSampler(len(self.train_data), t.rollout_batch_size, cfg.data.seed, cfg.data.shuffle)
-        self.rollout = build_rollout(cfg.rollout, self.policy, self.processor, self.device)
+        self.rollout = build_rollout(cfg.rollout, self.rollout_model, self.processor, self.device)
         self.pool = RewardPool(cfg.reward)
         self.updates_per_step = actor.ppo_epochs * (t.rollout_batch_size // actor.mini_batch_size)
         self.optimizer = build_optimizer(self.policy.parameters(), actor.optim)
@@ -115,36 +102,60 @@ class GRPOTrainer:
         timing: dict[str, float] = {}
         step_start = time.time()
 
-        # 1. Rollout: this rank's share of the prompt batch, n completions each.
-        samples = [self.train_data[i] for i in dist.shard(self.sampler.next_batch())]
+        # 1. Rollout: this rank's share of the prompt batch, n completions each. A prompt's
+        #    samples are seeded by its position in the global batch, not by the rank.
+        batch = self.sampler.next_batch()
+        positions = dist.shard(list(range(len(batch))))
+        samples = [self.train_data[batch[i]] for i in positions]
         prompts = [self.processor(s) for s in samples]
         with _timer(timing, "gen"), torch.no_grad(), autocast(self.device, self.amp_dtype):
-            groups = self.rollout.generate(prompts, self.sampling_params())
+            groups = self.rollout.generate(prompts, self.sampling_params(step), first_index=positions[0])
         flat = [(i, c) for i, group in enumerate(groups) for c in group]
+        gids = [positions[i] * n + j for i, group in enumerate(groups) for j in range(len(group))]
 
         # 2. Reward.
         with _timer(timing, "reward"):
             results = self.score(samples, flat)
-        rewards = torch.tensor([r.score for r in results], dtype=torch.float32)
 
-        # 3. Sequences, masks, advantages.
-        seqs = [make_sequence(prompts[i], c.token_ids) for i, c in flat]
-        width = max(s.response_length for s in seqs)
-        mask = _pad([[1.0] * len(c.token_ids) for _, c in flat], width).bool()
-        truncated = torch.tensor([c.finish_reason == "length" for _, c in flat])
-        if actor.mask_truncated_completions:
-            mask[truncated] = False
-        rollout_logp = _pad([c.logprobs for _, c in flat], width)
-        advantages = compute_advantages(rewards, n, mask.float(), cfg.algorithm.adv_estimator,
+        # 3. Advantages over the global batch (group statistics, and REINFORCE++'s whitening).
+        rows = []
+        for (i, c), r in zip(flat, results):
+            valid = 0 if actor.mask_truncated_completions and c.finish_reason == "length" else len(c.token_ids)
+            rows.append({"reward": r.score, "valid": valid, "parts": r.parts, "status": r.status,
+                         "length": len(c.token_ids), "truncated": c.finish_reason == "length",
+                         "prompt_length": int(prompts[i].input_ids.shape[0])})
+        everyone = [row for rank_rows in dist.all_gather_objects(rows) for row in rank_rows]
+        rewards = torch.tensor([row["reward"] for row in everyone], dtype=torch.float32)
+        valid = torch.tensor([row["valid"] for row in everyone])
+        adv_mask = (torch.arange(max(int(valid.max()), 1)) < valid[:, None]).float()  # (B_global, T)
+        advantages = compute_advantages(rewards, n, adv_mask, cfg.algorithm.adv_estimator,
                                         cfg.algorithm.norm_adv_by_std)
-        keep = torch.ones(len(seqs), dtype=torch.bool)
+        keep = torch.ones(len(everyone), dtype=torch.bool)
         num_filtered = 0
         if cfg.algorithm.filter_zero_variance_groups:  # DAPO dynamic sampling: no signal, no update
             flat_groups = zero_variance_groups(rewards, n)
             num_filtered = int(flat_groups.sum())
             keep = ~flat_groups.repeat_interleave(n)
 
-        # 4. Old and reference log-probabilities (at the rollout temperature).
+        # 4. Spread the sequences over ranks by tokens, mini-batch by mini-batch.
+        items = {}
+        for gid, (i, c), row in zip(gids, flat, rows):
+            seq = make_sequence(prompts[i], c.token_ids)
+            items[gid] = {"seq": seq, "rollout_logp": c.logprobs, "valid": row["valid"],
+                          "adv": float(advantages[gid, 0]) if row["valid"] else 0.0}
+        num_tokens = {gid: item["seq"].num_tokens for gid, item in items.items()}
+        minibatches = self.minibatch_plan(keep)
+        held = spread(items, num_tokens, [*minibatches, (~keep).nonzero().squeeze(-1).tolist()])
+        order = sorted(held)
+        seqs = [held[g]["seq"] for g in order]
+        width = max((s.response_length for s in seqs), default=1)
+        mask = _pad([[1.0] * held[g]["valid"] for g in order], width).bool()
+        generated = _pad([[1.0] * s.response_length for s in seqs], width).bool()
+        rollout_logp = _pad([held[g]["rollout_logp"] for g in order], width)
+        adv = torch.tensor([held[g]["adv"] for g in order]).reshape(-1, 1) * mask.float()
+        local = {g: k for k, g in enumerate(order)}
+
+        # 5. Old and reference log-probabilities (at the rollout temperature).
         with _timer(timing, "old_logprob"):
             old_logp = self.logprobs(self.policy, seqs, width)
         ref_logp = None
@@ -156,34 +167,48 @@ class GRPOTrainer:
             is_weights, is_metrics = truncated_is_weights(old_logp, rollout_logp, mask, actor.importance_sampling_clip,
                                                           actor.importance_sampling_level)
 
-        # 5. Policy update over ppo_epochs x mini-batches.
-        batch = {"old_logp": old_logp, "ref_logp": ref_logp, "adv": advantages, "mask": mask, "is_weights": is_weights}
-        rows = keep.nonzero().squeeze(-1).tolist()
+        # 6. Policy update over ppo_epochs x mini-batches.
+        data = {"old_logp": old_logp, "ref_logp": ref_logp, "adv": adv, "mask": mask, "is_weights": is_weights}
+        local_minibatches = [[local[g] for g in mb if g in local] for mb in minibatches]
         with _timer(timing, "update"):
-            update_metrics = self.update(seqs, batch, rows, width)
+            update_metrics = self.update(seqs, data, local_minibatches, width)
 
-        # 6. Weights into the rollout backend.
+        # 7. Weights into the rollout backend.
         with _timer(timing, "weight_sync"):
-            self.rollout.sync_weights(self.policy)
+            sync_rollout(self)
         timing["step"] = time.time() - step_start
 
-        metrics = self._step_metrics(flat, results, rewards, seqs, mask, truncated, rollout_logp, old_logp, timing)
+        metrics = self._step_metrics(everyone, seqs, timing)
+        metrics.update(dist.mean_metrics(rollout_train_gap(old_logp, rollout_logp, generated)))
         metrics.update(update_metrics)
-        metrics.update({f"rollout/{k}" if not k.startswith("rollout/") else k: v for k, v in is_metrics.items()})
+        metrics.update(dist.mean_metrics({f"rollout/{k}" if not k.startswith("rollout/") else k: v
+                                          for k, v in is_metrics.items()}))
         metrics.update(group_stats(rewards, n, cfg.reward.reward_max_val, cfg.reward.reward_min_val))
         metrics["advantage/filtered_groups"] = float(num_filtered)
         self._log_samples(step, samples, flat, results)
         return metrics
+
+    def minibatch_plan(self, keep: torch.Tensor) -> list[list[int]]:
+        """The kept sequences (global ids, in order) split into the step's mini-batches."""
+        rows = keep.nonzero().squeeze(-1).tolist()
+        num = max(1, self.cfg.trainer.rollout_batch_size // self.cfg.actor.mini_batch_size)
+        per = max(1, math.ceil(len(rows) / num))
+        return [rows[i : i + per] for i in range(0, len(rows), per)]
 
     # ------------------------------------------------------------------------------------------
     def score(self, samples, flat) -> list:
         """Reward of each completion against its sample's answer (worker processes, timeouts)."""
         return self.pool.score_batch([(c.text, samples[i].answer) for i, c in flat])
 
-    def sampling_params(self) -> SamplingParams:
+    def sampling_params(self, step: int) -> SamplingParams:
+        """The step's sampling. With `rollout.seed`, seeded by (seed, step) and, in the backend, by
+        each prompt's global position: any number of ranks draws the same completions (hf backend,
+        when a generate call's prompts divide each rank's share). Without, each rank draws from its
+        own RNG stream (seeded by trainer.seed + rank, restored on resume)."""
         r = self.cfg.rollout
+        seed = None if r.seed is None else r.seed * 1_000_003 + step
         return SamplingParams(n=r.n, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
-                              max_new_tokens=r.max_new_tokens)
+                              max_new_tokens=r.max_new_tokens, seed=seed)
 
     def logprobs(self, model: torch.nn.Module, seqs: list[Sequence], width: int) -> torch.Tensor:
         """Response log-probabilities under `model`, no gradient, in micro-batches: (B, width)."""
@@ -196,31 +221,37 @@ class GRPOTrainer:
 
     def forward(self, model, seqs: list[Sequence], width: int, with_entropy: bool = False):
         actor = self.cfg.actor
-        return forward_response_logprobs(model, seqs, self.processor.pad_token_id, self.temperature,
-                                         actor.logprob_chunk_size, with_entropy, width,
-                                         self.processor.suppress_token_ids, packed=actor.use_dynamic_bsz)
+        run, anchored = with_image_anchor(seqs, self.anchor)
+        logp, entropy, mask = forward_response_logprobs(
+            model, run, self.processor.pad_token_id, self.temperature, actor.logprob_chunk_size, with_entropy,
+            width, self.processor.suppress_token_ids, packed=actor.use_dynamic_bsz)
+        if anchored:  # keep the anchor in the graph with weight 0 (FSDP: see lensrl.train.fsdp)
+            zero = logp[-1].sum() * 0.0
+            logp, mask = logp[:-1] + zero, mask[:-1]
+            entropy = entropy[:-1] if entropy is not None else None
+        return logp, entropy, mask
 
     def micro_batches(self, rows: list[int], seqs: list[Sequence]) -> list[list[int]]:
         a = self.cfg.actor
-        return micro_batches(rows, seqs, a.use_dynamic_bsz, a.max_tokens_per_mbs, a.micro_batch_size)
+        return micro_batches(rows, seqs, a.use_dynamic_bsz, a.max_tokens_per_mbs, a.micro_batch_size,
+                             same_count_on_all_ranks=self.anchor is not None)
 
     @property
     def temperature(self) -> float:
         t = self.cfg.rollout.temperature
         return t if t > 0 else 1.0
 
-    def update(self, seqs: list[Sequence], batch: dict, rows: list[int], width: int) -> dict[str, float]:
+    def update(self, seqs: list[Sequence], batch: dict, minibatches: list[list[int]], width: int) -> dict[str, float]:
+        """ppo_epochs passes over `minibatches` (this rank's rows of each global mini-batch; every
+        rank has the same number, some possibly empty): one optimizer step per mini-batch."""
         actor = self.cfg.actor
         totals: dict[str, float] = {}
         num_updates = skipped = 0
-        if not rows:
+        if not minibatches:
             return {"actor/skipped_updates": 0.0, "actor/num_updates": 0.0}
-        num_minibatches = max(1, self.cfg.trainer.rollout_batch_size // actor.mini_batch_size)
-        per_minibatch = math.ceil(len(rows) / num_minibatches)
         step_bad = False
         for _ in range(actor.ppo_epochs):
-            for mb_start in range(0, len(rows), per_minibatch):
-                mb = rows[mb_start : mb_start + per_minibatch]
+            for mb in minibatches:
                 mb_mask = batch["mask"][mb]
                 # Normalise by the whole mini-batch's counts (all micro-batches, all ranks), so the
                 # summed micro-batch losses equal the mini-batch loss whatever the split.
@@ -234,6 +265,7 @@ class GRPOTrainer:
                     loss.backward()
                     for k, v in micro_metrics.items():
                         mb_metrics[k] = mb_metrics.get(k, 0.0) + v
+                mb_metrics = dist.sum_metrics(mb_metrics)  # each rank's part of the mini-batch's values
                 grad_norm = clip_grad_norm(self.policy.parameters(), actor.optim.grad_clip)
                 finite = math.isfinite(float(grad_norm)) and math.isfinite(mb_metrics.get("actor/loss", 0.0))
                 if finite:
@@ -257,7 +289,7 @@ class GRPOTrainer:
 
     def _micro_loss(self, seqs, batch, micro, width, num_tokens, num_seqs):
         cfg, actor = self.cfg, self.cfg.actor
-        mask = batch["mask"][micro].to(self.device)
+        mask = batch["mask"][micro].to(self.device)  # (b, width); b may be 0 (FSDP: an empty micro-batch)
         agg = dict(num_tokens=num_tokens, num_seqs=num_seqs, horizon=cfg.rollout.max_new_tokens)
         with autocast(self.device, self.amp_dtype):
             logp, entropy, _ = self.forward(self.policy, [seqs[i] for i in micro], width, with_entropy=True)
@@ -271,7 +303,7 @@ class GRPOTrainer:
         share = float(mask.sum()) / num_tokens  # this micro-batch's share of the mini-batch's tokens
         metrics = {"actor/pg_loss": pg_loss.item(), "actor/entropy": entropy_term.item()}
         for key in ("pg_clipfrac", "pg_clipfrac_lower", "ppo_kl"):
-            metrics[f"actor/{key}"] = float(pg[key]) * share
+            metrics[f"actor/{key}"] = float(pg[key]) * share if share > 0 else 0.0
         if self.ref is not None:
             kl = kl_penalty(logp, batch["ref_logp"][micro].to(self.device), cfg.algorithm.kl_loss_type)
             kl_loss = agg_loss(kl, mask, actor.loss_agg_mode, **agg)
@@ -282,28 +314,33 @@ class GRPOTrainer:
 
     # ------------------------------------------------------------------------------------------
 
-    def _step_metrics(self, flat, results, rewards, seqs, mask, truncated, rollout_logp, old_logp, timing):
-        lengths = torch.tensor([len(c.token_ids) for _, c in flat], dtype=torch.float32)
-        prompt_lengths = torch.tensor([float(s.prompt_length) for s in seqs])
+    def _step_metrics(self, everyone: list[dict], seqs: list[Sequence], timing: dict[str, float]) -> dict[str, float]:
+        """Rewards and lengths over the global batch (`everyone`: one dict per sequence, all ranks),
+        timings of this rank, throughput of all ranks together."""
+        rewards = torch.tensor([r["reward"] for r in everyone])
+        lengths = torch.tensor([float(r["length"]) for r in everyone])
+        prompt_lengths = torch.tensor([float(r["prompt_length"]) for r in everyone])
+        truncated = torch.tensor([float(r["truncated"]) for r in everyone])
         metrics = {
             "reward/mean": rewards.mean().item(), "reward/std": rewards.std().item() if len(rewards) > 1 else 0.0,
             "response_length/mean": lengths.mean().item(), "response_length/max": lengths.max().item(),
-            "response_length/min": lengths.min().item(), "response_length/clip_ratio": truncated.float().mean().item(),
+            "response_length/min": lengths.min().item(), "response_length/clip_ratio": truncated.mean().item(),
             "prompt_length/mean": prompt_lengths.mean().item(), "prompt_length/max": prompt_lengths.max().item(),
-            "reward/timeouts": float(sum(r.status == "timeout" for r in results)),
-            "reward/errors": float(sum(r.status == "error" for r in results)),
+            "reward/timeouts": float(sum(r["status"] == "timeout" for r in everyone)),
+            "reward/errors": float(sum(r["status"] == "error" for r in everyone)),
         }
-        for part in results[0].parts if results else []:
-            metrics[f"reward/{part}"] = sum(r.parts.get(part, 0.0) for r in results) / len(results)
-        metrics.update(rollout_train_gap(old_logp, rollout_logp, _pad_mask(flat, mask.shape[1])))
+        for part in everyone[0]["parts"] if everyone else []:
+            metrics[f"reward/{part}"] = sum(r["parts"].get(part, 0.0) for r in everyone) / len(everyone)
         metrics.update({f"timing_s/{k}": v for k, v in timing.items()})
-        tokens = sum(s.num_tokens for s in seqs)
+        tokens = sum(r["prompt_length"] + r["length"] for r in everyone)
         metrics["perf/throughput"] = tokens / max(timing["step"], 1e-9)
+        metrics["perf/throughput_per_gpu"] = metrics["perf/throughput"] / dist.world_size()
         metrics["perf/cpu_memory_gb"] = cpu_memory_gb()
         if self.device.type == "cuda":
             metrics["perf/max_memory_allocated_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
             num_params = sum(p.numel() for p in self.policy.parameters())
-            metrics["perf/mfu"] = 6 * num_params * tokens / max(timing["update"], 1e-9) / H100_BF16_FLOPS
+            flops = 6 * num_params * tokens * self.cfg.actor.ppo_epochs
+            metrics["perf/mfu"] = flops / max(timing["update"], 1e-9) / (H100_BF16_FLOPS * dist.world_size())
         return metrics
 
     def _log_samples(self, step, samples, flat, results) -> None:

@@ -10,9 +10,9 @@ import torch
 
 from lensrl.config import SFTConfig, load_config
 from lensrl.data.datasets import BatchSampler
-from lensrl.models.load import load_policy
 from lensrl.rewards.pool import RewardPool
 from lensrl.train import distributed as dist
+from lensrl.train.fsdp import with_image_anchor
 from lensrl.train.optim import build_optimizer, build_scheduler, clip_grad_norm
 from lensrl.train.sequences import forward_response_logprobs, sft_sequence
 from lensrl.trainers.common import (
@@ -24,11 +24,11 @@ from lensrl.trainers.common import (
     load_split,
     make_logger,
     micro_batches,
-    model_dtypes,
     prepare_run_dir,
     resume,
     save_final_hf,
-    seed_everything,
+    setup_policy,
+    spread,
     validate,
 )
 
@@ -37,17 +37,7 @@ class SFTTrainer:
     def __init__(self, cfg: SFTConfig):
         self.cfg = cfg
         t = cfg.trainer
-        self.device = dist.resolve_device(t.device)
-        dist.init_distributed(self.device)
-        seed_everything(t.seed + dist.rank())
-        param_dtype, self.amp_dtype = model_dtypes(cfg.model, self.device)
-        self.policy, self.processor = load_policy(cfg.model.path, dtype=param_dtype, device=self.device,
-                                                  min_pixels=cfg.model.min_pixels, max_pixels=cfg.model.max_pixels)
-        self.policy.train()
-        if cfg.model.gradient_checkpointing:
-            self.policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if cfg.model.freeze_vision_tower:
-            self.policy.model.visual.requires_grad_(False)
+        setup_policy(self, cfg)
         self.train_data = load_split(cfg.data.train_files, cfg.data, "train", self.processor)
         self.val_data = load_split(cfg.data.val_files, cfg.data, "test", self.processor)
         if self.train_data is None and self.val_data is None:
@@ -63,7 +53,7 @@ class SFTTrainer:
                                     cfg.data.seed, cfg.data.shuffle)
         self.optimizer = build_optimizer(self.policy.parameters(), cfg.optim)
         self.scheduler = build_scheduler(self.optimizer, max(self.total_steps, 1), cfg.optim)
-        self.rollout = build_rollout(cfg.rollout, self.policy, self.processor, self.device)
+        self.rollout = build_rollout(cfg.rollout, self.rollout_model, self.processor, self.device)
         self.pool = RewardPool(cfg.reward)
         self.run_dir = prepare_run_dir(t.output_dir, t.run_name, cfg)
         self.ckpt_dir = self.run_dir / "checkpoints"
@@ -101,28 +91,39 @@ class SFTTrainer:
 
     def train_step(self) -> dict[str, float]:
         t, start = self.cfg.trainer, time.time()
-        samples = [self.train_data[i] for i in dist.shard(self.sampler.next_batch())]
-        processed = [self.processor(s, add_target=True) for s in samples]
-        seqs = [sft_sequence(p) for p in processed]
-        width = max(s.response_length for s in seqs)
-        target_mask = torch.zeros(len(seqs), width, dtype=torch.bool)
-        for i, p in enumerate(processed):
+        batch = self.sampler.next_batch()
+        positions = dist.shard(list(range(len(batch))))
+        items = {}
+        for pos in positions:
+            p = self.processor(self.train_data[batch[pos]], add_target=True)
             m = p.loss_mask[p.prompt_length :]
+            items[pos] = {"seq": sft_sequence(p), "target": m}
+        # ranks trade sequences so each carries a similar number of tokens
+        held = spread(items, {g: it["seq"].num_tokens for g, it in items.items()}, [list(range(len(batch)))])
+        order = sorted(held)
+        seqs = [held[g]["seq"] for g in order]
+        width = max((s.response_length for s in seqs), default=1)
+        target_mask = torch.zeros(len(seqs), width, dtype=torch.bool)
+        for i, g in enumerate(order):
+            m = held[g]["target"]
             target_mask[i, : m.shape[0]] = m
         num_tokens = dist.all_reduce_sum(torch.tensor(float(target_mask.sum()), device=self.device)).item()
         self.optimizer.zero_grad(set_to_none=True)
         total_loss = 0.0
         for micro in micro_batches(list(range(len(seqs))), seqs, t.use_dynamic_bsz, t.max_tokens_per_mbs,
-                                   t.micro_batch_size):
+                                   t.micro_batch_size, same_count_on_all_ranks=self.anchor is not None):
             mask = target_mask[micro].to(self.device)
+            run, anchored = with_image_anchor([seqs[i] for i in micro], self.anchor)
             with autocast(self.device, self.amp_dtype):
-                logp, _, _ = forward_response_logprobs(self.policy, [seqs[i] for i in micro],
-                                                       self.processor.pad_token_id, chunk_size=1024, width=width,
-                                                       suppress_ids=self.processor.suppress_token_ids,
+                logp, _, _ = forward_response_logprobs(self.policy, run, self.processor.pad_token_id, chunk_size=1024,
+                                                       width=width, suppress_ids=self.processor.suppress_token_ids,
                                                        packed=t.use_dynamic_bsz)
-            loss = -(logp * mask).sum() / max(num_tokens, 1.0)  # token mean over the global batch
+            loss = -(logp[: len(micro)] * mask).sum() / max(num_tokens, 1.0)  # token mean over the global batch
+            if anchored:  # FSDP: the anchor stays in the graph with weight 0
+                loss = loss + logp[-1].sum() * 0.0
             loss.backward()
             total_loss += loss.item()
+        total_loss = dist.all_reduce_sum(torch.tensor(total_loss, device=self.device)).item()
         grad_norm = float(clip_grad_norm(self.policy.parameters(), self.cfg.optim.grad_clip))
         if math.isfinite(grad_norm) and math.isfinite(total_loss):
             self.optimizer.step()
@@ -132,15 +133,14 @@ class SFTTrainer:
             self.bad_steps_in_row += 1
         self.scheduler.step()
         elapsed = time.time() - start
-        tokens = sum(s.num_tokens for s in seqs)
-        total_loss = dist.all_reduce_sum(torch.tensor(total_loss, device=self.device)).item()
+        tokens = dist.all_reduce_sum(torch.tensor(float(sum(s.num_tokens for s in seqs)))).item()
         return {
             "train/loss": total_loss, "train/grad_norm": grad_norm, "train/lr": self.scheduler.get_last_lr()[0],
             "train/target_tokens": num_tokens, "train/skipped_updates": float(self.bad_steps_in_row > 0),
             "timing_s/step": elapsed, "perf/throughput": tokens / max(elapsed, 1e-9),
+            "perf/throughput_per_gpu": tokens / max(elapsed, 1e-9) / dist.world_size(),
             "perf/cpu_memory_gb": cpu_memory_gb(),
         }
-
 
 
 def run_sft(config_path: str | None, overrides: list[str]) -> dict[str, float]:

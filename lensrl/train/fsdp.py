@@ -1,0 +1,164 @@
+"""FSDP2 for Qwen-VL policies: sharding, the rollout's full-weight copy, and the collective
+discipline a vision-language model needs.
+
+    shard_model(policy, cfg.trainer.fsdp, device)      # fully_shard per vision block, per decoder layer, root
+    rollout_model = RolloutCopy(policy, dtype, device)   # full weights for generation
+    rollout_model.sync(policy)                           # gathered one parameter at a time
+
+World size 1 is the smallest case of the same code (`trainer.fsdp.enable=always`).
+
+Two rules keep ranks in step. Every FSDP unit's forward (and backward) is a collective that
+every rank must run in the same order, so:
+  * every rank runs the same number of micro-batches per pass (`trainers.common.micro_batches`
+    all-reduces the count; a rank with nothing left runs an empty micro-batch), and
+  * every micro-batch runs the vision tower, even one without images: `with_image_anchor` adds
+    a one-image dummy sequence (loss weight 0, still in the graph). Otherwise one rank would
+    all-gather the vision blocks while another went straight to the decoder layers: a hang.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch.distributed.fsdp import (
+    CPUOffloadPolicy,
+    FSDPModule,
+    MixedPrecisionPolicy,
+    OffloadPolicy,
+    fully_shard,
+)
+from torch.distributed.tensor import DTensor
+
+from lensrl.train import distributed as dist
+
+
+def fsdp_enabled(cfg) -> bool:
+    """`trainer.fsdp.enable`: auto shards when launched on more than one rank."""
+    if cfg.enable == "auto":
+        return dist.launched_world_size() > 1
+    return cfg.enable == "always"
+
+
+def is_sharded(model: torch.nn.Module) -> bool:
+    return isinstance(model, FSDPModule)
+
+
+def _blocks(model: torch.nn.Module) -> tuple[list[torch.nn.Module], list[torch.nn.Module]]:
+    """(vision blocks, decoder layers) of a Qwen2.5-VL / Qwen3-VL `*ForConditionalGeneration`."""
+    inner = model.model
+    lm = getattr(inner, "language_model", inner)
+    return list(inner.visual.blocks), list(lm.layers)
+
+
+def shard_model(model: torch.nn.Module, cfg, device: torch.device, train: bool = True) -> None:
+    """`fully_shard` each vision block and decoder layer, then the root (embeddings, merger, norm,
+    head), in place. On CUDA parameters are all-gathered in bf16 and gradients reduced in fp32
+    (the sharded fp32 parameters stay the optimizer's master weights); on CPU everything is fp32.
+    Gradients are summed across ranks, not averaged: trainers normalise losses by global counts."""
+    mixed = device.type == "cuda" and cfg.param_dtype != "float32"
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if mixed else None,
+                              reduce_dtype=torch.float32 if mixed else None)
+    offload = CPUOffloadPolicy(pin_memory=device.type == "cuda") if cfg.offload_params else OffloadPolicy()
+    kwargs: dict[str, Any] = dict(mp_policy=mp, offload_policy=offload,
+                                  reshard_after_forward=cfg.reshard_after_forward)
+    vision, layers = _blocks(model)
+    for block in vision + layers:
+        fully_shard(block, **kwargs)
+    fully_shard(model.model.visual, **kwargs)  # patch embedding + mergers, so a dummy image is cheap
+    fully_shard(model, **kwargs)
+    if train:
+        for module in model.modules():
+            if isinstance(module, FSDPModule):
+                module.set_gradient_divide_factor(1.0)
+                module.set_force_sum_reduction_for_comms(True)  # a plain SUM (gloo has no PREMUL_SUM)
+
+
+def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The whole model's state on CPU, full tensors (a collective; every rank must call it)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    if not is_sharded(model):
+        return {k: v.detach() for k, v in model.state_dict().items()}
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    state = get_model_state_dict(model, options=options)
+    if getattr(model.config, "tie_word_embeddings", False):
+        state.pop("lm_head.weight", None)  # the embedding, as save_pretrained writes it
+    return state
+
+
+class RolloutCopy:
+    """A plain (unsharded) model that the rollout backend generates with, kept equal to a
+    sharded policy by `sync`.
+
+    Built on the meta device, then each parameter either *aliases* the policy's own storage
+    (one rank, a shard that is the whole parameter in the rollout dtype: bf16 master weights on
+    one GPU cost no second copy) or is allocated directly in `dtype` on `device` (never a full
+    fp32 model). Buffers (rotary frequencies) are the policy's. `sync` all-gathers the policy one
+    parameter at a time and copies it in, so the peak is one full parameter on top of the copy.
+    """
+
+    def __init__(self, policy: torch.nn.Module, dtype: torch.dtype, device: torch.device):
+        with torch.device("meta"):
+            model = _plain_class(policy)._from_config(policy.config, dtype=dtype)
+        self.aliased: set[str] = set()
+        one_rank = dist.world_size() == 1
+        for name, param in policy.named_parameters():
+            local = param.to_local() if isinstance(param, DTensor) else param
+            if one_rank and local.shape == param.shape and local.dtype == dtype and local.device == device:
+                tensor = local.detach()
+                self.aliased.add(name)
+            else:
+                tensor = torch.empty(param.shape, dtype=dtype, device=device)
+            _set_tensor(model, name, torch.nn.Parameter(tensor, requires_grad=False))
+        for name, buf in policy.named_buffers():
+            _set_tensor(model, name, buf.detach().clone())
+        model.tie_weights()  # tied parameters (Qwen2.5-VL-3B's head) point at the embedding again
+        left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+        if left:
+            raise RuntimeError(f"rollout copy: no value for {left[:3]}")
+        model.generation_config = policy.generation_config
+        self.model = model.eval().requires_grad_(False)
+        self.params = dict(model.named_parameters())
+        self.sync(policy)
+
+    @torch.no_grad()
+    def sync(self, policy: torch.nn.Module) -> torch.nn.Module:
+        for name, param in policy.named_parameters():
+            if name in self.aliased:
+                continue  # the optimizer updated this storage in place
+            target = self.params[name]
+            if isinstance(param, DTensor):
+                local = param.to_local()
+                if local.device != target.device:  # offloaded shard: gather on the GPU, not the host
+                    param = DTensor.from_local(local.to(target.device, non_blocking=True), param.device_mesh,
+                                               param.placements, run_check=False, shape=param.shape,
+                                               stride=param.stride())
+                full = param.full_tensor()
+            else:
+                full = param
+            target.copy_(full)
+            del full
+        return self.model
+
+
+def _plain_class(model: torch.nn.Module) -> type:
+    """The model's own class (fully_shard swaps in a subclass that mixes in FSDPModule)."""
+    return next(c for c in type(model).__mro__ if not issubclass(c, FSDPModule))
+
+
+def _set_tensor(model: torch.nn.Module, name: str, value: torch.Tensor) -> None:
+    owner_name, _, leaf = name.rpartition(".")
+    owner = model.get_submodule(owner_name)
+    if isinstance(value, torch.nn.Parameter):
+        owner._parameters[leaf] = value
+    else:
+        owner._buffers[leaf] = value
+
+
+def with_image_anchor(seqs: list, anchor) -> tuple[list, bool]:
+    """`seqs` plus the dummy image sequence `anchor` when none of them has an image (and an
+    anchor is given: FSDP runs only). Returns (sequences to run, whether the anchor was added)."""
+    if anchor is None or any(s.pixel_values is not None for s in seqs):
+        return seqs, False
+    return [*seqs, anchor], True

@@ -1,0 +1,217 @@
+"""Several ranks on the CPU: torchrun, gloo, FSDP2 (fp32), real subprocesses.
+
+Same numbers, any layout: a GRPO or SFT step at 2 ranks equals the step at 1 rank on the same
+global batch, and a checkpoint written at one rank count resumes at the other into the step an
+uninterrupted run takes. A rank that dies takes the job down within a bounded time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lensrl.logging import read_metrics
+
+HERE = Path(__file__).resolve().parent
+RUNNER = HERE / "dist_run_trainer.py"
+COMPARED = ("actor/loss", "actor/pg_loss", "actor/entropy", "actor/grad_norm", "reward/mean",
+            "response_length/mean", "train/loss", "train/grad_norm", "train/target_tokens")
+
+
+def launch(nproc: int, command: str, overrides: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
+    """One process (plain python, no FSDP) or `torchrun --standalone` with `nproc` ranks."""
+    if nproc == 1:
+        cmd = [sys.executable, str(RUNNER), command, *overrides]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+               str(RUNNER), command, *overrides]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-6000:]
+    return result
+
+
+def grpo_args(model_dir: Path, data: Path, out: Path, name: str, *extra: str) -> list[str]:
+    # rollout.seed with rollout.batch_size=4 and n=4: one prompt per generate call, seeded by its
+    # global position, so every layout samples the same completions.
+    return [
+        f"model.path={model_dir}", f"data.train_files=[{data / 'train.parquet'}]", "data.max_prompt_length=64",
+        "rollout.backend=hf", "rollout.n=4", "rollout.max_new_tokens=6", "rollout.batch_size=4", "rollout.seed=7",
+        "trainer.rollout_batch_size=4", "actor.mini_batch_size=2", "actor.max_tokens_per_mbs=160",
+        "actor.optim.lr=1e-3", "reward.num_workers=1", "trainer.total_steps=3", "trainer.test_freq=0",
+        "trainer.val_before_train=false", "trainer.save_freq=1", "trainer.save_limit=3",
+        f"trainer.output_dir={out}", f"trainer.run_name={name}", "trainer.loggers=[jsonl]", *extra,
+    ]
+
+
+def assert_same_steps(a: list[dict], b: list[dict], rel: float = 1e-4, abs_: float = 1e-5) -> None:
+    assert [r["step"] for r in a] == [r["step"] for r in b]
+    for ra, rb in zip(a, b):
+        keys = [k for k in COMPARED if k in ra]
+        assert keys, f"no compared metric in {sorted(ra)}"
+        for k in keys:
+            assert rb[k] == pytest.approx(ra[k], rel=rel, abs=abs_), (ra["step"], k, ra[k], rb[k])
+
+
+def assert_same_weights(dir_a: Path, dir_b: Path, atol: float = 5e-5) -> None:
+    a, b = load_file(dir_a / "model.safetensors"), load_file(dir_b / "model.safetensors")
+    assert sorted(a) == sorted(b)
+    worst = max((a[k] - b[k]).abs().max().item() for k in a)
+    assert worst <= atol, f"weights differ by up to {worst}"
+
+
+@pytest.fixture(scope="module")
+def grpo_runs(tiny_qwen25_dir, color_data, tmp_path_factory):
+    """3 GRPO steps at 1 rank and at 2 ranks (FSDP2), checkpoints after every step."""
+    out = tmp_path_factory.mktemp("dist_grpo")
+    launch(1, "grpo", grpo_args(tiny_qwen25_dir, color_data, out, "one"))
+    two = launch(2, "grpo", grpo_args(tiny_qwen25_dir, color_data, out, "two"))
+    return out, two
+
+
+def test_grpo_two_ranks_equal_one_rank(grpo_runs):
+    out, _ = grpo_runs
+    one, two = read_metrics(out / "one"), read_metrics(out / "two")
+    assert len(one) == 3 and one[0]["actor/grad_norm"] > 0  # a real learning signal
+    assert_same_steps(one, two)
+    assert_same_weights(out / "one" / "hf", out / "two" / "hf")
+    meta = json.loads((out / "two" / "checkpoints" / "step_3" / "meta.json").read_text())
+    assert meta["world_size"] == 2
+    assert len(list((out / "two" / "checkpoints" / "step_3").glob("*.distcp"))) == 2  # one shard file per rank
+
+
+def test_fsdp_on_one_rank_equals_the_plain_model(grpo_runs, tiny_qwen25_dir, color_data):
+    """`trainer.fsdp.enable=always` in one process: the same code path as N ranks (a one-rank
+    process group, the rollout model aliasing the policy's storage), the same numbers."""
+    out, _ = grpo_runs
+    launch(1, "grpo", grpo_args(tiny_qwen25_dir, color_data, out, "fsdp_one", "trainer.fsdp.enable=always",
+                                "trainer.save_freq=0", "trainer.save_last=false"))
+    assert_same_steps(read_metrics(out / "one"), read_metrics(out / "fsdp_one"))
+    assert_same_weights(out / "one" / "hf", out / "fsdp_one" / "hf")
+    assert not (out / "fsdp_one" / "checkpoints").exists()  # save_last=false, save_freq=0
+
+
+@pytest.mark.parametrize("saved, resumed", [("two", 1), ("one", 2)])
+def test_resume_at_another_rank_count_continues_the_run(grpo_runs, tiny_qwen25_dir, color_data, saved, resumed):
+    out, _ = grpo_runs
+    name = f"resume_{saved}_at_{resumed}"
+    ckpt = out / saved / "checkpoints" / "step_2"
+    launch(resumed, "grpo", grpo_args(tiny_qwen25_dir, color_data, out, name, f"trainer.resume={ckpt}"))
+    resumed_steps = read_metrics(out / name)
+    assert [r["step"] for r in resumed_steps] == [3]
+    assert_same_steps(read_metrics(out / saved)[2:], resumed_steps)
+    assert_same_weights(out / saved / "hf", out / name / "hf")
+
+
+@pytest.fixture(scope="module")
+def mixed_sft_data(color_data, tmp_path_factory) -> Path:
+    """The colour task with every third row text-only and some prompts much longer: micro-batches
+    without images (the FSDP image anchor) and ranks with uneven token counts."""
+    rows = pq.read_table(color_data / "train.parquet").to_pylist()[:24]
+    for i, row in enumerate(rows):
+        if i % 3 == 0:
+            row["images"] = []
+            row["problem"] = row["problem"].replace("<image>", "") + " Name a colour."
+        if i % 4 == 1:
+            row["problem"] += " Look carefully at the picture before you answer." * 3
+    out = tmp_path_factory.mktemp("mixed_sft")
+    pq.write_table(pa.Table.from_pylist(rows), out / "train.parquet")
+    return out
+
+
+@pytest.mark.parametrize("packed", [True, False])
+def test_sft_two_ranks_equal_one_rank(tiny_qwen25_dir, mixed_sft_data, tmp_path, packed):
+    args = [f"model.path={tiny_qwen25_dir}", f"data.train_files=[{mixed_sft_data / 'train.parquet'}]",
+            "data.max_prompt_length=160", "trainer.total_steps=2", "trainer.global_batch_size=8",
+            "trainer.micro_batch_size=2", f"trainer.use_dynamic_bsz={str(packed).lower()}",
+            "trainer.max_tokens_per_mbs=120", "optim.lr=1e-3", "optim.warmup_ratio=0", "trainer.val_before_train=false",
+            "trainer.test_freq=0", f"trainer.output_dir={tmp_path}", "trainer.loggers=[jsonl]"]
+    launch(1, "sft", [*args, "trainer.run_name=one"])
+    launch(2, "sft", [*args, "trainer.run_name=two"])
+    one, two = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
+    assert len(one) == 2
+    assert_same_steps(one, two)
+    assert_same_weights(tmp_path / "one" / "hf", tmp_path / "two" / "hf")
+
+
+def _worker_pids(parent: int) -> dict[int, int]:
+    """{rank: pid} of the torchrun workers below `parent` (read from /proc)."""
+    found = {}
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            environ = (proc / "environ").read_bytes().split(b"\0")
+            status = (proc / "status").read_text()
+        except OSError:
+            continue
+        env = dict(item.split(b"=", 1) for item in environ if b"=" in item)
+        if env.get(b"TORCHELASTIC_RUN_ID") and b"RANK" in env and b"LOCAL_RANK" in env:
+            ppid = int(next(line.split()[1] for line in status.splitlines() if line.startswith("PPid:")))
+            if ppid == parent or _is_descendant(ppid, parent):
+                found[int(env[b"RANK"])] = int(proc.name)
+    return found
+
+
+def _is_descendant(pid: int, ancestor: int) -> bool:
+    while pid > 1:
+        if pid == ancestor:
+            return True
+        try:
+            status = Path(f"/proc/{pid}/status").read_text()
+        except OSError:
+            return False
+        pid = int(next(line.split()[1] for line in status.splitlines() if line.startswith("PPid:")))
+    return False
+
+
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="needs /proc")
+def test_a_rank_that_dies_stops_the_job_with_a_clear_error(tiny_qwen25_dir, color_data, tmp_path):
+    args = grpo_args(tiny_qwen25_dir, color_data, tmp_path, "dies", "trainer.total_steps=1000", "trainer.save_freq=0",
+                     "trainer.dist_timeout_s=30")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(RUNNER), "grpo",
+           *args]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    try:
+        metrics = tmp_path / "dies" / "metrics.jsonl"
+        deadline = time.time() + 180
+        while time.time() < deadline and not (metrics.exists() and metrics.read_text().strip()):
+            assert process.poll() is None, process.stdout.read()[-3000:]
+            time.sleep(0.2)
+        assert metrics.exists(), "the run never finished a step"
+        workers = _worker_pids(process.pid)
+        assert set(workers) == {0, 1}, workers
+        os.kill(workers[1], signal.SIGKILL)
+        killed_at = time.time()
+        output, _ = process.communicate(timeout=120)
+        elapsed = time.time() - killed_at
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode != 0
+    assert elapsed < 60, f"the job took {elapsed:.0f} s to stop after a rank died"
+    assert "rank      : 1" in output and "SIGKILL" in output, output[-3000:]
+    for pid in workers.values():  # no orphaned rank left behind
+        assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text()
+
+
+def test_checkpoint_written_at_two_ranks_is_complete_and_atomic(grpo_runs):
+    out, _ = grpo_runs
+    ckpts = sorted(p.name for p in (out / "two" / "checkpoints").iterdir())
+    assert ckpts == ["step_1", "step_2", "step_3"]  # save_limit=3, no .tmp_ left behind
+    for step in ckpts:
+        extra = torch.load(out / "two" / "checkpoints" / step / "extra_rank1.pt", weights_only=True)
+        assert extra["trainer"]["step"] == int(step.split("_")[1])
+
