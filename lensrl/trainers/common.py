@@ -18,6 +18,7 @@ from lensrl.logging import RunLogger, console
 from lensrl.train import distributed as dist
 from lensrl.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, save_hf
 from lensrl.train.packing import plan_micro_batches
+from lensrl.train.sequences import Sequence, make_sequence
 
 
 def seed_everything(seed: int) -> None:
@@ -33,6 +34,81 @@ def model_dtypes(cfg: ModelConfig, device: torch.device) -> tuple[torch.dtype, t
     if cfg.dtype == "bfloat16":
         return torch.bfloat16, None
     return torch.float32, (torch.bfloat16 if device.type == "cuda" else None)
+
+
+def setup_policy(trainer, cfg, with_ref: bool = False) -> None:
+    """Device, process group, policy (+ frozen reference), FSDP and the model rollout generates
+    with. Sets trainer.device, .amp_dtype, .policy, .processor, .ref, .rollout_model, .anchor."""
+    import copy
+
+    from lensrl.models.load import load_policy
+    from lensrl.train import fsdp
+
+    t = cfg.trainer
+    trainer.device = device = dist.resolve_device(t.device)
+    sharded = fsdp.fsdp_enabled(t.fsdp)
+    dist.init_distributed(device, t.dist_timeout_s, force=sharded)
+    seed_everything(t.seed + dist.rank())
+    param_dtype, trainer.amp_dtype = model_dtypes(cfg.model, device)
+    policy, trainer.processor = load_policy(cfg.model.path, dtype=param_dtype, device=device,
+                                            min_pixels=cfg.model.min_pixels, max_pixels=cfg.model.max_pixels)
+    policy.train()
+    if cfg.model.gradient_checkpointing:
+        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.model.freeze_vision_tower:
+        policy.model.visual.requires_grad_(False)
+    ref = copy.deepcopy(policy).requires_grad_(False).eval() if with_ref else None
+    trainer.anchor = None
+    trainer.rollout_copy = None
+    if sharded:
+        fsdp.shard_model(policy, t.fsdp, device)
+        if ref is not None:
+            fsdp.shard_model(ref, t.fsdp, device, train=False)
+        rollout_dtype = trainer.amp_dtype or param_dtype
+        trainer.rollout_copy = fsdp.RolloutCopy(policy, rollout_dtype, device)
+        trainer.anchor = image_anchor(trainer.processor)
+    trainer.policy, trainer.ref = policy, ref
+    trainer.rollout_model = trainer.rollout_copy.model if sharded else policy
+
+
+def spread(items: dict[int, object], num_tokens: dict[int, int], blocks: list[list[int]]) -> dict[int, object]:
+    """Re-deal items over ranks so each rank carries a similar number of tokens in every block
+    (a GRPO mini-batch, an SFT batch). items / num_tokens: this rank's, keyed by global id;
+    blocks: global ids, the same lists on every rank. Returns the items this rank now holds.
+    One rank keeps everything; no item is lost or duplicated."""
+    if dist.world_size() == 1:
+        return dict(items)
+    lengths: dict[int, int] = {}
+    for part in dist.all_gather_objects(num_tokens):
+        lengths.update(part)
+    owner: dict[int, int] = {}
+    for block in blocks:
+        ranks = dist.balanced_assignment([lengths[g] for g in block], dist.world_size())
+        owner.update(zip(block, ranks))
+    missing = set(lengths) - set(owner)
+    if missing:
+        raise ValueError(f"spread: {len(missing)} items are in no block (e.g. global id {min(missing)})")
+    return dist.exchange(items, owner)
+
+
+def sync_rollout(trainer) -> None:
+    """The policy's current weights into the rollout backend (through the full-weight copy when
+    the policy is sharded)."""
+    if trainer.rollout_copy is not None:
+        trainer.rollout_copy.sync(trainer.policy)
+    trainer.rollout.sync_weights(trainer.rollout_model)
+
+
+def image_anchor(processor) -> Sequence:
+    """A one-image, one-token sequence that FSDP micro-batches without images carry along, with
+    loss weight 0, so every rank runs the vision tower (see lensrl.train.fsdp)."""
+    from PIL import Image
+
+    from lensrl.data.sample import ImageSource, Sample
+
+    image = Image.new("RGB", (56, 56))
+    prompt = processor(Sample(prompt="", images=[ImageSource(image, origin="FSDP image anchor")]))
+    return make_sequence(prompt, [processor.eos_token_ids[0]])
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None):
@@ -69,7 +145,7 @@ def load_split(files: list[str] | None, cfg: DataConfig, split: str, processor) 
 def build_rollout(cfg: RolloutConfig, model: torch.nn.Module, processor, device: torch.device):
     backend = cfg.backend
     if backend == "auto":
-        backend = AUTO_BACKEND
+        backend = auto_backend(device)
     if backend == "engine":
         from lensrl.rollout.engine import EngineRollout
 
@@ -79,7 +155,9 @@ def build_rollout(cfg: RolloutConfig, model: torch.nn.Module, processor, device:
     return HFRollout(model, processor, batch_size=cfg.batch_size)
 
 
-AUTO_BACKEND = "hf"  # what rollout.backend=auto means
+def auto_backend(device: torch.device) -> str:
+    """What rollout.backend=auto means: the engine on CUDA, transformers generate elsewhere."""
+    return "engine" if device.type == "cuda" else "hf"
 
 
 @dataclass
@@ -104,13 +182,25 @@ class StopFlag:
             signal.signal(signal.SIGINT, handler)
 
 
-def micro_batches(rows: list[int], seqs, use_dynamic_bsz: bool, max_tokens: int, micro_batch_size: int) -> list[list[int]]:
+def micro_batches(rows: list[int], seqs, use_dynamic_bsz: bool, max_tokens: int, micro_batch_size: int,
+                  same_count_on_all_ranks: bool = False) -> list[list[int]]:
     """Split `rows` (indices into `seqs`) into micro-batches: balanced under a token budget when
-    `use_dynamic_bsz` (each then runs as one packed row), else `micro_batch_size` at a time."""
+    `use_dynamic_bsz` (each then runs as one packed row), else `micro_batch_size` at a time.
+
+    same_count_on_all_ranks (FSDP): every rank gets the largest rank's number of micro-batches,
+    some of them empty when a rank has fewer sequences than that."""
     if use_dynamic_bsz:
         plan = plan_micro_batches([seqs[i].num_tokens for i in rows], max_tokens)
-        return [[rows[j] for j in group] for group in plan if group]
-    return [rows[i : i + micro_batch_size] for i in range(0, len(rows), micro_batch_size)]
+        groups = [[rows[j] for j in group] for group in plan if group]
+    else:
+        groups = [rows[i : i + micro_batch_size] for i in range(0, len(rows), micro_batch_size)]
+    if not same_count_on_all_ranks:
+        return groups
+    count = int(dist.all_reduce_max(torch.tensor(float(len(groups)))).item())
+    if use_dynamic_bsz and len(groups) < count and len(rows) > len(groups):
+        plan = plan_micro_batches([seqs[i].num_tokens for i in rows], max_tokens, min_num_groups=count)
+        groups = [[rows[j] for j in group] for group in plan]
+    return groups + [[] for _ in range(count - len(groups))]
 
 
 def validate(trainer, step: int) -> dict[str, float]:
@@ -123,7 +213,7 @@ def validate(trainer, step: int) -> dict[str, float]:
     params = SamplingParams(n=r.val_n, temperature=r.val_temperature, top_p=r.val_top_p,
                             max_new_tokens=r.max_new_tokens, seed=trainer.cfg.trainer.seed + step)
     start = time.time()
-    trainer.rollout.sync_weights(trainer.policy)  # a backend with its own weight copy must see the latest
+    sync_rollout(trainer)  # a backend with its own weight copy must see the latest
     with torch.no_grad(), autocast(trainer.device, trainer.amp_dtype):
         metrics, records = evaluate(trainer.rollout, trainer.processor, trainer.val_data, trainer.pool, params,
                                     r.batch_size, trainer.cfg.data.val_size)
@@ -152,6 +242,8 @@ def resume(trainer) -> None:
     trainer.step = state["step"]
     trainer.sampler.load_state_dict(state["sampler"])
     trainer.bad_steps_in_row = state.get("bad_steps_in_row", 0)
+    if getattr(trainer, "rollout", None) is not None:
+        sync_rollout(trainer)  # the backend's own copies (engine, FSDP's full-weight copy) are stale
     if dist.is_main():
         console.print(f"resumed from {path} at step {trainer.step}")
 
@@ -165,6 +257,8 @@ def finish_step(trainer, metrics: dict[str, float], stop: StopFlag) -> bool:
     logging, the bad-step stop, checkpoints, Ctrl-C. Returns True when the run should stop now."""
     t = trainer.cfg.trainer
     last = trainer.step == trainer.total_steps
+    if dist.world_size() > 1:  # a Ctrl-C seen by any rank stops every rank after the same step
+        stop.requested = bool(dist.all_reduce_max(torch.tensor(float(stop.requested))).item())
     if trainer.val_data is not None and ((t.test_freq and trainer.step % t.test_freq == 0) or last):
         metrics.update(validate(trainer, trainer.step))
     trainer.logger.log(metrics, trainer.step)
@@ -177,7 +271,7 @@ def finish_step(trainer, metrics: dict[str, float], stop: StopFlag) -> bool:
         )
     # No checkpoint while steps are failing: the last one stays the last good one.
     periodic = t.save_freq and trainer.step % t.save_freq == 0 and trainer.bad_steps_in_row == 0
-    if periodic or stop.requested or last:
+    if periodic or stop.requested or (last and t.save_last):
         save(trainer)
     if stop.requested and dist.is_main():
         console.print(f"stopped at step {trainer.step}; checkpoint saved, resume with trainer.resume=auto")
@@ -185,10 +279,17 @@ def finish_step(trainer, metrics: dict[str, float], stop: StopFlag) -> bool:
 
 
 def save_final_hf(trainer) -> None:
-    """runs/<name>/hf: the trained policy as a plain Hugging Face folder (rank 0)."""
-    if trainer.total_steps and trainer.cfg.trainer.save_hf and dist.is_main():
-        path = save_hf(trainer.policy, trainer.processor, trainer.run_dir / "hf")
+    """runs/<name>/hf: the trained policy as a plain Hugging Face folder (gathered on every rank,
+    written by rank 0)."""
+    from lensrl.train.fsdp import full_state_dict
+
+    if not (trainer.total_steps and trainer.cfg.trainer.save_hf):
+        return
+    state = full_state_dict(trainer.policy)
+    if dist.is_main():
+        path = save_hf(trainer.policy, trainer.processor, trainer.run_dir / "hf", state_dict=state)
         trainer.logger.info(f"Hugging Face model: {path}")
+    dist.barrier()
 
 
 def cpu_memory_gb() -> float:

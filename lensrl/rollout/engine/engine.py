@@ -18,6 +18,7 @@ are in `stats`.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -67,6 +68,7 @@ class EngineRollout:
         self.prefill_tokens = options.prefill_tokens or (16384 if cuda else 4096)
         self.lookahead = self.max_num_seqs // 4  # samples prefilled ahead of free rows (see scheduler.py)
         self.shape = text_shape(model)
+        _varlen_vision(model)
         self.runner = ModelRunner(
             self.shape, self.device, self.max_num_seqs, options.use_cuda_graphs, options.use_triton
         )
@@ -83,6 +85,8 @@ class EngineRollout:
         """Point the engine at `model`'s current weights (references, or one on-device copy into the
         engine's buffers where dtypes differ). Time in stats['sync_s']."""
         start = time.perf_counter()
+        if model is not self.model:
+            _varlen_vision(model)
         self.model = model
         if self.weights is not None and self.weights.sync(model):
             self.runner.invalidate_graphs()  # some parameter moved: the graphs hold old addresses
@@ -118,10 +122,13 @@ class EngineRollout:
         prompts: list,
         params: SamplingParams,
         max_new_tokens: list[int] | None = None,
+        first_index: int = 0,
     ) -> list[list[Completion]]:
         """`params.n` completions for each prompt, in prompt order.
 
         max_new_tokens: one length limit per prompt, overriding params.max_new_tokens.
+        first_index: the position of prompts[0] in the global batch; mixed into the seed so ranks
+        draw different streams (the engine's draws still depend on how prompts are batched).
         """
         start = time.perf_counter()
         limits = max_new_tokens or [params.max_new_tokens] * len(prompts)
@@ -130,6 +137,8 @@ class EngineRollout:
         if not prompts:
             return []
         self._prepare_weights()
+        if params.seed is not None and first_index:
+            params = dataclasses.replace(params, seed=params.seed * 1_000_003 + first_index)
         groups = [Group(i, p, params.n, limits[i], i * params.n) for i, p in enumerate(prompts)]
         num_blocks = self._num_blocks(groups)
         max_blocks = max(blocks_needed(g, self.block_size)[2] for g in groups)
@@ -299,6 +308,16 @@ class EngineRollout:
     def _synchronize(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+
+
+def _varlen_vision(model: torch.nn.Module) -> None:
+    """On CUDA, prefill's vision tower runs each image window as one varlen FlashAttention call
+    (transformers' sdpa path loops over windows: it made prefill 6x slower than decode). Text
+    attention on padded prompts stays transformers' own sdpa (lensrl.train.attention)."""
+    if next(model.parameters()).device.type == "cuda":
+        from lensrl.train.attention import enable_packed_attention
+
+        enable_packed_attention(model)
 
 
 def _round_up_blocks(need: int) -> int:
