@@ -1,0 +1,146 @@
+"""Full GRPO steps under FSDP2 on real model shapes: memory report (issue 6) and scaling (issue 7).
+
+    python benchmarks/grpo_fsdp.py --out runs/bench/grpo_fsdp                 # one GPU: the memory report
+    python benchmarks/grpo_fsdp.py --nproc 1 2 --cases 3b --out DIR           # scaling, same per-GPU batch
+    python benchmarks/grpo_fsdp.py --tiny --out /tmp/grpo_fsdp                # CPU smoke test (gloo)
+
+Each case is the real command a user runs, `torchrun --nproc-per-node N -m lensrl grpo ...` with
+`trainer.fsdp.enable=always`, on random weights of a real shape and rendered geometry problems
+(448x448 images, 256 image tokens each), the engine rollout backend, a fixed number of steps.
+Every case runs in its own process group; one that fails (OOM) is recorded as such and the
+next one runs. From each run's metrics.jsonl (steps after the first, which includes warm-up and
+CUDA graph capture) it prints: peak GPU memory, step time and its split (generation / old
+logprob / update / weight sync), tokens/s per GPU and MFU.
+
+Cases (--cases):
+  3b        Qwen2.5-VL-3B shape, fp32 master weights, bf16 compute (FSDP mixed precision)
+  3b-gc     the same with gradient checkpointing
+  7b-bf16   Qwen2.5-VL-7B shape, bf16 parameters and optimizer state, gradient checkpointing
+  7b-fp32   Qwen2.5-VL-7B shape, fp32 master weights, gradient checkpointing (does it fit?)
+  7b-offload  fp32 master weights with parameters, gradients and AdamW state in host memory
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+COMMON = [
+    "rollout.backend=engine", "rollout.n=8", "rollout.max_new_tokens=256", "rollout.temperature=1.0",
+    "rollout.gpu_memory_utilization=0.3", "trainer.rollout_batch_size={prompts}", "actor.mini_batch_size={prompts}",
+    "actor.max_tokens_per_mbs=16384", "actor.optim.lr=1e-6", "reward.num_workers=4", "data.max_prompt_length=512",
+    "trainer.total_steps={steps}", "trainer.test_freq=0", "trainer.val_before_train=false", "trainer.save_hf=false",
+    "trainer.save_last=false", "trainer.save_freq=0", "trainer.loggers=[jsonl]", "trainer.fsdp.enable=always",
+]
+
+CASES = {
+    "3b": ["model.path=qwen2_5_vl_3b"],
+    "3b-gc": ["model.path=qwen2_5_vl_3b", "model.gradient_checkpointing=true"],
+    "7b-bf16": ["model.path=qwen2_5_vl_7b", "model.dtype=bfloat16", "model.gradient_checkpointing=true"],
+    "7b-fp32": ["model.path=qwen2_5_vl_7b", "model.gradient_checkpointing=true"],
+    "7b-offload": ["model.path=qwen2_5_vl_7b", "model.gradient_checkpointing=true", "trainer.fsdp.offload_params=true"],
+    "tiny": ["rollout.backend=hf", "rollout.max_new_tokens=16"],
+}
+
+
+def run_case(name: str, nproc: int, data: Path, out: Path, prompts: int, steps: int, extra: list[str],
+             timeout: float) -> dict:
+    run_name = f"{name}_n{nproc}"
+    overrides = [o.format(prompts=prompts * nproc, steps=steps) for o in COMMON] + CASES[name] + extra + [
+        f"data.train_files=[{data / 'train.parquet'}]", f"trainer.output_dir={out}", f"trainer.run_name={run_name}"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", "-m", "lensrl",
+           "grpo", *overrides]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "NCCL_NVLS_ENABLE": "0"}
+    start = time.time()
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
+        rc, log = proc.returncode, proc.stdout + proc.stderr
+    except subprocess.TimeoutExpired as e:
+        rc, log = 124, (e.stdout or b"").decode() if isinstance(e.stdout, bytes) else str(e.stdout or "")
+    (out / f"{run_name}.log").write_text(log)
+    result = {"case": name, "nproc": nproc, "rc": rc, "wall_s": round(time.time() - start, 1), "command": " ".join(cmd)}
+    metrics_file = out / run_name / "metrics.jsonl"
+    records = [json.loads(line) for line in metrics_file.read_text().splitlines()] if metrics_file.exists() else []
+    if rc != 0:
+        oom = "out of memory" in log.lower() or "OutOfMemoryError" in log
+        errors = [line for line in log.splitlines() if "Error" in line and "ChildFailedError" not in line]
+        result["error"] = "OOM" if oom else (errors[-1][:300] if errors else "see log")
+    result["steps"] = len(records)
+    timed = records[1:] or records
+    if timed:
+        def mean(key):
+            values = [r[key] for r in timed if key in r]
+            return round(statistics.mean(values), 4) if values else None
+
+        result.update({
+            "peak_mem_gb": max(r.get("perf/max_memory_allocated_gb", 0.0) for r in records),
+            "step_s": mean("timing_s/step"), "gen_s": mean("timing_s/gen"), "old_logprob_s": mean("timing_s/old_logprob"),
+            "update_s": mean("timing_s/update"), "weight_sync_s": mean("timing_s/weight_sync"),
+            "tokens_per_s_per_gpu": mean("perf/throughput_per_gpu"), "mfu": mean("perf/mfu"),
+            "loss": [r.get("actor/loss") for r in records], "reward": [r.get("reward/mean") for r in records],
+            "response_length": mean("response_length/mean"),
+        })
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--cases", nargs="+", default=["3b", "3b-gc", "7b-bf16", "7b-fp32"])
+    parser.add_argument("--nproc", nargs="+", type=int, default=[1])
+    parser.add_argument("--prompts", type=int, default=16, help="prompts per GPU per step (x rollout.n=8)")
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--timeout", type=float, default=420)
+    parser.add_argument("--tiny", action="store_true", help="CPU smoke test on a tiny model")
+    parser.add_argument("extra", nargs="*", help="more key=value overrides for every case")
+    args = parser.parse_args()
+    out = Path(args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    sys.path.insert(0, str(ROOT))
+    from lensrl.data.synth import make_synth
+
+    data = out / "geo"
+    if not (data / "train.parquet").exists():
+        make_synth("geo", 256, 0, data, image_size=448, n_test=8)
+    extra = list(args.extra)
+    cases = args.cases
+    if args.tiny:
+        from lensrl.models.tiny import make_tiny_model
+
+        model = make_tiny_model(out / "tiny_model", preset="1m")
+        cases, extra = ["tiny"], [f"model.path={model}", "trainer.device=cpu", *extra]
+        args.prompts, args.steps = 2, 2
+    results = []
+    for case in cases:
+        for nproc in args.nproc:
+            result = run_case(case, nproc, data, out, args.prompts, args.steps, extra, args.timeout)
+            results.append(result)
+            print(json.dumps(result), flush=True)
+            (out / "results.json").write_text(json.dumps(results, indent=2))
+    print(f"\n{'case':<11} {'N':>2} {'rc':>3} {'peak GB':>8} {'step s':>7} {'gen':>6} {'logp':>6} {'update':>7} "
+          f"{'sync':>6} {'tok/s/GPU':>10} {'MFU':>6}")
+    for r in results:
+        def f(key, fmt="{:.2f}", r=r):
+            return fmt.format(r[key]) if r.get(key) is not None else "-"
+
+        print(f"{r['case']:<11} {r['nproc']:>2} {r['rc']:>3} {f('peak_mem_gb', '{:.1f}'):>8} {f('step_s'):>7} "
+              f"{f('gen_s'):>6} {f('old_logprob_s'):>6} {f('update_s'):>7} {f('weight_sync_s', '{:.3f}'):>6} "
+              f"{f('tokens_per_s_per_gpu', '{:.0f}'):>10} {f('mfu', '{:.3f}'):>6}  {r.get('error', '')}")
+    ones = {r["case"]: r for r in results if r["nproc"] == 1 and r.get("tokens_per_s_per_gpu")}
+    for r in results:
+        base = ones.get(r["case"])
+        if r["nproc"] > 1 and base and r.get("tokens_per_s_per_gpu"):
+            print(f"scaling efficiency {r['case']} N={r['nproc']}: "
+                  f"{r['tokens_per_s_per_gpu'] / base['tokens_per_s_per_gpu']:.3f}")
+
+
+if __name__ == "__main__":
+    main()
