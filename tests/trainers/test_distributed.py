@@ -130,9 +130,9 @@ def mixed_sft_data(color_data, tmp_path_factory) -> Path:
     return out
 
 
-@pytest.mark.parametrize("packed", [True, False])
-def test_sft_two_ranks_equal_one_rank(tiny_qwen25_dir, mixed_sft_data, tmp_path, packed):
-    args = [f"model.path={tiny_qwen25_dir}", f"data.train_files=[{mixed_sft_data / 'train.parquet'}]",
+@pytest.mark.parametrize("packed, frozen_vision", [(True, False), (False, True)])
+def test_sft_two_ranks_equal_one_rank(tiny_qwen25_dir, mixed_sft_data, tmp_path, packed, frozen_vision):
+    args = [f"model.freeze_vision_tower={str(frozen_vision).lower()}",f"model.path={tiny_qwen25_dir}", f"data.train_files=[{mixed_sft_data / 'train.parquet'}]",
             "data.max_prompt_length=160", "trainer.total_steps=2", "trainer.global_batch_size=8",
             "trainer.micro_batch_size=2", f"trainer.use_dynamic_bsz={str(packed).lower()}",
             "trainer.max_tokens_per_mbs=120", "optim.lr=1e-3", "optim.warmup_ratio=0", "trainer.val_before_train=false",
@@ -143,6 +143,11 @@ def test_sft_two_ranks_equal_one_rank(tiny_qwen25_dir, mixed_sft_data, tmp_path,
     assert len(one) == 2
     assert_same_steps(one, two)
     assert_same_weights(tmp_path / "one" / "hf", tmp_path / "two" / "hf")
+    if frozen_vision:  # the vision tower stayed exactly as it started, on both layouts
+        start = load_file(tiny_qwen25_dir / "model.safetensors")
+        trained = load_file(tmp_path / "two" / "hf" / "model.safetensors")
+        vision = [k for k in trained if k.startswith("visual.") or ".visual." in k]
+        assert vision and all(torch.equal(start[k], trained[k]) for k in vision)
 
 
 def _worker_pids(parent: int) -> dict[int, int]:
