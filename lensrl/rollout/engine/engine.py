@@ -311,13 +311,14 @@ class EngineRollout:
 
 
 def _varlen_vision(model: torch.nn.Module) -> None:
-    """On CUDA, prefill's vision tower runs each image window as one varlen FlashAttention call
-    (transformers' sdpa path loops over windows: it made prefill 6x slower than decode). Text
-    attention on padded prompts stays transformers' own sdpa (lensrl.train.attention)."""
-    if next(model.parameters()).device.type == "cuda":
-        from lensrl.train.attention import enable_packed_attention
+    """Prefill on lensrl's packed attention (lensrl.train.attention): the prompts of a prefill
+    call run back to back in one row with no padding, and the vision tower runs each image window
+    as one varlen call (transformers' sdpa path loops over windows: it made prefill 6x slower
+    than decode). On CUDA varlen FlashAttention; on the CPU a block-diagonal mask. Attention
+    calls that carry no packing stay transformers' own sdpa, so the trainer is unaffected."""
+    from lensrl.train.attention import enable_packed_attention
 
-        enable_packed_attention(model)
+    enable_packed_attention(model)
 
 
 def _round_up_blocks(need: int) -> int:

@@ -142,17 +142,53 @@ class ModelRunner:
     def prefill(self, model: torch.nn.Module, groups: Sequence[Group], token_budget: int) -> torch.Tensor:
         """Prefill each group's prompt into its prompt blocks; returns the logits of each prompt's
         last token (G, V) in the model's output dtype. Runs under the caller's autocast."""
+        packed = _packs(model)
         order = sorted(range(len(groups)), key=lambda i: -groups[i].prompt_len)
         logits: list[torch.Tensor | None] = [None] * len(groups)
         chunk: list[int] = []
-        for i in order:  # longest first, so each chunk pads little
-            if chunk and (len(chunk) + 1) * groups[chunk[0]].prompt_len > token_budget:
-                self._prefill_chunk(model, [groups[j] for j in chunk], chunk, logits)
+        run = self._prefill_packed if packed else self._prefill_chunk
+        for i in order:  # longest first, so each (padded) chunk pads little
+            size = sum(groups[j].prompt_len for j in chunk) + groups[i].prompt_len if packed else (
+                (len(chunk) + 1) * groups[chunk[0]].prompt_len if chunk else 0)
+            if chunk and size > token_budget:
+                run(model, [groups[j] for j in chunk], chunk, logits)
                 chunk = []
             chunk.append(i)
         if chunk:
-            self._prefill_chunk(model, [groups[j] for j in chunk], chunk, logits)
+            run(model, [groups[j] for j in chunk], chunk, logits)
         return torch.stack(logits)  # type: ignore[arg-type]
+
+    def _prefill_packed(self, model, groups: list[Group], where: list[int], out: list) -> None:
+        """The prompts back to back in one row, attention kept inside each (varlen FlashAttention on
+        CUDA, lensrl.train.attention), each with its own multimodal rope positions: no padding."""
+        device, block_size = self.device, self.layout.block_size
+        lengths = [g.prompt_len for g in groups]
+        input_ids = torch.cat([g.prompt.input_ids for g in groups]).unsqueeze(0)  # (1, T)
+        text = torch.cat([torch.arange(n) for n in lengths])  # (T,) each prompt from 0
+        mrope = torch.cat([g.prompt.position_ids for g in groups], dim=1)  # (3, T)
+        position_ids = torch.cat([text.unsqueeze(0), mrope]).unsqueeze(1)  # (4, 1, T)
+        slots = torch.cat([torch.tensor(g.prompt_blocks)[torch.arange(n) // block_size] * block_size
+                           + torch.arange(n) % block_size for g, n in zip(groups, lengths)])
+        inputs = {"input_ids": input_ids.to(device), "position_ids": position_ids.to(device)}
+        pixels = [g.prompt.pixel_values for g in groups if g.prompt.pixel_values is not None]
+        if pixels:
+            inputs["pixel_values"] = torch.cat(pixels).to(device)
+            inputs["image_grid_thw"] = torch.cat(
+                [g.prompt.image_grid_thw for g in groups if g.prompt.image_grid_thw is not None]
+            ).to(device)
+        output = model.model(**inputs, use_cache=True)
+        slots_d = slots.to(device)
+        layout = self.layout
+        for layer in range(layout.num_layers):
+            keys, values = _cache_layer(output.past_key_values, layer)  # (1, KVH, T, D) each
+            for cache, states in ((self.kv.keys(layer), keys), (self.kv.values(layer), values)):
+                flat = cache.view(-1, layout.num_kv_heads, layout.head_dim)
+                flat.index_copy_(0, slots_d, states[0].transpose(0, 1).to(layout.dtype))
+        last = torch.tensor(lengths).cumsum(0).to(device) - 1
+        hidden = output.last_hidden_state[0, last]  # (G, H)
+        logits = F.linear(hidden, model.lm_head.weight, model.lm_head.bias)  # (G, V)
+        for row, i in enumerate(where):
+            out[i] = logits[row]
 
     def _prefill_chunk(self, model, groups: list[Group], where: list[int], out: list) -> None:
         device, block_size = self.device, self.layout.block_size
@@ -381,3 +417,10 @@ def _cache_layer(cache, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
     if layers is not None:
         return layers[layer].keys, layers[layer].values
     return cache.key_cache[layer], cache.value_cache[layer]  # transformers < 4.56
+
+
+def _packs(model: torch.nn.Module) -> bool:
+    """Whether prefill can run packed: the text model is on lensrl's packed attention."""
+    from lensrl.train.attention import TEXT_ATTENTION
+
+    return model.config.get_text_config()._attn_implementation == TEXT_ATTENTION
