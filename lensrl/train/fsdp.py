@@ -11,7 +11,7 @@ Two rules keep ranks in step. Every FSDP unit's forward (and backward) is a coll
 every rank must run in the same order, so:
   * every rank runs the same number of micro-batches per pass (`trainers.common.micro_batches`
     all-reduces the count; a rank with nothing left runs an empty micro-batch), and
-  * every micro-batch runs the vision tower, even one without images: `with_image_anchor` adds
+  * every micro-batch runs the vision tower, even one without images: `forward_with_anchor` adds
     a one-image dummy sequence (loss weight 0, still in the graph). Otherwise one rank would
     all-gather the vision blocks while another went straight to the decoder layers: a hang.
 """
@@ -156,9 +156,13 @@ def _set_tensor(model: torch.nn.Module, name: str, value: torch.Tensor) -> None:
         owner._buffers[leaf] = value
 
 
-def with_image_anchor(seqs: list, anchor) -> tuple[list, bool]:
-    """`seqs` plus the dummy image sequence `anchor` when none of them has an image (and an
-    anchor is given: FSDP runs only). Returns (sequences to run, whether the anchor was added)."""
+def forward_with_anchor(seqs: list, anchor, forward):
+    """`forward(seqs)` -> (logp, entropy or None, mask), rows in the order of `seqs`. With an
+    `anchor` (FSDP runs) and no image among `seqs` (an empty list included), the anchor rides along
+    and its row is dropped, but kept in the graph with weight 0: the vision tower's all-gathers, and
+    in backward its reduce-scatters, run as on the ranks whose micro-batch has images."""
     if anchor is None or any(s.pixel_values is not None for s in seqs):
-        return seqs, False
-    return [*seqs, anchor], True
+        return forward(seqs)
+    logp, entropy, mask = forward([*seqs, anchor])
+    zero = logp[-1].sum() * 0.0
+    return logp[:-1] + zero, entropy[:-1] if entropy is not None else None, mask[:-1]

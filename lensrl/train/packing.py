@@ -124,10 +124,11 @@ def restore_order(chunks: list[torch.Tensor], plan: list[list[int]]) -> torch.Te
 # the packed forward
 
 
-def pack_sequences(seqs: list[Sequence], device: torch.device | str) -> dict[str, torch.Tensor]:
-    """Model inputs for one packed row holding `seqs` back to back (see module doc)."""
+def pack_sequences(seqs: list, device: torch.device | str) -> dict[str, torch.Tensor]:
+    """Model inputs for one packed row holding `seqs` back to back (see module doc). `seqs`:
+    `Sequence`s, or prompts (`ProcessedSample`s: the engine's packed prefill)."""
     input_ids = torch.cat([s.input_ids for s in seqs]).unsqueeze(0)  # (1, T)
-    text = torch.cat([torch.arange(s.num_tokens, dtype=torch.long) for s in seqs])  # (T,)
+    text = torch.cat([torch.arange(s.input_ids.shape[0], dtype=torch.long) for s in seqs])  # (T,)
     mrope = torch.cat([s.position_ids for s in seqs], dim=1)  # (3, T)
     position_ids = torch.cat([text.unsqueeze(0), mrope]).unsqueeze(1)  # (4, 1, T)
     inputs = {"input_ids": input_ids, "position_ids": position_ids}

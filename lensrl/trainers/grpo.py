@@ -25,7 +25,7 @@ from lensrl.data.datasets import BatchSampler
 from lensrl.rewards.pool import RewardPool
 from lensrl.rollout.base import SamplingParams
 from lensrl.train import distributed as dist
-from lensrl.train.fsdp import with_image_anchor
+from lensrl.train.fsdp import forward_with_anchor
 from lensrl.train.optim import build_optimizer, build_scheduler, clip_grad_norm
 from lensrl.train.sequences import Sequence, forward_response_logprobs, make_sequence
 from lensrl.trainers.common import (
@@ -221,15 +221,9 @@ class GRPOTrainer:
 
     def forward(self, model, seqs: list[Sequence], width: int, with_entropy: bool = False):
         actor = self.cfg.actor
-        run, anchored = with_image_anchor(seqs, self.anchor)
-        logp, entropy, mask = forward_response_logprobs(
+        return forward_with_anchor(seqs, self.anchor, lambda run: forward_response_logprobs(
             model, run, self.processor.pad_token_id, self.temperature, actor.logprob_chunk_size, with_entropy,
-            width, self.processor.suppress_token_ids, packed=actor.use_dynamic_bsz)
-        if anchored:  # keep the anchor in the graph with weight 0 (FSDP: see lensrl.train.fsdp)
-            zero = logp[-1].sum() * 0.0
-            logp, mask = logp[:-1] + zero, mask[:-1]
-            entropy = entropy[:-1] if entropy is not None else None
-        return logp, entropy, mask
+            width, self.processor.suppress_token_ids, packed=actor.use_dynamic_bsz))
 
     def micro_batches(self, rows: list[int], seqs: list[Sequence]) -> list[list[int]]:
         a = self.cfg.actor

@@ -12,7 +12,7 @@ from lensrl.config import SFTConfig, load_config
 from lensrl.data.datasets import BatchSampler
 from lensrl.rewards.pool import RewardPool
 from lensrl.train import distributed as dist
-from lensrl.train.fsdp import with_image_anchor
+from lensrl.train.fsdp import forward_with_anchor
 from lensrl.train.optim import build_optimizer, build_scheduler, clip_grad_norm
 from lensrl.train.sequences import forward_response_logprobs, sft_sequence
 from lensrl.trainers.common import (
@@ -113,14 +113,12 @@ class SFTTrainer:
         for micro in micro_batches(list(range(len(seqs))), seqs, t.use_dynamic_bsz, t.max_tokens_per_mbs,
                                    t.micro_batch_size, same_count_on_all_ranks=self.anchor is not None):
             mask = target_mask[micro].to(self.device)
-            run, anchored = with_image_anchor([seqs[i] for i in micro], self.anchor)
             with autocast(self.device, self.amp_dtype):
-                logp, _, _ = forward_response_logprobs(self.policy, run, self.processor.pad_token_id, chunk_size=1024,
-                                                       width=width, suppress_ids=self.processor.suppress_token_ids,
-                                                       packed=t.use_dynamic_bsz)
-            loss = -(logp[: len(micro)] * mask).sum() / max(num_tokens, 1.0)  # token mean over the global batch
-            if anchored:  # FSDP: the anchor stays in the graph with weight 0
-                loss = loss + logp[-1].sum() * 0.0
+                logp, _, _ = forward_with_anchor([seqs[i] for i in micro], self.anchor, lambda run: (
+                    forward_response_logprobs(self.policy, run, self.processor.pad_token_id, chunk_size=1024,
+                                              width=width, suppress_ids=self.processor.suppress_token_ids,
+                                              packed=t.use_dynamic_bsz)))
+            loss = -(logp * mask).sum() / max(num_tokens, 1.0)  # token mean over the global batch
             loss.backward()
             total_loss += loss.item()
         total_loss = dist.all_reduce_sum(torch.tensor(total_loss, device=self.device)).item()

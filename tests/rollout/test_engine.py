@@ -57,6 +57,21 @@ def test_greedy_equals_transformers_generate(policy, hf_greedy):
     )  # each prompt prefilled once for its n samples
 
 
+def test_prefill_is_packed_on_sdpa_and_padded_otherwise(policy, hf_greedy):
+    """The engine switches an sdpa model to packed attention (prompts back to back in one prefill
+    row); a model on another attention implementation keeps the padded prefill. Both equal generate."""
+    from lensrl.rollout.engine.model_runner import _packs
+
+    model, processor, prompts = policy
+    make_engine(model, processor)
+    assert _packs(model)
+    eager = copy.deepcopy(model)
+    eager.set_attn_implementation("eager")
+    engine = make_engine(eager, processor, block_size=8)
+    assert not _packs(eager)
+    assert_same(hf_greedy, engine.generate(prompts, GREEDY))
+
+
 def test_greedy_equals_generate_with_more_sequences_than_rows_and_a_small_kv_pool(policy, hf_greedy):
     """Continuous batching: 10 sequences through 3 rows, a pool that holds about one group."""
     model, processor, prompts = policy

@@ -161,31 +161,30 @@ class ModelRunner:
     def _prefill_packed(self, model, groups: list[Group], where: list[int], out: list) -> None:
         """The prompts back to back in one row, attention kept inside each (varlen FlashAttention on
         CUDA, lensrl.train.attention), each with its own multimodal rope positions: no padding."""
-        device, block_size = self.device, self.layout.block_size
+        from lensrl.train.packing import pack_sequences
+
+        block_size = self.layout.block_size
         lengths = [g.prompt_len for g in groups]
-        input_ids = torch.cat([g.prompt.input_ids for g in groups]).unsqueeze(0)  # (1, T)
-        text = torch.cat([torch.arange(n) for n in lengths])  # (T,) each prompt from 0
-        mrope = torch.cat([g.prompt.position_ids for g in groups], dim=1)  # (3, T)
-        position_ids = torch.cat([text.unsqueeze(0), mrope]).unsqueeze(1)  # (4, 1, T)
         slots = torch.cat([torch.tensor(g.prompt_blocks)[torch.arange(n) // block_size] * block_size
                            + torch.arange(n) % block_size for g, n in zip(groups, lengths)])
-        inputs = {"input_ids": input_ids.to(device), "position_ids": position_ids.to(device)}
-        pixels = [g.prompt.pixel_values for g in groups if g.prompt.pixel_values is not None]
-        if pixels:
-            inputs["pixel_values"] = torch.cat(pixels).to(device)
-            inputs["image_grid_thw"] = torch.cat(
-                [g.prompt.image_grid_thw for g in groups if g.prompt.image_grid_thw is not None]
-            ).to(device)
-        output = model.model(**inputs, use_cache=True)
-        slots_d = slots.to(device)
+        output = model.model(**pack_sequences([g.prompt for g in groups], self.device), use_cache=True)
+        self._store_prompt_kv(output.past_key_values, slots.to(self.device), lambda s: s[0].transpose(0, 1))
+        last = torch.tensor(lengths).cumsum(0).to(self.device) - 1
+        self._first_logits(model, output.last_hidden_state[0, last], where, out)
+
+    def _store_prompt_kv(self, past_key_values, slots: torch.Tensor, tokens) -> None:
+        """Copy a prefill's keys and values into the paged pool. `tokens` maps a layer's (B, KVH, T,
+        D) states to (N, KVH, D), one row per entry of `slots`."""
         layout = self.layout
         for layer in range(layout.num_layers):
-            keys, values = _cache_layer(output.past_key_values, layer)  # (1, KVH, T, D) each
+            keys, values = _cache_layer(past_key_values, layer)
             for cache, states in ((self.kv.keys(layer), keys), (self.kv.values(layer), values)):
                 flat = cache.view(-1, layout.num_kv_heads, layout.head_dim)
-                flat.index_copy_(0, slots_d, states[0].transpose(0, 1).to(layout.dtype))
-        last = torch.tensor(lengths).cumsum(0).to(device) - 1
-        hidden = output.last_hidden_state[0, last]  # (G, H)
+                flat.index_copy_(0, slots, tokens(states).to(layout.dtype))
+
+    @staticmethod
+    def _first_logits(model, hidden: torch.Tensor, where: list[int], out: list) -> None:
+        """Logits of each prompt's last state (G, H) into out[where[g]]."""
         logits = F.linear(hidden, model.lm_head.weight, model.lm_head.bias)  # (G, V)
         for row, i in enumerate(where):
             out[i] = logits[row]
@@ -217,17 +216,9 @@ class ModelRunner:
         output = model.model(**inputs, use_cache=True)
         valid_d = valid.to(device)
         slots_d = slots.to(device)[valid_d]  # (N,) in row-major order, as boolean indexing takes them
-        layout = self.layout
-        for layer in range(layout.num_layers):
-            keys, values = _cache_layer(output.past_key_values, layer)  # (B, KVH, T, D) each
-            for cache, states in ((self.kv.keys(layer), keys), (self.kv.values(layer), values)):
-                flat = cache.view(-1, layout.num_kv_heads, layout.head_dim)
-                flat.index_copy_(0, slots_d, states.transpose(1, 2)[valid_d].to(layout.dtype))
+        self._store_prompt_kv(output.past_key_values, slots_d, lambda s: s.transpose(1, 2)[valid_d])
         last = torch.tensor(lengths, device=device) - 1
-        hidden = output.last_hidden_state[torch.arange(batch, device=device), last]  # (B, H)
-        logits = F.linear(hidden, model.lm_head.weight, model.lm_head.bias)  # (B, V)
-        for row, i in enumerate(where):
-            out[i] = logits[row]
+        self._first_logits(model, output.last_hidden_state[torch.arange(batch, device=device), last], where, out)
 
     # ------------------------------------------------------------------ rows
 
