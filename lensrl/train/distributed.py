@@ -58,20 +58,21 @@ def barrier() -> None:
         dist.barrier()
 
 
-def all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
+def _all_reduce(value: torch.Tensor, op) -> torch.Tensor:
+    """`value` reduced over ranks, on its own device (the collective runs where the backend needs)."""
     if dist.is_initialized():
         moved = value.to(_comm_device())
-        dist.all_reduce(moved, op=dist.ReduceOp.SUM)
+        dist.all_reduce(moved, op=op)
         return moved.to(value.device)
     return value
+
+
+def all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
+    return _all_reduce(value, dist.ReduceOp.SUM)
 
 
 def all_reduce_max(value: torch.Tensor) -> torch.Tensor:
-    if dist.is_initialized():
-        moved = value.to(_comm_device())
-        dist.all_reduce(moved, op=dist.ReduceOp.MAX)
-        return moved.to(value.device)
-    return value
+    return _all_reduce(value, dist.ReduceOp.MAX)
 
 
 def sum_metrics(metrics: dict[str, float]) -> dict[str, float]:
