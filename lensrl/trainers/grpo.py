@@ -354,11 +354,6 @@ def _pad(rows: list[list[float]], width: int) -> torch.Tensor:
     return out
 
 
-def _pad_mask(flat, width: int) -> torch.Tensor:
-    """All generated tokens (truncated ones included): the rollout/train gap is about every token."""
-    return _pad([[1.0] * len(c.token_ids) for _, c in flat], width).bool()
-
-
 @contextmanager
 def _timer(timing: dict[str, float], name: str):
     start = time.time()
