@@ -9,6 +9,7 @@ from lensrl.models.processor import ProcessedSample
 from lensrl.models.rope import mm_token_type_ids
 from lensrl.rollout.base import Completion, SamplingParams
 from lensrl.train.logprobs import mask_suppressed
+from lensrl.train.sequences import image_inputs
 
 
 class HFRollout:
@@ -67,10 +68,7 @@ class HFRollout:
         inputs = {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device),
                   # transformers 5.x computes multimodal rope positions only when told where images are
                   "mm_token_type_ids": mm_token_type_ids(input_ids, self.processor.image_token_id).to(device)}
-        with_images = [p for p in rows if p.pixel_values is not None]
-        if with_images:
-            inputs["pixel_values"] = torch.cat([p.pixel_values for p in with_images]).to(device)
-            inputs["image_grid_thw"] = torch.cat([p.image_grid_thw for p in with_images]).to(device)
+        inputs.update({k: v.to(device) for k, v in image_inputs(rows).items()})
         greedy = params.temperature <= 0
         sampling = {}
         if not greedy:

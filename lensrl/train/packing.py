@@ -38,7 +38,7 @@ import warnings
 import torch
 
 from lensrl.train.attention import TEXT_ATTENTION, enable_packed_attention, packed_attention_calls
-from lensrl.train.sequences import Sequence, forward_response_logprobs
+from lensrl.train.sequences import Sequence, forward_response_logprobs, image_inputs
 
 logger = logging.getLogger(__name__)
 
@@ -131,11 +131,7 @@ def pack_sequences(seqs: list, device: torch.device | str) -> dict[str, torch.Te
     text = torch.cat([torch.arange(s.input_ids.shape[0], dtype=torch.long) for s in seqs])  # (T,)
     mrope = torch.cat([s.position_ids for s in seqs], dim=1)  # (3, T)
     position_ids = torch.cat([text.unsqueeze(0), mrope]).unsqueeze(1)  # (4, 1, T)
-    inputs = {"input_ids": input_ids, "position_ids": position_ids}
-    pixels = [s.pixel_values for s in seqs if s.pixel_values is not None]
-    if pixels:
-        inputs["pixel_values"] = torch.cat(pixels)
-        inputs["image_grid_thw"] = torch.cat([s.image_grid_thw for s in seqs if s.image_grid_thw is not None])
+    inputs = {"input_ids": input_ids, "position_ids": position_ids, **image_inputs(seqs)}
     return {k: v.to(device, non_blocking=True) for k, v in inputs.items()}
 
 

@@ -65,11 +65,18 @@ def collate(seqs: list[Sequence], pad_token_id: int, device: torch.device) -> di
         attention_mask[i, : s.num_tokens] = 1
         position_ids[:, i, : s.num_tokens] = s.position_ids
     inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
-    pixels = [s.pixel_values for s in seqs if s.pixel_values is not None]
-    if pixels:
-        inputs["pixel_values"] = torch.cat(pixels)
-        inputs["image_grid_thw"] = torch.cat([s.image_grid_thw for s in seqs if s.image_grid_thw is not None])
+    inputs.update(image_inputs(seqs))
     return {k: v.to(device, non_blocking=True) for k, v in inputs.items()}
+
+
+def image_inputs(items) -> dict[str, torch.Tensor]:
+    """`pixel_values` and `image_grid_thw` of every image of `items` (Sequences or prompts) in
+    order, for one model call; empty when none has an image."""
+    with_images = [s for s in items if s.pixel_values is not None]
+    if not with_images:
+        return {}
+    return {"pixel_values": torch.cat([s.pixel_values for s in with_images]),
+            "image_grid_thw": torch.cat([s.image_grid_thw for s in with_images])}
 
 
 def forward_response_logprobs(

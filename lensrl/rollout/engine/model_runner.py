@@ -30,6 +30,8 @@ from lensrl.rollout.engine import ops as torch_ops
 from lensrl.rollout.engine.kv_cache import KVCache, KVLayout
 from lensrl.rollout.engine.scheduler import Group, Seq
 from lensrl.rollout.engine.weights import DecodeWeights, TextShape
+from lensrl.train.packing import pack_sequences
+from lensrl.train.sequences import image_inputs
 
 
 def graph_buckets(max_num_seqs: int) -> list[int]:
@@ -161,8 +163,6 @@ class ModelRunner:
     def _prefill_packed(self, model, groups: list[Group], where: list[int], out: list) -> None:
         """The prompts back to back in one row, attention kept inside each (varlen FlashAttention on
         CUDA, lensrl.train.attention), each with its own multimodal rope positions: no padding."""
-        from lensrl.train.packing import pack_sequences
-
         block_size = self.layout.block_size
         lengths = [g.prompt_len for g in groups]
         slots = torch.cat([torch.tensor(g.prompt_blocks)[torch.arange(n) // block_size] * block_size
@@ -207,12 +207,7 @@ class ModelRunner:
         inputs = {"input_ids": input_ids.to(device), "position_ids": position_ids.to(device)}
         if min(lengths) != width:
             inputs["attention_mask"] = valid.long().to(device)
-        pixels = [g.prompt.pixel_values for g in groups if g.prompt.pixel_values is not None]
-        if pixels:
-            inputs["pixel_values"] = torch.cat(pixels).to(device)
-            inputs["image_grid_thw"] = torch.cat(
-                [g.prompt.image_grid_thw for g in groups if g.prompt.image_grid_thw is not None]
-            ).to(device)
+        inputs.update({k: v.to(device) for k, v in image_inputs([g.prompt for g in groups]).items()})
         output = model.model(**inputs, use_cache=True)
         valid_d = valid.to(device)
         slots_d = slots.to(device)[valid_d]  # (N,) in row-major order, as boolean indexing takes them
