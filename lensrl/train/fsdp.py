@@ -63,8 +63,16 @@ def shard_model(model: torch.nn.Module, cfg, device: torch.device, train: bool =
     kwargs: dict[str, Any] = dict(mp_policy=mp, offload_policy=offload,
                                   reshard_after_forward=cfg.reshard_after_forward)
     vision, layers = _blocks(model)
+    # Blocks take their inputs as they come (cast_forward_inputs=False): FSDP casts forward
+    # inputs in its pre-forward hook but skips that hook when activation checkpointing recomputes
+    # a block in the backward, so a cast input (the vision tower's fp32 rope cos/sin) would be
+    # bf16 in the forward and fp32 in the recompute: different values, and a CheckpointError
+    # once the block is compiled (the saved inputs' dtypes differ). Hidden states already arrive
+    # in bf16 from the root and the visual unit, which still cast theirs.
+    block_mp = MixedPrecisionPolicy(param_dtype=mp.param_dtype, reduce_dtype=mp.reduce_dtype,
+                                    cast_forward_inputs=False)
     for block in vision + layers:
-        fully_shard(block, **kwargs)
+        fully_shard(block, **{**kwargs, "mp_policy": block_mp})
     fully_shard(model.model.visual, **kwargs)  # patch embedding + mergers, so a dummy image is cheap
     fully_shard(model, **kwargs)
     if train:
