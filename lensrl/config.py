@@ -41,6 +41,10 @@ class ModelConfig:
     trust_remote_code: bool = False
     gradient_checkpointing: bool = False
     freeze_vision_tower: bool = False
+    # torch.compile every decoder layer / vision block and the logprob head (fused element-wise
+    # kernels; lensrl.models.compile). auto: on CUDA with Triton; always: also on CPU (needs a C++
+    # compiler; slow to compile, for tests); never: eager.
+    compile: Literal["auto", "always", "never"] = "auto"
 
 
 @dataclass

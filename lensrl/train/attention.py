@@ -20,6 +20,7 @@ per block instead of one SDPA call per image window).
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 import weakref
@@ -255,7 +256,23 @@ def _varlen(query, key, value, segments: Segments, causal: bool, scale):
 # --------------------------------------------------------------------------------------------
 # the transformers hooks
 
+_kv_sink: list = [None]  # fn(module, key, value) while a kv_sink context is active
 
+
+@contextlib.contextmanager
+def kv_sink(fn):
+    """While active, every attention call through this module first hands `fn(module, key,
+    value)` its post-rope keys and values (B, Hkv, T, D). The engine's prefill uses it to write a
+    cacheless forward's K/V straight into its paged pool (no DynamicCache, no second copy, and
+    the blocks stay compiled)."""
+    previous, _kv_sink[0] = _kv_sink[0], fn
+    try:
+        yield
+    finally:
+        _kv_sink[0] = previous
+
+
+@torch.compiler.disable  # host-side segment bookkeeping: compiled blocks call it eagerly
 def packed_attention_forward(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -270,6 +287,8 @@ def packed_attention_forward(
     """An `AttentionInterface` function: segment attention for packed rows, sdpa otherwise."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+    if _kv_sink[0] is not None:
+        _kv_sink[0](module, key, value)
     segments, causal = None, bool(is_causal if is_causal is not None else getattr(module, "is_causal", True))
     cu_seqlens = kwargs.get("cu_seq_lens_q")
     if cu_seqlens is not None and query.shape[0] == 1 and attention_mask is None:

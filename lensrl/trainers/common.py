@@ -41,8 +41,10 @@ def setup_policy(trainer, cfg, with_ref: bool = False) -> None:
     with. Sets trainer.device, .amp_dtype, .policy, .processor, .ref, .rollout_model, .anchor."""
     import copy
 
+    from lensrl.models.compile import compile_blocks, compile_enabled
     from lensrl.models.load import load_policy
     from lensrl.train import fsdp
+    from lensrl.train.logprobs import compile_head
 
     t = cfg.trainer
     trainer.device = device = dist.resolve_device(t.device)
@@ -58,6 +60,12 @@ def setup_policy(trainer, cfg, with_ref: bool = False) -> None:
     if cfg.model.freeze_vision_tower:
         policy.model.visual.requires_grad_(False)
     ref = copy.deepcopy(policy).requires_grad_(False).eval() if with_ref else None
+    compiled = compile_enabled(cfg.model.compile, device)
+    if compiled:  # before sharding: FSDP's hooks stay outside the compiled code
+        for model in (policy, ref):
+            if model is not None:
+                compile_blocks(model)
+        compile_head()
     trainer.anchor = None
     trainer.rollout_copy = None
     if sharded:
@@ -66,6 +74,8 @@ def setup_policy(trainer, cfg, with_ref: bool = False) -> None:
             fsdp.shard_model(ref, t.fsdp, device, train=False)
         rollout_dtype = trainer.amp_dtype or param_dtype
         trainer.rollout_copy = fsdp.RolloutCopy(policy, rollout_dtype, device)
+        if compiled:  # the engine's prefill runs its vision blocks and decoder layers
+            compile_blocks(trainer.rollout_copy.model)
         trainer.anchor = image_anchor(trainer.processor)
     trainer.policy, trainer.ref = policy, ref
     trainer.rollout_model = trainer.rollout_copy.model if sharded else policy

@@ -102,6 +102,17 @@ def test_fsdp_on_one_rank_equals_the_plain_model(grpo_runs, tiny_qwen25_dir, col
     assert not (out / "fsdp_one" / "checkpoints").exists()  # save_last=false, save_freq=0
 
 
+def test_compiled_blocks_under_fsdp_and_checkpointing_equal_the_eager_run(grpo_runs, tiny_qwen25_dir, color_data):
+    """`model.compile` composes with FSDP2 and activation checkpointing (FSDP's hooks outside the
+    compiled blocks, the checkpoint around them): the same steps and weights as eager."""
+    out, _ = grpo_runs
+    launch(1, "grpo", grpo_args(tiny_qwen25_dir, color_data, out, "compiled", "trainer.fsdp.enable=always",
+                                "model.compile=always", "model.gradient_checkpointing=true",
+                                "trainer.save_freq=0", "trainer.save_last=false"))
+    assert_same_steps(read_metrics(out / "one"), read_metrics(out / "compiled"))
+    assert_same_weights(out / "one" / "hf", out / "compiled" / "hf")
+
+
 @pytest.mark.parametrize("saved, resumed", [("two", 1), ("one", 2)])
 def test_resume_at_another_rank_count_continues_the_run(grpo_runs, tiny_qwen25_dir, color_data, saved, resumed):
     out, _ = grpo_runs

@@ -1,0 +1,112 @@
+"""torch.compile of a Qwen-VL model's repeated blocks, for fused element-wise work.
+
+The stock transformers blocks run RMSNorm, rotary embedding, the SiLU gate, residual adds and
+the fp32/bf16 casts as separate kernels: on the H100 they took a third of a training step's GPU
+time (benchmarks/RESULTS.md, issue 5) and keep the engine's vision tower at 16% MFU (issue 4).
+`compile_blocks` compiles the forward of every text decoder layer and every vision block, as
+torchtitan compiles its transformer blocks: inductor fuses each run of element-wise ops into one
+Triton kernel (and the same for their backward), matrix multiplies stay cuBLAS.
+
+    n = compile_blocks(model)     # in place; state-dict keys, FSDP units and hooks unchanged
+
+What stays eager, by design:
+  * attention: lensrl's packed attention (`lensrl.train.attention`) reads host-side segment
+    boundaries and calls FlashAttention's varlen kernel; it is excluded from tracing, so each
+    block compiles into two graphs (before and after attention);
+  * calls with a KV cache (`past_key_values`: transformers `generate`): the cache object is
+    Python bookkeeping, so those calls take the block's original forward. The engine's prefill
+    passes no cache (its K/V go to the pool through `attention.kv_sink`) and runs compiled.
+
+The blocks' forward is replaced on the instance (`block.forward`), not `block.__call__`, so
+module hooks (FSDP2's all-gathers, activation checkpointing) run outside the compiled code.
+All blocks of one class share one compiled function; shapes are dynamic (packed micro-batches
+differ in length), so a new length does not recompile.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+_COMPILED: dict[type, object] = {}  # block class -> its compiled forward (shared by every instance)
+
+
+def blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The vision blocks and text decoder layers of a Qwen2.5-VL / Qwen3-VL model."""
+    inner = model.model
+    lm = getattr(inner, "language_model", inner)
+    return [*inner.visual.blocks, *lm.layers]
+
+
+def compile_available(device: torch.device | str) -> bool:
+    """Whether `torch.compile` can generate kernels for `device` here (Triton for CUDA; a C++
+    compiler for CPU is assumed present only when asked for explicitly)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return False
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def compile_enabled(setting: str, device: torch.device | str) -> bool:
+    """`model.compile`: "auto" compiles on CUDA when Triton is installed; always / never."""
+    if setting == "auto":
+        return compile_available(device)
+    if setting in ("always", "never"):
+        return setting == "always"
+    raise ValueError(f"model.compile must be auto, always or never, got {setting!r}")
+
+
+def compile_blocks(model: torch.nn.Module, mode: str | None = None) -> int:
+    """Compile every block's forward in place; returns how many blocks now run compiled.
+    Idempotent. `mode`: torch.compile's mode (None: the default, no CUDA graphs)."""
+    count = 0
+    for block in blocks(model):
+        if getattr(block, "_lensrl_compiled", False):
+            count += 1
+            continue
+        # FSDP2 swaps the instance's class for a subclass; the code to compile is the model's own
+        inner, checkpoints = _inner_forward(type(block))
+        key = (inner, mode)
+        if key not in _COMPILED:
+            _COMPILED[key] = torch.compile(inner, dynamic=True, mode=mode)
+        block.forward = functools.partial(_dispatch, block, _COMPILED[key], checkpoints)
+        block._lensrl_compiled = True
+        count += 1
+    return count
+
+
+def uncompile_blocks(model: torch.nn.Module) -> None:
+    """Undo compile_blocks (the blocks' class forward again)."""
+    for block in blocks(model):
+        if getattr(block, "_lensrl_compiled", False):
+            del block.forward
+            block._lensrl_compiled = False
+
+
+def _inner_forward(cls: type):
+    """(the block's own forward, whether the class forward wraps it in activation checkpointing).
+    transformers >= 5.2x checkpoints inside `forward` (GradientCheckpointingLayer wraps it, again
+    for FSDP2's subclass); a checkpoint around compiled code must be taken outside it, so the
+    compiled function is the unwrapped forward and `_dispatch` checkpoints it as transformers
+    would. Older releases checkpoint in `__call__`, around our forward, and need nothing."""
+    fn = cls.forward
+    checkpoints = False
+    while getattr(getattr(fn, "__code__", None), "co_name", "") == "forward_with_checkpointing":
+        fn, checkpoints = fn.__wrapped__, True
+    return fn, checkpoints
+
+
+def _dispatch(block, compiled_forward, checkpoints: bool, *args, **kwargs):
+    if kwargs.get("past_key_values") is not None:  # cached generation: the class's own forward
+        return type(block).forward(block, *args, **kwargs)
+    if checkpoints and block.gradient_checkpointing and block.training:
+        return block._gradient_checkpointing_func(functools.partial(compiled_forward, block, **kwargs), *args)
+    return compiled_forward(block, *args, **kwargs)
