@@ -57,6 +57,20 @@ def test_greedy_equals_transformers_generate(policy, hf_greedy):
     )  # each prompt prefilled once for its n samples
 
 
+def test_greedy_equals_generate_with_compiled_blocks(policy, hf_greedy):
+    """model.compile on: the packed prefill runs the compiled vision blocks and decoder layers
+    (no KV cache object; each layer's K/V goes straight into the pool) and still matches."""
+    from lensrl.models.compile import compile_blocks, uncompile_blocks
+
+    model, processor, prompts = policy
+    compile_blocks(model)
+    try:
+        engine = make_engine(model, processor, block_size=8)
+        assert_same(hf_greedy, engine.generate(prompts, GREEDY))
+    finally:
+        uncompile_blocks(model)
+
+
 def test_prefill_is_packed_on_sdpa_and_padded_otherwise(policy, hf_greedy):
     """The engine switches an sdpa model to packed attention (prompts back to back in one prefill
     row); a model on another attention implementation keeps the padded prefill. Both equal generate."""

@@ -162,13 +162,34 @@ class ModelRunner:
 
     def _prefill_packed(self, model, groups: list[Group], where: list[int], out: list) -> None:
         """The prompts back to back in one row, attention kept inside each (varlen FlashAttention on
-        CUDA, lensrl.train.attention), each with its own multimodal rope positions: no padding."""
-        block_size = self.layout.block_size
+        CUDA, lensrl.train.attention), each with its own multimodal rope positions: no padding.
+        No KV cache object: each text attention call writes its keys and values straight into
+        the paged pool (`kv_sink`), so the decoder layers run as they do in training (compiled,
+        when model.compile is on) and nothing is copied afterwards."""
+        from lensrl.train.attention import kv_sink
+
+        layout = self.layout
+        block_size = layout.block_size
         lengths = [g.prompt_len for g in groups]
         slots = torch.cat([torch.tensor(g.prompt_blocks)[torch.arange(n) // block_size] * block_size
-                           + torch.arange(n) % block_size for g, n in zip(groups, lengths)])
-        output = model.model(**pack_sequences([g.prompt for g in groups], self.device), use_cache=True)
-        self._store_prompt_kv(output.past_key_values, slots.to(self.device), lambda s: s[0].transpose(0, 1))
+                           + torch.arange(n) % block_size for g, n in zip(groups, lengths)]).to(self.device)
+        layer_of = {layer.self_attn: i for i, layer in enumerate(_text_layers(model))}
+        written = set()
+
+        def store(module, key, value):  # key, value: (1, KVH, T, D)
+            layer = layer_of.get(module)
+            if layer is None:  # the vision tower's attention
+                return
+            for cache, states in ((self.kv.keys(layer), key), (self.kv.values(layer), value)):
+                flat = cache.view(-1, layout.num_kv_heads, layout.head_dim)
+                flat.index_copy_(0, slots, states[0].transpose(0, 1).to(layout.dtype))
+            written.add(layer)
+
+        with kv_sink(store):
+            output = model.model(**pack_sequences([g.prompt for g in groups], self.device), use_cache=False)
+        if len(written) != layout.num_layers:
+            raise RuntimeError(f"prefill wrote the KV of {len(written)} of {layout.num_layers} layers: the "
+                               "text attention did not run through lensrl.train.attention")
         last = torch.tensor(lengths).cumsum(0).to(self.device) - 1
         self._first_logits(model, output.last_hidden_state[0, last], where, out)
 
@@ -395,6 +416,11 @@ class ModelRunner:
     def sample_kernel(self):
         """The fused sampling kernel when the Triton ops are in use, else None (torch sampler)."""
         return None if self.ops is torch_ops else self.ops.sample
+
+
+def _text_layers(model: torch.nn.Module):
+    inner = model.model
+    return getattr(inner, "language_model", inner).layers
 
 
 def _cache_layer(cache, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
