@@ -11,6 +11,8 @@ rewritten after every section):
   bandwidth  device-to-device copy rate: the roofline's denominator
   hf         transformers generate via HFRollout (sampling), 1 and 1+K new tokens, extrapolated
   engine     the engine on the same workload: tokens/s, ratio to generate, roofline fraction
+  engine_compiled  the same with `model.compile` (compiled vision blocks / decoder layers); the
+             sections below then run compiled, as the trainers do on CUDA
   sharing    64 prompts x n=8 (prefix sharing) vs 512 prompts x n=1, per generated token
   long_tail  EOS-like stops (geometric lengths, a few at the maximum) through continuous batching,
              vs the fixed-length run
@@ -228,6 +230,20 @@ def bench_engine(model, processor, prompts, args, results, anchor_hf: float | No
     return out
 
 
+def bench_engine_compiled(model, processor, prompts, args, results, anchor_hf: float | None = None) -> dict:
+    """The engine again with `model.compile` on (lensrl.models.compile: vision blocks and decoder
+    layers compiled; prefill writes K/V straight into the pool). The sections after this one run
+    compiled too, as the trainers do on CUDA by default."""
+    from lensrl.models.compile import compile_blocks
+
+    out = {"compiled_blocks": compile_blocks(model)}
+    out.update(bench_engine(model, processor, prompts, args, results, anchor_hf))
+    eager = results.get("engine", {}).get("warm", {})
+    if "tokens_per_s" in eager:
+        out["speedup_vs_eager_engine"] = out["warm"]["tokens_per_s"] / eager["tokens_per_s"]
+    return out
+
+
 def bench_sharing(model, processor, prompts, args) -> dict:
     engine = make_engine(model, processor, args, max_num_seqs=max(args.max_num_seqs, args.share_prompts * 8))
     new = args.new_tokens
@@ -266,12 +282,25 @@ def bench_sharing(model, processor, prompts, args) -> dict:
 def bench_long_tail(model, processor, prompts, args, results) -> dict:
     """Lengths set by a stop criterion, as EOS sets them: every 1 in new_tokens/4 token ids stops a
     sequence, so with near-uniform random-weight logits lengths are geometric (mean ~new_tokens/4;
-    most short, a few reach new_tokens). tail_prompts x n=8 sequences through tail_rows rows."""
+    most short, a few reach new_tokens). tail_prompts x n=8 sequences through tail_rows rows, with
+    the engine's default prefill-ahead policy (large, rare prefill rounds) and with the earlier
+    one (lookahead rows // 4, a prefill once rows // 8 samples are wanted: small, frequent rounds)."""
+    out = _long_tail_run(model, processor, prompts, args, results)
+    rows = args.tail_rows
+    out["small_rounds"] = _long_tail_run(model, processor, prompts, args, results,
+                                         lookahead=rows // 4, prefill_min_rows=rows // 8)
+    # the drain bound: once no sample waits, the batch thins as rows finish; with every row
+    # refilled at once, decode tokens/s relative to a full batch is the mean batch / rows
+    out["mean_batch_fraction"] = out["mean_batch"] / rows
+    return out
+
+
+def _long_tail_run(model, processor, prompts, args, results, **options) -> dict:
     stopping = copy.copy(processor)
     stride = max(2, args.new_tokens // 4)
     stopping.eos_token_ids = list(range(stride // 2, model.lm_head.weight.shape[0], stride))
     tail_prompts = [prompts[i % len(prompts)] for i in range(args.tail_prompts)]
-    engine = make_engine(model, stopping, args, max_num_seqs=args.tail_rows)
+    engine = make_engine(model, stopping, args, max_num_seqs=args.tail_rows, **options)
     params = SamplingParams(n=8, temperature=1.0, max_new_tokens=args.new_tokens, seed=0)
     sync(args.device)
     start = time.perf_counter()
@@ -281,16 +310,21 @@ def bench_long_tail(model, processor, prompts, args, results) -> dict:
     stats = dict(engine.stats)
     lengths = [len(c.token_ids) for g in groups for c in g]
     run = {
+        "lookahead": engine.lookahead,
+        "prefill_min_rows": engine.prefill_min_rows,
         "wall_s": wall,
         "tokens": sum(lengths),
         "tokens_per_s": sum(lengths) / wall,
         "decode_tokens_per_s": stats["decode_tokens"] / max(stats["decode_s"], 1e-9),
+        "decode_ms_per_step": 1e3 * stats["decode_s"] / max(stats["decode_steps"], 1),
         "mean_batch": stats["decode_tokens"] / max(stats["decode_steps"], 1),
         **stats,
     }
     log(
-        f"  {len(lengths)} sequences, mean length {np.mean(lengths):.1f}: {wall:.2f} s, "
-        f"{run['decode_tokens_per_s']:.0f} decode tokens/s, mean batch {run['mean_batch']:.0f}"
+        f"  {len(lengths)} sequences, mean length {np.mean(lengths):.1f}, lookahead {engine.lookahead}, "
+        f"min rows {engine.prefill_min_rows}: {wall:.2f} s, {run['prefill_rounds']} prefill rounds "
+        f"({run['prefill_s']:.2f} s), {run['decode_tokens_per_s']:.0f} decode tokens/s, mean batch "
+        f"{run['mean_batch']:.0f}"
     )
     out = {
         "sequences": len(lengths),
@@ -301,10 +335,13 @@ def bench_long_tail(model, processor, prompts, args, results) -> dict:
         "stop_reasons": {r: sum(c.finish_reason == r for g in groups for c in g) for r in ("stop", "length")},
         **run,
     }
-    fixed = results.get("engine", {}).get("warm")
+    # against the fixed-length run of the same model state (compiled when the engine was)
+    fixed = (results.get("engine_compiled") or {}).get("warm") or (results.get("engine") or {}).get("warm")
     if fixed:
         out["decode_fraction_of_fixed"] = run["decode_tokens_per_s"] / fixed["decode_tokens_per_s"]
         out["e2e_fraction_of_fixed"] = run["tokens_per_s"] / fixed["tokens_per_s"]
+        out["decode_step_time_ratio"] = run["decode_ms_per_step"] / (
+            1e3 * fixed["decode_s"] / max(fixed["decode_steps"], 1))
     return out
 
 
@@ -371,25 +408,33 @@ def median_sync(engine: EngineRollout, model, repeats: int = 5) -> float:
 
 
 def logprob_gap(model, processor, prompts, groups, temperature: float = 1.0, micro_batch: int = 8) -> dict:
+    """Engine vs trainer per-token |delta logp|, and, as the floor bf16 sets, the trainer against
+    itself in another layout (padded micro-batches vs one packed row: different kernels and
+    shapes, the same math)."""
     seqs, rollout = [], []
     for prompt, group in zip(prompts, groups):
         for completion in group:
             seqs.append(make_sequence(prompt, completion.token_ids))
             rollout.append(torch.tensor(completion.logprobs))
-    gaps = []
+    gaps, self_gaps = [], []
+    suppress = getattr(processor, "suppress_token_ids", None)
     with torch.no_grad():
         for start in range(0, len(seqs), micro_batch):
+            micro = seqs[start : start + micro_batch]
             logp, _, mask = forward_response_logprobs(
-                model,
-                seqs[start : start + micro_batch],
-                processor.pad_token_id,
-                temperature=temperature,
-                suppress_ids=getattr(processor, "suppress_token_ids", None),
+                model, micro, processor.pad_token_id, temperature=temperature, suppress_ids=suppress
+            )
+            packed, _, _ = forward_response_logprobs(
+                model, micro, processor.pad_token_id, temperature=temperature, suppress_ids=suppress,
+                width=logp.shape[1], packed=True,
             )
             for i in range(logp.shape[0]):
                 gaps.append((logp[i, mask[i]].float().cpu() - rollout[start + i]).abs())
-    gaps = torch.cat(gaps)
-    return {"mean_abs": float(gaps.mean()), "max_abs": float(gaps.max()), "tokens": int(gaps.numel())}
+                self_gaps.append((logp[i, mask[i]].float() - packed[i, mask[i]].float()).abs().cpu())
+    gaps, self_gaps = torch.cat(gaps), torch.cat(self_gaps)
+    return {"mean_abs": float(gaps.mean()), "max_abs": float(gaps.max()), "tokens": int(gaps.numel()),
+            "trainer_padded_vs_packed_mean_abs": float(self_gaps.mean()),
+            "trainer_padded_vs_packed_max_abs": float(self_gaps.max())}
 
 
 def bench_logprobs(model, processor, prompts, args) -> dict:
@@ -405,6 +450,10 @@ def bench_qwen3(args, results) -> dict:
     out = {"prompt_tokens": int(np.mean([p.input_ids.shape[0] for p in prompts]))}
     if not {"hf", "qwen3_hf"} & args.skip:
         out["hf"] = bench_hf(model, processor, prompts, args)
+    if "engine_compiled" not in args.skip:
+        from lensrl.models.compile import compile_blocks
+
+        out["compiled_blocks"] = compile_blocks(model)
     out.update(bench_engine(model, processor, prompts, args, {**results, "hf": out.get("hf")}))
     out["logprobs"] = bench_logprobs(model, processor, prompts, args)
     del model
@@ -572,6 +621,10 @@ def main() -> None:
         section(
             "engine", lambda: bench_engine(state["model"], processor, main_prompts, args, results, anchor)
         )
+        section(
+            "engine_compiled",
+            lambda: bench_engine_compiled(state["model"], processor, main_prompts, args, results, anchor),
+        )
         section("sharing", lambda: bench_sharing(state["model"], processor, prompts, args))
         section("long_tail", lambda: bench_long_tail(state["model"], processor, main_prompts, args, results))
         section("logprobs", lambda: bench_logprobs(state["model"], processor, prompts, args))
@@ -611,6 +664,14 @@ def print_table(results: dict, args) -> None:
         ("engine tokens/s (e2e, warm)", fmt(get("engine", "warm", "tokens_per_s"), ".0f"), ""),
         ("engine decode tokens/s", fmt(get("engine", "warm", "decode_tokens_per_s"), ".0f"), ""),
         ("engine / HF (e2e)", fmt(get("engine", "speedup_vs_hf"), ".1f"), ">= 20x"),
+        ("engine + compile tokens/s (e2e, warm)", fmt(get("engine_compiled", "warm", "tokens_per_s"), ".0f"), ""),
+        ("engine + compile / HF (e2e)", fmt(get("engine_compiled", "speedup_vs_hf"), ".1f"), ">= 20x"),
+        (
+            "engine + compile prefill s / decode s",
+            f"{fmt(get('engine_compiled', 'warm', 'prefill_s'), '.2f')} / "
+            f"{fmt(get('engine_compiled', 'warm', 'decode_s'), '.2f')}",
+            "",
+        ),
         ("engine / HF (decode)", fmt(get("engine", "decode_speedup_vs_hf"), ".1f"), ""),
         (
             "roofline fraction (text weights + KV)",
@@ -639,6 +700,17 @@ def print_table(results: dict, args) -> None:
             fmt(get("long_tail", "decode_fraction_of_fixed"), ".2f"),
             ">= 0.80",
         ),
+        (
+            "long tail / fixed e2e (default / small rounds)",
+            f"{fmt(get('long_tail', 'e2e_fraction_of_fixed'), '.2f')} / "
+            f"{fmt(get('long_tail', 'small_rounds', 'e2e_fraction_of_fixed'), '.2f')}",
+            "",
+        ),
+        (
+            "long tail mean batch / rows (drain bound)",
+            fmt(get("long_tail", "mean_batch_fraction"), ".2f"),
+            "",
+        ),
         ("weight sync, bf16 params (s)", fmt(get("sync", "bf16_params", "sync_s"), ".4f"), "< 0.2"),
         ("weight sync, fp32 masters (s)", fmt(get("sync", "fp32_masters", "sync_s"), ".4f"), "< 0.2"),
         (
@@ -650,6 +722,11 @@ def print_table(results: dict, args) -> None:
             "logprob |d| mean / max (bf16 on GPU)",
             f"{fmt(get('logprobs', 'mean_abs'), '.2e')} / {fmt(get('logprobs', 'max_abs'), '.2e')}",
             "mean <= 1e-2",
+        ),
+        (
+            "trainer vs itself (padded / packed) |d| mean",
+            fmt(get("logprobs", "trainer_padded_vs_packed_mean_abs"), ".2e"),
+            "bf16 floor",
         ),
         (
             "logprob |d| mean, fp32 masters+autocast",

@@ -14,8 +14,8 @@ Measured in one run:
            checkpointing everywhere, and with it on the vision tower only (smaller budget)
   logprob  the no-grad logprob pass, padded and packed (and their mean |delta logp|)
   profile  the top kernels of one packed micro-batch forward+backward
-  compile  experimental, not in lensrl yet: the best packed setup with RMSNorm and SiLU gates
-           fused by torch.compile (dynamic shapes); runs last, as it patches the model
+  compile  the packed sections again with lensrl's `model.compile` (every decoder layer and
+           vision block compiled, and the logprob head; lensrl.models.compile), and their profile
   head     peak memory of the logprob head alone, chunked vs full logits, over tokens and vocab
 
 Every section is in try/except and writes the JSON as it finishes; --skip-<section> leaves one out.
@@ -35,6 +35,7 @@ import contextlib
 import gc
 import json
 import math
+import os
 import platform
 import sys
 import tempfile
@@ -47,15 +48,19 @@ import torch
 import torch.nn.functional as F
 
 from lensrl.data.sample import ImageSource, Sample
+from lensrl.models.compile import compile_blocks
 from lensrl.models.load import load_policy
 from lensrl.train.attention import enable_packed_attention
-from lensrl.train.logprobs import token_logprobs
+from lensrl.train.logprobs import compile_head, token_logprobs
 from lensrl.train.packing import (
     micro_batched_response_logprobs,
     plan_micro_batches,
 )
 from lensrl.train.sequences import Sequence, forward_response_logprobs, make_sequence
 
+# as lensrl's CLI does (lensrl/cli.py): packed micro-batches of changing length fragment the
+# default CUDA caching allocator
+os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 START = time.perf_counter()
 WORDS = (
     "find the measure of angle ABC in the triangle shown given that AB equals BC and the exterior angle "
@@ -87,11 +92,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument(
         "--nogc-max-tokens", type=int, default=6144, help="packed budget, decoder not checkpointed"
     )
+    p.add_argument(
+        "--compiled-nogc-max-tokens", type=int, default=16384,
+        help="packed budget, decoder not checkpointed, compiled (fused kernels keep fewer activations)",
+    )
     p.add_argument("--logprob-max-tokens", type=int, default=32768, help="packed budget of the no-grad pass")
     p.add_argument("--chunk-size", type=int, default=1024, help="tokens per chunk of the logprob head")
     p.add_argument("--steps", type=int, default=2, help="timed steps per measurement")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--skip-eager", action="store_true", help="packed sections only with model.compile")
     for name in ("padded", "packed", "nogc", "logprob", "profile", "compile", "head"):
         p.add_argument(f"--skip-{name}", action="store_true")
     args = p.parse_args(argv)
@@ -101,6 +111,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.min_response, args.max_response = 4, 60
         args.padded_micro_batch = 4
         args.max_tokens, args.nogc_max_tokens, args.logprob_max_tokens = 400, 200, 800
+        args.compiled_nogc_max_tokens = 200
         args.chunk_size, args.steps, args.warmup = 64, 1, 2
     return args
 
@@ -335,35 +346,6 @@ def head_memory(device, hidden_size: int, vocab_sizes, token_counts, chunk_size:
     return rows
 
 
-def _rms_norm(hidden: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    dtype = hidden.dtype
-    hidden = hidden.float()
-    hidden = hidden * torch.rsqrt(hidden.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * hidden.to(dtype)
-
-
-def _silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    return F.silu(gate) * up
-
-
-def compile_elementwise(model) -> int:
-    """Experimental, not wired into lensrl: fuse every RMSNorm and SiLU gate with torch.compile
-    (dynamic shapes, matmuls stay cuBLAS). Returns the number of modules patched."""
-    rms_norm = torch.compile(_rms_norm, dynamic=True)
-    silu_mul = torch.compile(_silu_mul, dynamic=True)
-    patched = 0
-    for module in model.modules():
-        if type(module).__name__.endswith("RMSNorm") and hasattr(module, "variance_epsilon"):
-            module.forward = lambda hidden, m=module: rms_norm(hidden, m.weight, m.variance_epsilon)
-            patched += 1
-        elif all(hasattr(module, a) for a in ("gate_proj", "up_proj", "down_proj", "act_fn")) and type(
-            module.act_fn
-        ).__name__ in ("SiLU", "SiLUActivation"):
-            module.forward = lambda x, m=module: m.down_proj(silu_mul(m.gate_proj(x), m.up_proj(x)))
-            patched += 1
-    return patched
-
-
 def profile_table(device, fn, rows: int = 20) -> str:
     """The top kernels of one call of `fn` by device time (CPU time on CPU)."""
     from torch.profiler import ProfilerActivity, profile
@@ -506,46 +488,47 @@ def main(argv=None) -> dict:
             log(_row(table[-1]))
 
     enable_packed_attention(model)
-    variants = []
-    if not args.skip_packed:
-        variants.append(("packed_train", "packed train ({} tok, ckpt)", args.max_tokens, True))
-    if not args.skip_nogc:
-        variants.append(
-            ("packed_train_nockpt", "packed train ({} tok, ckpt vision only)", args.nogc_max_tokens, False)
-        )
-    for key, label, budget, decoder_ckpt in variants:
-        with section(key):
-            set_checkpointing(model, decoder_ckpt, True)
-            for attempt in range(2):  # on OOM, once more with half the budget
-                out_of_memory = False
-                try:
-                    plan = plan_micro_batches(lengths, budget)
-                    r = timed(
-                        device,
-                        lambda plan=plan: train_step(model, seqs, plan, packed_forward, pad, args.chunk_size),
-                        args.steps,
-                        args.warmup,
-                    )
-                    break
-                except torch.OutOfMemoryError:
-                    if attempt:
-                        raise
-                    out_of_memory = True
-                if out_of_memory:  # outside the handler, so the failed step's tensors are gone
-                    model.zero_grad(set_to_none=True)
-                    reset_memory(device)
-                    log(
-                        f"{key}: out of memory at {budget} tokens per micro-batch, retrying with {budget // 2}"
-                    )
-                    budget //= 2
-            r.update(plan_stats(plan, seqs, padded=False), budget=budget, decoder_checkpointing=decoder_ckpt)
-            results["sections"][key] = summarize(r, tokens, train_flops, rate)
-            table.append((label.format(budget), r))
-            log(_row(table[-1]))
-        model.zero_grad(set_to_none=True)
 
-    if not args.skip_logprob:
-        with section("packed_logprob"):
+    def packed_train_sections(suffix: str = "", note: str = "", nogc_budget: int = args.nogc_max_tokens) -> None:
+        variants = []
+        if not args.skip_packed:
+            variants.append(("packed_train", "packed train ({} tok, ckpt)", args.max_tokens, True))
+        if not args.skip_nogc:
+            variants.append(
+                ("packed_train_nockpt", "packed train ({} tok, ckpt vision only)", nogc_budget, False)
+            )
+        for key, label, budget, decoder_ckpt in variants:
+            key = key + suffix
+            with section(key):
+                set_checkpointing(model, decoder_ckpt, True)
+                for attempt in range(2):  # on OOM, once more with half the budget
+                    out_of_memory = False
+                    try:
+                        plan = plan_micro_batches(lengths, budget)
+                        r = timed(
+                            device,
+                            lambda plan=plan: train_step(model, seqs, plan, packed_forward, pad, args.chunk_size),
+                            args.steps,
+                            args.warmup,
+                        )
+                        break
+                    except torch.OutOfMemoryError:
+                        if attempt:
+                            raise
+                        out_of_memory = True
+                    if out_of_memory:  # outside the handler, so the failed step's tensors are gone
+                        model.zero_grad(set_to_none=True)
+                        reset_memory(device)
+                        log(f"{key}: out of memory at {budget} tokens per micro-batch, retrying with {budget // 2}")
+                        budget //= 2
+                r.update(plan_stats(plan, seqs, padded=False), budget=budget, decoder_checkpointing=decoder_ckpt)
+                results["sections"][key] = summarize(r, tokens, train_flops, rate)
+                table.append((label.format(budget) + note, r))
+                log(_row(table[-1]))
+            model.zero_grad(set_to_none=True)
+
+    def packed_logprob_section(suffix: str = "", note: str = "") -> None:
+        with section("packed_logprob" + suffix):
             model.eval()
 
             def packed_logprob():
@@ -569,9 +552,14 @@ def main(argv=None) -> dict:
                 )
             mask = torch.arange(packed.shape[1]) < torch.tensor(responses)[:, None]
             r["mean_abs_diff_vs_padded"] = float((packed - padded).abs()[mask].mean())
-            results["sections"]["packed_logprob"] = r
-            table.append((f"packed logprob ({args.logprob_max_tokens} tok, no grad)", r))
+            results["sections"]["packed_logprob" + suffix] = r
+            table.append((f"packed logprob ({args.logprob_max_tokens} tok, no grad)" + note, r))
             log(_row(table[-1]) + f"  mean |dlogp| vs padded {r['mean_abs_diff_vs_padded']:.2e}")
+
+    if not args.skip_eager:
+        packed_train_sections()
+        if not args.skip_logprob:
+            packed_logprob_section()
 
     best_packed = max(
         (
@@ -585,8 +573,8 @@ def main(argv=None) -> dict:
     decoder_ckpt = best_packed is None or best_packed["decoder_checkpointing"]
     budget = best_packed["budget"] if best_packed else args.max_tokens
 
-    if not args.skip_profile:
-        with section("profile"):
+    def profile_section(key: str) -> None:
+        with section(key):
             plan = plan_micro_batches(lengths, budget)
             set_checkpointing(model, decoder_ckpt, True)
             first = [plan[0]]
@@ -594,7 +582,7 @@ def main(argv=None) -> dict:
             text = profile_table(
                 device, lambda: train_step(model, seqs, first, packed_forward, pad, args.chunk_size)
             )
-            results["sections"]["profile"] = {
+            results["sections"][key] = {
                 "budget": budget,
                 "decoder_checkpointing": decoder_ckpt,
                 "micro_batch_tokens": sum(lengths[i] for i in plan[0]),
@@ -603,23 +591,18 @@ def main(argv=None) -> dict:
             print(text, flush=True)
         model.zero_grad(set_to_none=True)
 
-    if not args.skip_compile:
-        with section("packed_train_compiled"):
-            results["num_compiled_modules"] = compile_elementwise(model)
-            set_checkpointing(model, decoder_ckpt, True)
-            plan = plan_micro_batches(lengths, budget)
-            log(f"compiling (first step) with {budget} tokens per micro-batch")
-            r = timed(
-                device,
-                lambda: train_step(model, seqs, plan, packed_forward, pad, args.chunk_size),
-                args.steps,
-                args.warmup,
-            )
-            r.update(plan_stats(plan, seqs, padded=False), budget=budget, decoder_checkpointing=decoder_ckpt)
-            results["sections"]["packed_train_compiled"] = summarize(r, tokens, train_flops, rate)
-            table.append((f"packed train + compiled norms/gates ({budget} tok)", r))
-            log(_row(table[-1]))
-        model.zero_grad(set_to_none=True)
+    if not args.skip_profile:
+        profile_section("profile")
+
+    if not args.skip_compile:  # lensrl's model.compile: compiled blocks and logprob head
+        with section("compile"):
+            results["num_compiled_blocks"] = compile_blocks(model)
+            compile_head()
+        packed_train_sections("_compiled", " + compile", args.compiled_nogc_max_tokens)
+        if not args.skip_logprob:
+            packed_logprob_section("_compiled", " + compile")
+        if not args.skip_profile:
+            profile_section("profile_compiled")
 
     if not args.skip_head:
         with section("head_memory"):
@@ -666,7 +649,7 @@ def print_table(results: dict, table) -> None:
     base = s.get("padded_train", {}).get("tokens_per_s")
     trains = [
         s[k]
-        for k in ("packed_train", "packed_train_nockpt", "packed_train_compiled")
+        for k in ("packed_train", "packed_train_nockpt", "packed_train_compiled", "packed_train_nockpt_compiled")
         if "tokens_per_s" in s.get(k, {})
     ]
     if base and trains:
@@ -677,8 +660,9 @@ def print_table(results: dict, table) -> None:
             f"packed vs padded training: {best['tokens_per_s'] / base:.2f}x, best packed MFU "
             f"{100 * best['mfu']:.1f}% (targets: >= 4x, >= 45%)"
         )
-    if "tokens_per_s" in s.get("padded_logprob", {}) and "tokens_per_s" in s.get("packed_logprob", {}):
-        ratio = s["packed_logprob"]["tokens_per_s"] / s["padded_logprob"]["tokens_per_s"]
+    logprobs = [s[k] for k in ("packed_logprob", "packed_logprob_compiled") if "tokens_per_s" in s.get(k, {})]
+    if "tokens_per_s" in s.get("padded_logprob", {}) and logprobs:
+        ratio = max(r["tokens_per_s"] for r in logprobs) / s["padded_logprob"]["tokens_per_s"]
         results["speedup_logprob_packed_vs_padded"] = ratio
         print(f"packed vs padded logprob pass: {ratio:.2f}x")
     print(
