@@ -57,6 +57,14 @@ def test_greedy_equals_transformers_generate(policy, hf_greedy):
     )  # each prompt prefilled once for its n samples
 
 
+def test_greedy_equals_generate_with_prefill_split_into_calls(policy, hf_greedy):
+    """A token budget below every prompt: one packed prefill call per prompt."""
+    model, processor, prompts = policy
+    engine = make_engine(model, processor, block_size=8, prefill_tokens=1)
+    assert_same(hf_greedy, engine.generate(prompts, GREEDY))
+    assert engine.stats["prefill_rounds"] == 1  # one scheduler round, split into len(prompts) calls
+
+
 def test_greedy_equals_generate_with_compiled_blocks(policy, hf_greedy):
     """model.compile on: the packed prefill runs the compiled vision blocks and decoder layers
     (no KV cache object; each layer's K/V goes straight into the pool) and still matches."""
