@@ -75,6 +75,7 @@ def summarize(records: list[dict], n: int, prefix: str) -> dict[str, float]:
 
 def run_eval(config_path: str | None, overrides: list[str]) -> dict[str, float]:
     """`lensrl eval`: accuracy of a model folder on a dataset, samples written to the run folder."""
+    from lensrl.models.compile import compile_blocks, compile_enabled
     from lensrl.models.load import load_policy
     from lensrl.trainers.common import (
         build_rollout,
@@ -92,6 +93,8 @@ def run_eval(config_path: str | None, overrides: list[str]) -> dict[str, float]:
     model, processor = load_policy(cfg.model.path, dtype=param_dtype, device=device,
                                    min_pixels=cfg.model.min_pixels, max_pixels=cfg.model.max_pixels)
     model.eval()
+    if compile_enabled(cfg.model.compile, device):  # the engine's prefill runs the compiled blocks
+        compile_blocks(model)
     dataset = load_split(cfg.data.val_files, cfg.data, "test", processor)
     run_dir = prepare_run_dir(cfg.output_dir, cfg.run_name, cfg)
     rollout = build_rollout(cfg.rollout, model, processor, device)
