@@ -65,12 +65,14 @@ def test_greedy_equals_generate_with_prefill_split_into_calls(policy, hf_greedy)
     assert engine.stats["prefill_rounds"] == 1  # one scheduler round, split into len(prompts) calls
 
 
-def test_greedy_equals_generate_with_compiled_blocks(policy, hf_greedy):
+def test_greedy_equals_generate_with_compiled_blocks(qwen25):
     """model.compile on: the packed prefill runs the compiled vision blocks and decoder layers
-    (no KV cache object; each layer's K/V goes straight into the pool) and still matches."""
+    (no KV cache object; each layer's K/V goes straight into the pool) and still matches.
+    (Compiled equals eager for both architectures: tests/models/test_compile.py.)"""
     from lensrl.models.compile import compile_blocks, uncompile_blocks
 
-    model, processor, prompts = policy
+    model, processor, prompts = qwen25
+    hf_greedy = HFRollout(model, processor).generate(prompts, GREEDY)
     compile_blocks(model)
     try:
         engine = make_engine(model, processor, block_size=8)
