@@ -26,20 +26,18 @@ differ in length), so a new length does not recompile.
 from __future__ import annotations
 
 import functools
-import logging
 
 import torch
 
-logger = logging.getLogger(__name__)
+from lensrl.models.load import model_blocks
 
-_COMPILED: dict[type, object] = {}  # block class -> its compiled forward (shared by every instance)
+_COMPILED: dict[tuple, object] = {}  # (forward, mode) -> its compiled function, shared by every block
 
 
 def blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
     """The vision blocks and text decoder layers of a Qwen2.5-VL / Qwen3-VL model."""
-    inner = model.model
-    lm = getattr(inner, "language_model", inner)
-    return [*inner.visual.blocks, *lm.layers]
+    vision, layers = model_blocks(model)
+    return vision + layers
 
 
 def compile_available(device: torch.device | str) -> bool:

@@ -84,6 +84,17 @@ def load_policy(
     return model, Processor.from_pretrained(name, **pixels)
 
 
+def language_model(model: nn.Module) -> nn.Module:
+    """The decoder stack of a Qwen2.5-VL / Qwen3-VL `*ForConditionalGeneration`."""
+    inner = model.model
+    return getattr(inner, "language_model", inner)
+
+
+def model_blocks(model: nn.Module) -> tuple[list[nn.Module], list[nn.Module]]:
+    """(vision blocks, decoder layers): the repeated units FSDP shards and torch.compile compiles."""
+    return list(model.model.visual.blocks), list(language_model(model).layers)
+
+
 def build_random_model(
     config,
     dtype: torch.dtype = torch.float32,

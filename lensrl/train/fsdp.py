@@ -30,6 +30,7 @@ from torch.distributed.fsdp import (
 )
 from torch.distributed.tensor import DTensor
 
+from lensrl.models.load import model_blocks
 from lensrl.train import distributed as dist
 
 
@@ -44,13 +45,6 @@ def is_sharded(model: torch.nn.Module) -> bool:
     return isinstance(model, FSDPModule)
 
 
-def _blocks(model: torch.nn.Module) -> tuple[list[torch.nn.Module], list[torch.nn.Module]]:
-    """(vision blocks, decoder layers) of a Qwen2.5-VL / Qwen3-VL `*ForConditionalGeneration`."""
-    inner = model.model
-    lm = getattr(inner, "language_model", inner)
-    return list(inner.visual.blocks), list(lm.layers)
-
-
 def shard_model(model: torch.nn.Module, cfg, device: torch.device, train: bool = True) -> None:
     """`fully_shard` each vision block and decoder layer, then the root (embeddings, merger, norm,
     head), in place. On CUDA parameters are all-gathered in bf16 and gradients reduced in fp32
@@ -62,7 +56,7 @@ def shard_model(model: torch.nn.Module, cfg, device: torch.device, train: bool =
     offload = CPUOffloadPolicy(pin_memory=device.type == "cuda") if cfg.offload_params else OffloadPolicy()
     kwargs: dict[str, Any] = dict(mp_policy=mp, offload_policy=offload,
                                   reshard_after_forward=cfg.reshard_after_forward)
-    vision, layers = _blocks(model)
+    vision, layers = model_blocks(model)
     # Blocks take their inputs as they come (cast_forward_inputs=False): FSDP casts forward
     # inputs in its pre-forward hook but skips that hook when activation checkpointing recomputes
     # a block in the backward, so a cast input (the vision tower's fp32 rope cos/sin) would be

@@ -26,6 +26,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from lensrl.models.load import language_model
 from lensrl.rollout.engine import ops as torch_ops
 from lensrl.rollout.engine.kv_cache import KVCache, KVLayout
 from lensrl.rollout.engine.scheduler import Group, Seq
@@ -173,16 +174,14 @@ class ModelRunner:
         lengths = [g.prompt_len for g in groups]
         slots = torch.cat([torch.tensor(g.prompt_blocks)[torch.arange(n) // block_size] * block_size
                            + torch.arange(n) % block_size for g, n in zip(groups, lengths)]).to(self.device)
-        layer_of = {layer.self_attn: i for i, layer in enumerate(_text_layers(model))}
+        layer_of = {layer.self_attn: i for i, layer in enumerate(language_model(model).layers)}
         written = set()
 
         def store(module, key, value):  # key, value: (1, KVH, T, D)
             layer = layer_of.get(module)
             if layer is None:  # the vision tower's attention
                 return
-            for cache, states in ((self.kv.keys(layer), key), (self.kv.values(layer), value)):
-                flat = cache.view(-1, layout.num_kv_heads, layout.head_dim)
-                flat.index_copy_(0, slots, states[0].transpose(0, 1).to(layout.dtype))
+            self._write_kv(layer, key[0].transpose(0, 1), value[0].transpose(0, 1), slots)
             written.add(layer)
 
         with kv_sink(store):
@@ -194,14 +193,17 @@ class ModelRunner:
         self._first_logits(model, output.last_hidden_state[0, last], where, out)
 
     def _store_prompt_kv(self, past_key_values, slots: torch.Tensor, tokens) -> None:
-        """Copy a prefill's keys and values into the paged pool. `tokens` maps a layer's (B, KVH, T,
-        D) states to (N, KVH, D), one row per entry of `slots`."""
-        layout = self.layout
-        for layer in range(layout.num_layers):
+        """Copy a transformers cache's keys and values into the paged pool. `tokens` maps a layer's
+        (B, KVH, T, D) states to (N, KVH, D), one row per entry of `slots`."""
+        for layer in range(self.layout.num_layers):
             keys, values = _cache_layer(past_key_values, layer)
-            for cache, states in ((self.kv.keys(layer), keys), (self.kv.values(layer), values)):
-                flat = cache.view(-1, layout.num_kv_heads, layout.head_dim)
-                flat.index_copy_(0, slots, tokens(states).to(layout.dtype))
+            self._write_kv(layer, tokens(keys), tokens(values), slots)
+
+    def _write_kv(self, layer: int, keys: torch.Tensor, values: torch.Tensor, slots: torch.Tensor) -> None:
+        """One layer's keys and values (N, KVH, D) into the pool's flat token slots (N,)."""
+        layout = self.layout
+        for cache, states in ((self.kv.keys(layer), keys), (self.kv.values(layer), values)):
+            cache.view(-1, layout.num_kv_heads, layout.head_dim).index_copy_(0, slots, states.to(layout.dtype))
 
     @staticmethod
     def _first_logits(model, hidden: torch.Tensor, where: list[int], out: list) -> None:
@@ -416,11 +418,6 @@ class ModelRunner:
     def sample_kernel(self):
         """The fused sampling kernel when the Triton ops are in use, else None (torch sampler)."""
         return None if self.ops is torch_ops else self.ops.sample
-
-
-def _text_layers(model: torch.nn.Module):
-    inner = model.model
-    return getattr(inner, "language_model", inner).layers
 
 
 def _cache_layer(cache, layer: int) -> tuple[torch.Tensor, torch.Tensor]:

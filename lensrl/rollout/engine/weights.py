@@ -19,6 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
+from lensrl.models.load import language_model
+
 
 @dataclass
 class LayerWeights:
@@ -48,12 +50,6 @@ class TextShape:
     rms_norm_eps: float
     hidden_act: str
     qk_norm: bool
-
-
-def language_model(model: torch.nn.Module) -> torch.nn.Module:
-    """The decoder stack of a Qwen2.5-VL / Qwen3-VL `*ForConditionalGeneration`."""
-    inner = model.model
-    return getattr(inner, "language_model", inner)
 
 
 def text_shape(model: torch.nn.Module) -> TextShape:
