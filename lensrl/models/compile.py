@@ -31,7 +31,7 @@ import torch
 
 from lensrl.models.load import model_blocks
 
-_COMPILED: dict[tuple, object] = {}  # (forward, mode) -> its compiled function, shared by every block
+_COMPILED: dict[object, object] = {}  # a block class's forward -> its compiled function (shared by its blocks)
 
 
 def blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
@@ -62,23 +62,19 @@ def compile_enabled(setting: str, device: torch.device | str) -> bool:
     raise ValueError(f"model.compile must be auto, always or never, got {setting!r}")
 
 
-def compile_blocks(model: torch.nn.Module, mode: str | None = None) -> int:
-    """Compile every block's forward in place; returns how many blocks now run compiled.
-    Idempotent. `mode`: torch.compile's mode (None: the default, no CUDA graphs)."""
-    count = 0
-    for block in blocks(model):
+def compile_blocks(model: torch.nn.Module) -> int:
+    """Compile every block's forward in place (idempotent); returns how many blocks run compiled."""
+    compiled = blocks(model)
+    for block in compiled:
         if getattr(block, "_lensrl_compiled", False):
-            count += 1
             continue
         # FSDP2 swaps the instance's class for a subclass; the code to compile is the model's own
         inner, checkpoints = _inner_forward(type(block))
-        key = (inner, mode)
-        if key not in _COMPILED:
-            _COMPILED[key] = torch.compile(inner, dynamic=True, mode=mode)
-        block.forward = functools.partial(_dispatch, block, _COMPILED[key], checkpoints)
+        if inner not in _COMPILED:
+            _COMPILED[inner] = torch.compile(inner, dynamic=True)
+        block.forward = functools.partial(_dispatch, block, _COMPILED[inner], checkpoints)
         block._lensrl_compiled = True
-        count += 1
-    return count
+    return len(compiled)
 
 
 def uncompile_blocks(model: torch.nn.Module) -> None:
