@@ -37,10 +37,10 @@ class Completion:
 
 class RolloutBackend(Protocol):
     def generate(
-        self, prompts: list[ProcessedSample], params: SamplingParams, first_index: int = 0
+        self, prompts: list[ProcessedSample], params: SamplingParams, positions: list[int] | None = None
     ) -> list[list[Completion]]:
-        """Return `params.n` completions for each prompt, in prompt order. `first_index`: the
-        position of prompts[0] in the global batch (seeding is per global position)."""
+        """Return `params.n` completions for each prompt, in prompt order. `positions`: each
+        prompt's position in the global batch (default 0, 1, ...); seeding is per global position."""
         ...
 
     def sync_weights(self, model: torch.nn.Module) -> None:

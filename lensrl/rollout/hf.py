@@ -23,14 +23,17 @@ class HFRollout:
 
     @torch.no_grad()
     def generate(
-        self, prompts: list[ProcessedSample], params: SamplingParams, first_index: int = 0
+        self, prompts: list[ProcessedSample], params: SamplingParams, positions: list[int] | None = None
     ) -> list[list[Completion]]:
-        """first_index: the position of prompts[0] in the global batch. With a seed, each chunk of
-        prompts is seeded by (seed, its global position), chunks aligned to global positions, so
-        a prompt's samples do not depend on how the batch was split over ranks (when the
-        per-call chunk divides each rank's share)."""
+        """positions: each prompt's position in the global batch (default 0, 1, ...). With a seed,
+        each chunk of prompts is seeded by (seed, its first global position), chunks aligned to
+        global positions, so a prompt's samples do not depend on how the batch was split over
+        ranks (when the per-call chunk divides each rank's runs of consecutive positions).
+        transformers draws from one stream per call, so unlike the engine the draws of a chunk
+        depend on its other prompts."""
         # Each call of generate takes up to batch_size sequences (prompts x n).
         per_call = max(1, self.batch_size // max(params.n, 1))
+        positions = list(range(len(prompts))) if positions is None else list(positions)
         was_training = self.model.training
         self.model.eval()  # transformers turns the KV cache off in training mode with gradient checkpointing
         generator_state = None
@@ -40,10 +43,12 @@ class HFRollout:
             results: list[list[Completion]] = []
             start = 0
             while start < len(prompts):
-                position = first_index + start
-                end = min(len(prompts), start + per_call - position % per_call)
+                end = start + 1  # a chunk: consecutive positions inside one aligned window of per_call
+                while (end < len(prompts) and end - start < per_call and positions[end] == positions[end - 1] + 1
+                       and positions[end] % per_call):
+                    end += 1
                 if params.seed is not None:
-                    torch.manual_seed(params.seed * 1_000_003 + position)
+                    torch.manual_seed(params.seed * 1_000_003 + positions[start])
                 results += self._generate_chunk(prompts[start:end], params, start)
                 start = end
             return results

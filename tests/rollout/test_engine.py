@@ -137,6 +137,24 @@ def test_a_seed_makes_sampling_reproducible(qwen25):
     assert tokens(other) != tokens(first)
 
 
+@pytest.mark.parametrize("top_p", [1.0, 0.9])
+def test_a_seeded_sample_draws_the_same_tokens_however_the_batch_is_split(qwen25, top_p):
+    """What two ranks draw equals what one rank draws: each sample's stream is keyed by (seed, its
+    position in the global batch, the token index), not by the call or the engine row it got.
+    The whole batch in one call, in two calls (each with its global positions, as two ranks
+    would, one of them interleaved) and through 3 engine rows: the same completions."""
+    model, processor, prompts = qwen25
+    params = SamplingParams(n=3, temperature=1.0, top_p=top_p, max_new_tokens=8, seed=11)
+    whole = make_engine(model, processor).generate(prompts, params)
+    first, second = [0, 2, 4], [1, 3]
+    split = make_engine(model, processor).generate([prompts[i] for i in first], params, positions=first)
+    split += make_engine(model, processor).generate([prompts[i] for i in second], params, positions=second)
+    by_position = dict(zip(first + second, split))
+    assert tokens(whole) == tokens([by_position[i] for i in range(len(prompts))])
+    assert_same(whole, make_engine(model, processor, max_num_seqs=3).generate(prompts, params))
+    assert len({tuple(c.token_ids) for g in whole for c in g}) > len(prompts)  # samples differ
+
+
 def test_finish_reasons_stop_and_length_and_ignore_eos(qwen25):
     model, processor, prompts = qwen25
     params = SamplingParams(n=1, temperature=0.0, max_new_tokens=10)

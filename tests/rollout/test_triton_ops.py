@@ -83,6 +83,6 @@ def test_every_triton_kernel_compiles_for_sm90(dtype):
     for greedy in (True, False):
         _compile_for_sm90(
             T._sample_kernel,
-            dict(LOGITS=P, stride=i32, n_cols=i32, inv_temperature="fp32", seed=i32, TOKENS="*i64", LOGP="*fp32"),
+            dict(LOGITS=P, stride=i32, n_cols=i32, inv_temperature="fp32", KEYS="*i64", TOKENS="*i64", LOGP="*fp32"),
             dict(GREEDY=greedy, BLOCK=4096),
         )

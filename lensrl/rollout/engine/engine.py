@@ -18,7 +18,6 @@ are in `stats`.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -129,13 +128,14 @@ class EngineRollout:
         prompts: list,
         params: SamplingParams,
         max_new_tokens: list[int] | None = None,
-        first_index: int = 0,
+        positions: list[int] | None = None,
     ) -> list[list[Completion]]:
         """`params.n` completions for each prompt, in prompt order.
 
         max_new_tokens: one length limit per prompt, overriding params.max_new_tokens.
-        first_index: the position of prompts[0] in the global batch; mixed into the seed so ranks
-        draw different streams (the engine's draws still depend on how prompts are batched).
+        positions: each prompt's position in the global batch (default 0, 1, ...). Sample j of the
+        prompt at position p draws token t with the random stream of (seed, p * n + j, t), so
+        with a seed what is sampled does not depend on the rank, the call or the engine's rows.
         """
         start = time.perf_counter()
         limits = max_new_tokens or [params.max_new_tokens] * len(prompts)
@@ -144,8 +144,6 @@ class EngineRollout:
         if not prompts:
             return []
         self._prepare_weights()
-        if params.seed is not None and first_index:
-            params = dataclasses.replace(params, seed=params.seed * 1_000_003 + first_index)
         groups = [Group(i, p, params.n, limits[i], i * params.n) for i, p in enumerate(prompts)]
         num_blocks = self._num_blocks(groups)
         max_blocks = max(blocks_needed(g, self.block_size)[2] for g in groups)
@@ -157,7 +155,7 @@ class EngineRollout:
         prefill_autocast = _caller_autocast(self.device)
         try:
             with torch.autocast(self.device.type, enabled=False):  # decode sets its dtypes itself
-                completions = self._run(groups, params, prefill_autocast)
+                completions = self._run(groups, params, prefill_autocast, positions)
         finally:
             self.model.train(was_training)
             if self.options.release_kv:
@@ -171,7 +169,7 @@ class EngineRollout:
         )
         return completions
 
-    def _run(self, groups: list[Group], params: SamplingParams, prefill_autocast) -> list[list[Completion]]:
+    def _run(self, groups: list[Group], params: SamplingParams, prefill_autocast, positions) -> list[list[Completion]]:
         runner = self.runner
         scheduler = Scheduler(
             groups,
@@ -183,7 +181,7 @@ class EngineRollout:
             prefill_min_rows=self.prefill_min_rows,
             lookahead=self.lookahead,
         )
-        sample = Sampler(params, self.device, self.suppress, runner.sample_kernel)
+        sample = Sampler(params, self.device, self.suppress, runner.sample_kernel, positions)
         # per step: (tokens, logprobs on device, seq ids); completions are assembled at the end
         records: list[tuple[np.ndarray, torch.Tensor, np.ndarray]] = []
         prefill_s = decode_s = 0.0
@@ -194,11 +192,11 @@ class EngineRollout:
                 t0 = time.perf_counter()
                 with prefill_autocast:
                     logits = runner.prefill(self.model, planned, self.prefill_tokens)  # (G, V)
-                tokens, logp = sample(logits.repeat_interleave(params.n, dim=0))
+                ids = np.concatenate([np.arange(g.first_seq_id, g.first_seq_id + g.n) for g in planned])
+                tokens, logp = sample(logits.repeat_interleave(params.n, dim=0), ids, np.zeros_like(ids))
                 first = tokens.cpu().numpy()
                 for i, group in enumerate(planned):
                     group.first_tokens = first[i * params.n : (i + 1) * params.n].tolist()
-                ids = np.concatenate([np.arange(g.first_seq_id, g.first_seq_id + g.n) for g in planned])
                 records.append((first, logp, ids))
                 prefill_tokens += sum(g.prompt_len for g in planned)
                 prefill_calls += 1
@@ -215,7 +213,7 @@ class EngineRollout:
             capture_before = runner.capture_s
             logits = runner.decode()  # (B, V)
             t0 += runner.capture_s - capture_before  # a first-time graph capture is not decode time
-            tokens, logp = sample(logits)
+            tokens, logp = sample(logits, scheduler.row_seq_ids, scheduler.row_tokens)
             runner.set_next_tokens(tokens)
             tokens_np = tokens.cpu().numpy()
             records.append((tokens_np, logp, scheduler.row_seq_ids))

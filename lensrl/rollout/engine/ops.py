@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from lensrl.rollout.engine.sampler import sample
+from lensrl.rollout.engine.sampler import draw_keys, sample
 
 
 def rms_norm(
@@ -192,13 +192,15 @@ def check_sampler(
     logits = (torch.randn(6, 1000, generator=gen, device=device) * 3).to(dtype)
     logits[0, 5] = float("-inf")  # a suppressed id
     for temperature in (0.0, 0.7):
-        tokens, logp = kernel(logits.clone(), temperature, 1234)
+        keys = torch.arange(1234, 1240, device=device)
+        tokens, logp = kernel(logits.clone(), temperature, keys)
         logp_all = torch.log_softmax(logits.float() / (temperature or 1.0), -1)
         torch.testing.assert_close(logp, logp_all.gather(-1, tokens[:, None])[:, 0], atol=1e-4, rtol=1e-5)
         if temperature == 0.0:
             assert torch.equal(tokens, sample(logits, 0.0)[0]), "greedy tokens differ"
     probs = torch.tensor([0.3, 0.2, 0.15, 0.1, 0.1, 0.08, 0.05, 0.02], device=device)
-    tokens, _ = kernel(probs.log().to(dtype).expand(draws, -1).contiguous(), 1.0, 99)
+    keys = draw_keys(99, range(draws), [0] * draws).to(device)
+    tokens, _ = kernel(probs.log().to(dtype).expand(draws, -1).contiguous(), 1.0, keys)
     observed = torch.bincount(tokens, minlength=8).float() / draws
     expected = torch.softmax(probs.log().to(dtype).float(), -1)
     bound = 5 * torch.sqrt(expected * (1 - expected) / draws) + 1e-3

@@ -334,11 +334,13 @@ def paged_attention(q, k_cache, v_cache, block_tables, context_lens, scale):
 
 @triton.jit
 def _sample_kernel(
-    LOGITS, stride, n_cols, inv_temperature, seed, TOKENS, LOGP, GREEDY: tl.constexpr, BLOCK: tl.constexpr
+    LOGITS, stride, n_cols, inv_temperature, KEYS, TOKENS, LOGP, GREEDY: tl.constexpr, BLOCK: tl.constexpr
 ):
     """One row per program. Reads the row once: a running log-sum-exp per lane, and the argmax of
-    x / T + Gumbel noise (a draw from softmax(x / T)), or of x / T when greedy."""
+    x / T + Gumbel noise (a draw from softmax(x / T)), or of x / T when greedy. The noise of a row
+    is Philox keyed by KEYS[row] (the row's own stream, whatever the batch)."""
     row = tl.program_id(0)
+    seed = tl.load(KEYS + row)
     lanes = tl.arange(0, BLOCK)
     base = LOGITS + row.to(tl.int64) * stride
     neg_inf = float("-inf")
@@ -357,7 +359,7 @@ def _sample_kernel(
         if GREEDY:
             score = x
         else:
-            u = tl.rand(seed, row * n_cols + idx)
+            u = tl.rand(seed, idx)
             score = x - tl.log(-tl.log(u))
         better = score > best  # strict: the first index wins a tie, as torch.argmax
         best = tl.where(better, score, best)
@@ -372,8 +374,9 @@ def _sample_kernel(
     tl.store(LOGP + row, x_token - log_z)
 
 
-def sample(logits, temperature, seed):
+def sample(logits, temperature, keys):
     """tokens (B,) long and log_softmax(logits / T) of them (B,) float32; temperature <= 0 greedy.
+    keys: (B,) int64 on the logits' device, each row's random stream (`sampler.draw_keys`).
     Suppressed ids must already be -inf in `logits`."""
     batch, n_cols = logits.shape
     tokens = torch.empty(batch, dtype=torch.long, device=logits.device)
@@ -385,7 +388,7 @@ def sample(logits, temperature, seed):
         logits.stride(0),
         n_cols,
         inv_temperature,
-        seed,
+        keys,
         tokens,
         logp,
         GREEDY=greedy,
