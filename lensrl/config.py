@@ -167,6 +167,7 @@ class TrainerConfig:
     max_bad_steps: int = 3  # consecutive NaN/inf steps before the run stops
     fsdp: FSDPConfig = field(default_factory=FSDPConfig)
     dist_timeout_s: float = 600.0  # a collective that waits longer (a rank died or hung) fails the run
+    profile_steps: list[int] = field(default_factory=list)  # torch.profiler traces of these steps -> runs/<name>/profile/
 
 
 @dataclass

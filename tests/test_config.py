@@ -114,6 +114,7 @@ EXPECTED_KEYS = {
         'trainer.fsdp.reshard_after_forward',
         'trainer.fsdp.offload_params',
         'trainer.dist_timeout_s',
+        'trainer.profile_steps',
         'trainer.rollout_batch_size',
     ],
     'sft': [
@@ -189,6 +190,7 @@ EXPECTED_KEYS = {
         'trainer.fsdp.reshard_after_forward',
         'trainer.fsdp.offload_params',
         'trainer.dist_timeout_s',
+        'trainer.profile_steps',
         'trainer.num_epochs',
         'trainer.global_batch_size',
         'trainer.micro_batch_size',

@@ -116,13 +116,18 @@ def all_gather_objects(obj: Any) -> list[Any]:
     return out
 
 
-def shard(items: list[Any]) -> list[Any]:
-    """This rank's contiguous share of `items` (equal shares; len must divide evenly)."""
+def shard(items: list[Any], block_size: int | None = None) -> list[Any]:
+    """This rank's share of `items` (len must divide evenly over the ranks). Contiguous, or with
+    `block_size` (dividing len, divisible by the number of ranks) an equal contiguous slice of
+    every block: each rank then holds the same share of each GRPO mini-batch, so balancing the
+    ranks' tokens per mini-batch (`exchange`) has little to move."""
     n, r = world_size(), rank()
     if len(items) % n:
         raise ValueError(f"{len(items)} items cannot be split evenly over {n} ranks")
-    per = len(items) // n
-    return items[r * per : (r + 1) * per]
+    if not block_size or block_size % n or len(items) % block_size:
+        block_size = len(items)
+    per = block_size // n
+    return [x for start in range(0, len(items), block_size) for x in items[start + r * per : start + (r + 1) * per]]
 
 
 def resolve_device(name: str) -> torch.device:
@@ -133,17 +138,33 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(f"cuda:{local_rank()}" if name == "cuda" else name)
 
 
-def balanced_assignment(lengths: list[int], num_ranks: int) -> list[int]:
-    """Which rank gets each item: longest first, each to the rank with the fewest tokens so far
-    (ties: fewer items, then lower rank). Deterministic, so every rank computes the same plan."""
-    load = [(0, 0, r) for r in range(num_ranks)]
-    owner = [0] * len(lengths)
-    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
-        load.sort()
-        tokens, count, r = load[0]
-        owner[i] = r
-        load[0] = (tokens + lengths[i], count + 1, r)
-    return owner
+def balanced_assignment(lengths: list[int], num_ranks: int, owners: list[int] | None = None) -> list[int]:
+    """Which rank gets each item so that ranks carry similar token counts, moving few items.
+
+    lengths: tokens per item; owners: where each item is now (None: nowhere yet, all start on
+    rank 0). Repeatedly moves, from the most to the least loaded rank, the item that best closes
+    their gap (length below the gap: each move strictly narrows it), until no item does.
+    Deterministic (ties: lower index, lower rank), so every rank computes the same plan."""
+    owner = list(owners) if owners is not None else [0] * len(lengths)
+    load = [0] * num_ranks
+    for length, rank_ in zip(lengths, owner):
+        load[rank_] += length
+    on_rank: list[list[int]] = [[] for _ in range(num_ranks)]
+    for i, rank_ in enumerate(owner):
+        on_rank[rank_].append(i)
+    while True:
+        heavy = max(range(num_ranks), key=lambda r: (load[r], -r))
+        light = min(range(num_ranks), key=lambda r: (load[r], r))
+        gap = load[heavy] - load[light]
+        movable = [i for i in on_rank[heavy] if 0 < lengths[i] < gap]
+        if not movable:
+            return owner
+        i = min(movable, key=lambda i: (abs(gap - 2 * lengths[i]), i))
+        on_rank[heavy].remove(i)
+        on_rank[light].append(i)
+        owner[i] = light
+        load[heavy] -= lengths[i]
+        load[light] += lengths[i]
 
 
 def exchange(items: dict[int, Any], owner: dict[int, int]) -> dict[int, Any]:

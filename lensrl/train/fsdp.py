@@ -126,22 +126,36 @@ class RolloutCopy:
 
     @torch.no_grad()
     def sync(self, policy: torch.nn.Module) -> torch.nn.Module:
-        for name, param in policy.named_parameters():
-            if name in self.aliased:
-                continue  # the optimizer updated this storage in place
-            target = self.params[name]
-            if isinstance(param, DTensor):
-                local = param.to_local()
-                if local.device != target.device:  # offloaded shard: gather on the GPU, not the host
-                    param = DTensor.from_local(local.to(target.device, non_blocking=True), param.device_mesh,
-                                               param.placements, run_check=False, shape=param.shape,
-                                               stride=param.stride())
-                full = param.full_tensor()
-            else:
-                full = param
-            target.copy_(full)
-            del full
+        """Copy the policy's current weights in: FSDP unit by unit, each gathered with FSDP's own
+        all-gather (one flat collective per unit, in the all-gather dtype: bf16 on GPU), copied,
+        then resharded. Every rank must call it (collectives)."""
+        for unit, names in _units(policy):
+            names = [n for n in names if n not in self.aliased]  # the optimizer updated those in place
+            if not names:
+                continue
+            if unit is None:  # not under FSDP
+                for name in names:
+                    self.params[name].copy_(policy.get_parameter(name))
+                continue
+            unit.unshard()
+            for name in names:
+                self.params[name].copy_(policy.get_parameter(name))
+            unit.reshard()
         return self.model
+
+
+def _units(model: torch.nn.Module) -> list[tuple[FSDPModule | None, list[str]]]:
+    """Each FSDP unit of `model` with the names of the parameters it manages (a parameter belongs
+    to the innermost unit above it), in module order; parameters of no unit come with None."""
+    units = {name: module for name, module in model.named_modules() if isinstance(module, FSDPModule)}
+    owned: dict[str, list[str]] = {name: [] for name in units}
+    loose: list[str] = []
+    for pname, _ in model.named_parameters():
+        parts = pname.split(".")
+        owner = next((".".join(parts[:i]) for i in range(len(parts) - 1, -1, -1) if ".".join(parts[:i]) in units), None)
+        (owned[owner] if owner is not None else loose).append(pname)
+    out: list[tuple[FSDPModule | None, list[str]]] = [(units[n], owned[n]) for n in units]
+    return out + ([(None, loose)] if loose else [])
 
 
 def _plain_class(model: torch.nn.Module) -> type:

@@ -38,7 +38,8 @@ def model_dtypes(cfg: ModelConfig, device: torch.device) -> tuple[torch.dtype, t
 
 def setup_policy(trainer, cfg, with_ref: bool = False) -> None:
     """Device, process group, policy (+ frozen reference), FSDP and the model rollout generates
-    with. Sets trainer.device, .amp_dtype, .policy, .processor, .ref, .rollout_model, .anchor."""
+    with. Sets trainer.device, .amp_dtype, .policy, .processor, .ref, .rollout_model, .logprob_model,
+    .anchor."""
     import copy
 
     from lensrl.models.compile import compile_blocks, compile_enabled
@@ -79,21 +80,30 @@ def setup_policy(trainer, cfg, with_ref: bool = False) -> None:
         trainer.anchor = image_anchor(trainer.processor)
     trainer.policy, trainer.ref = policy, ref
     trainer.rollout_model = trainer.rollout_copy.model if sharded else policy
+    # No-grad passes over the current policy (GRPO's old log-probabilities) run on the full-weight
+    # copy when it holds exactly the weights FSDP computes with (its all-gather dtype): the same
+    # numbers, without an all-gather per unit per micro-batch or a rank waiting for another.
+    gather_dtype = torch.bfloat16 if device.type == "cuda" and t.fsdp.param_dtype != "float32" else param_dtype
+    same = sharded and (trainer.amp_dtype or param_dtype) == gather_dtype
+    trainer.logprob_model = trainer.rollout_copy.model if same else policy
 
 
 def spread(items: dict[int, object], num_tokens: dict[int, int], blocks: list[list[int]]) -> dict[int, object]:
     """Re-deal items over ranks so each rank carries a similar number of tokens in every block
-    (a GRPO mini-batch, an SFT batch). items / num_tokens: this rank's, keyed by global id;
-    blocks: global ids, the same lists on every rank. Returns the items this rank now holds.
-    One rank keeps everything; no item is lost or duplicated."""
+    (a GRPO mini-batch, an SFT batch), moving as few items as that takes (only moved items
+    travel). items / num_tokens: this rank's, keyed by global id; blocks: global ids, the same
+    lists on every rank. Returns the items this rank now holds. One rank keeps everything; no
+    item is lost or duplicated."""
     if dist.world_size() == 1:
         return dict(items)
     lengths: dict[int, int] = {}
-    for part in dist.all_gather_objects(num_tokens):
+    where: dict[int, int] = {}
+    for rank, part in enumerate(dist.all_gather_objects(num_tokens)):
         lengths.update(part)
+        where.update(dict.fromkeys(part, rank))
     owner: dict[int, int] = {}
     for block in blocks:
-        ranks = dist.balanced_assignment([lengths[g] for g in block], dist.world_size())
+        ranks = dist.balanced_assignment([lengths[g] for g in block], dist.world_size(), [where[g] for g in block])
         owner.update(zip(block, ranks))
     missing = set(lengths) - set(owner)
     if missing:
@@ -256,6 +266,28 @@ def resume(trainer) -> None:
         sync_rollout(trainer)  # the backend's own copies (engine, FSDP's full-weight copy) are stale
     if dist.is_main():
         console.print(f"resumed from {path} at step {trainer.step}")
+
+
+@contextlib.contextmanager
+def profile_step(trainer, step: int):
+    """torch.profiler around a step listed in `trainer.profile_steps` (CPU and CUDA activity; the
+    trainers' phases are named ranges `lensrl/<phase>`). Each rank writes
+    runs/<name>/profile/step_N.rank_R.json.gz (a Chrome/Perfetto trace) and .txt (the top ops)."""
+    if step not in trainer.cfg.trainer.profile_steps:
+        yield
+        return
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = trainer.device.type == "cuda"
+    activities = [ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if cuda else [])]
+    with profile(activities=activities) as prof:
+        yield
+    out = trainer.run_dir / "profile"
+    out.mkdir(parents=True, exist_ok=True)
+    name = f"step_{step}.rank_{dist.rank()}"
+    prof.export_chrome_trace(str(out / f"{name}.json.gz"))
+    table = prof.key_averages().table(sort_by="cuda_time_total" if cuda else "cpu_time_total", row_limit=40)
+    (out / f"{name}.txt").write_text(table)
 
 
 class BadStepsError(RuntimeError):

@@ -38,6 +38,7 @@ from lensrl.trainers.common import (
     make_logger,
     micro_batches,
     prepare_run_dir,
+    profile_step,
     resume,
     save_final_hf,
     setup_policy,
@@ -87,7 +88,8 @@ class GRPOTrainer:
                 self.logger.info(f"before training: val/accuracy {metrics['val/accuracy']:.3f}")
             while self.step < self.total_steps:
                 self.step += 1
-                metrics = self.train_step(self.step)
+                with profile_step(self, self.step):
+                    metrics = self.train_step(self.step)
                 if finish_step(self, metrics, stop):
                     return metrics
             save_final_hf(self)
@@ -102,14 +104,15 @@ class GRPOTrainer:
         timing: dict[str, float] = {}
         step_start = time.time()
 
-        # 1. Rollout: this rank's share of the prompt batch, n completions each. A prompt's
+        # 1. Rollout: this rank's share of each mini-batch's prompts, n completions each. A prompt's
         #    samples are seeded by its position in the global batch, not by the rank.
-        batch = self.sampler.next_batch()
-        positions = dist.shard(list(range(len(batch))))
-        samples = [self.train_data[batch[i]] for i in positions]
-        prompts = [self.processor(s) for s in samples]
+        with _timer(timing, "data"):
+            batch = self.sampler.next_batch()
+            positions = dist.shard(list(range(len(batch))), block_size=actor.mini_batch_size)
+            samples = [self.train_data[batch[i]] for i in positions]
+            prompts = [self.processor(s) for s in samples]
         with _timer(timing, "gen"), torch.no_grad(), autocast(self.device, self.amp_dtype):
-            groups = self.rollout.generate(prompts, self.sampling_params(step), first_index=positions[0])
+            groups = self.rollout.generate(prompts, self.sampling_params(step), positions=positions)
         flat = [(i, c) for i, group in enumerate(groups) for c in group]
         gids = [positions[i] * n + j for i, group in enumerate(groups) for j in range(len(group))]
 
@@ -118,46 +121,49 @@ class GRPOTrainer:
             results = self.score(samples, flat)
 
         # 3. Advantages over the global batch (group statistics, and REINFORCE++'s whitening).
-        rows = []
-        for (i, c), r in zip(flat, results):
-            valid = 0 if actor.mask_truncated_completions and c.finish_reason == "length" else len(c.token_ids)
-            rows.append({"reward": r.score, "valid": valid, "parts": r.parts, "status": r.status,
-                         "length": len(c.token_ids), "truncated": c.finish_reason == "length",
-                         "prompt_length": int(prompts[i].input_ids.shape[0])})
-        everyone = [row for rank_rows in dist.all_gather_objects(rows) for row in rank_rows]
-        rewards = torch.tensor([row["reward"] for row in everyone], dtype=torch.float32)
-        valid = torch.tensor([row["valid"] for row in everyone])
-        adv_mask = (torch.arange(max(int(valid.max()), 1)) < valid[:, None]).float()  # (B_global, T)
-        advantages = compute_advantages(rewards, n, adv_mask, cfg.algorithm.adv_estimator,
-                                        cfg.algorithm.norm_adv_by_std)
-        keep = torch.ones(len(everyone), dtype=torch.bool)
-        num_filtered = 0
-        if cfg.algorithm.filter_zero_variance_groups:  # DAPO dynamic sampling: no signal, no update
-            flat_groups = zero_variance_groups(rewards, n)
-            num_filtered = int(flat_groups.sum())
-            keep = ~flat_groups.repeat_interleave(n)
+        with _timer(timing, "adv"):
+            rows = []
+            for gid, (i, c), r in zip(gids, flat, results):
+                valid = 0 if actor.mask_truncated_completions and c.finish_reason == "length" else len(c.token_ids)
+                rows.append({"gid": gid, "reward": r.score, "valid": valid, "parts": r.parts, "status": r.status,
+                             "length": len(c.token_ids), "truncated": c.finish_reason == "length",
+                             "prompt_length": int(prompts[i].input_ids.shape[0])})
+            everyone = sorted((row for part in dist.all_gather_objects(rows) for row in part), key=lambda r: r["gid"])
+            rewards = torch.tensor([row["reward"] for row in everyone], dtype=torch.float32)
+            valid = torch.tensor([row["valid"] for row in everyone])
+            adv_mask = (torch.arange(max(int(valid.max()), 1)) < valid[:, None]).float()  # (B_global, T)
+            advantages = compute_advantages(rewards, n, adv_mask, cfg.algorithm.adv_estimator,
+                                            cfg.algorithm.norm_adv_by_std)
+            keep = torch.ones(len(everyone), dtype=torch.bool)
+            num_filtered = 0
+            if cfg.algorithm.filter_zero_variance_groups:  # DAPO dynamic sampling: no signal, no update
+                flat_groups = zero_variance_groups(rewards, n)
+                num_filtered = int(flat_groups.sum())
+                keep = ~flat_groups.repeat_interleave(n)
 
         # 4. Spread the sequences over ranks by tokens, mini-batch by mini-batch.
-        items = {}
-        for gid, (i, c), row in zip(gids, flat, rows):
-            seq = make_sequence(prompts[i], c.token_ids)
-            items[gid] = {"seq": seq, "rollout_logp": c.logprobs, "valid": row["valid"],
-                          "adv": float(advantages[gid, 0]) if row["valid"] else 0.0}
-        num_tokens = {gid: item["seq"].num_tokens for gid, item in items.items()}
-        minibatches = self.minibatch_plan(keep)
-        held = spread(items, num_tokens, [*minibatches, (~keep).nonzero().squeeze(-1).tolist()])
-        order = sorted(held)
-        seqs = [held[g]["seq"] for g in order]
-        width = max((s.response_length for s in seqs), default=1)
-        mask = _pad([[1.0] * held[g]["valid"] for g in order], width).bool()
-        generated = _pad([[1.0] * s.response_length for s in seqs], width).bool()
-        rollout_logp = _pad([held[g]["rollout_logp"] for g in order], width)
-        adv = torch.tensor([held[g]["adv"] for g in order]).reshape(-1, 1) * mask.float()
-        local = {g: k for k, g in enumerate(order)}
+        with _timer(timing, "spread"):
+            items = {}
+            for gid, (i, c), row in zip(gids, flat, rows):
+                seq = make_sequence(prompts[i], c.token_ids)
+                items[gid] = {"seq": seq, "rollout_logp": c.logprobs, "valid": row["valid"],
+                              "adv": float(advantages[gid, 0]) if row["valid"] else 0.0}
+            num_tokens = {gid: item["seq"].num_tokens for gid, item in items.items()}
+            minibatches = self.minibatch_plan(keep)
+            held = spread(items, num_tokens, [*minibatches, (~keep).nonzero().squeeze(-1).tolist()])
+            order = sorted(held)
+            seqs = [held[g]["seq"] for g in order]
+            width = max((s.response_length for s in seqs), default=1)
+            mask = _pad([[1.0] * held[g]["valid"] for g in order], width).bool()
+            generated = _pad([[1.0] * s.response_length for s in seqs], width).bool()
+            rollout_logp = _pad([held[g]["rollout_logp"] for g in order], width)
+            adv = torch.tensor([held[g]["adv"] for g in order]).reshape(-1, 1) * mask.float()
+            local = {g: k for k, g in enumerate(order)}
 
-        # 5. Old and reference log-probabilities (at the rollout temperature).
+        # 5. Old and reference log-probabilities (at the rollout temperature). The policy's weights
+        #    are the rollout's now: under FSDP its full-weight copy computes them without collectives.
         with _timer(timing, "old_logprob"):
-            old_logp = self.logprobs(self.policy, seqs, width)
+            old_logp = self.logprobs(self.logprob_model, seqs, width)
         ref_logp = None
         if self.ref is not None:
             with _timer(timing, "ref"):
@@ -326,6 +332,9 @@ class GRPOTrainer:
         for part in everyone[0]["parts"] if everyone else []:
             metrics[f"reward/{part}"] = sum(r["parts"].get(part, 0.0) for r in everyone) / len(everyone)
         metrics.update({f"timing_s/{k}": v for k, v in timing.items()})
+        if dist.world_size() > 1:  # where ranks wait for each other: the slowest rank's phases
+            slowest = dist.all_gather_objects(timing)
+            metrics.update({f"timing_s/slowest/{k}": max(t.get(k, 0.0) for t in slowest) for k in timing})
         tokens = sum(r["prompt_length"] + r["length"] for r in everyone)
         metrics["perf/throughput"] = tokens / max(timing["step"], 1e-9)
         metrics["perf/throughput_per_gpu"] = metrics["perf/throughput"] / dist.world_size()
@@ -356,9 +365,11 @@ def _pad(rows: list[list[float]], width: int) -> torch.Tensor:
 
 @contextmanager
 def _timer(timing: dict[str, float], name: str):
+    """Wall time of a phase into timing[name] (GPU work included); a named range in a profile."""
     start = time.time()
     try:
-        yield
+        with torch.profiler.record_function(f"lensrl/{name}"):
+            yield
     finally:
         if torch.cuda.is_available():
             torch.cuda.synchronize()

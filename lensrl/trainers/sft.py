@@ -25,6 +25,7 @@ from lensrl.trainers.common import (
     make_logger,
     micro_batches,
     prepare_run_dir,
+    profile_step,
     resume,
     save_final_hf,
     setup_policy,
@@ -76,7 +77,8 @@ class SFTTrainer:
                 self.logger.info(f"step {self.step}: val/accuracy {metrics['val/accuracy']:.3f}")
             while self.step < self.total_steps:
                 self.step += 1
-                metrics = self.train_step()
+                with profile_step(self, self.step):
+                    metrics = self.train_step()
                 recent_losses = (recent_losses + [metrics["train/loss"]])[-5:]
                 if t.stop_at_loss is not None and len(recent_losses) == 5 and sum(recent_losses) / 5 < t.stop_at_loss:
                     self.logger.info(f"step {self.step}: mean loss of the last 5 steps below {t.stop_at_loss}; stopping")
