@@ -184,21 +184,34 @@ def _is_descendant(pid: int, ancestor: int) -> bool:
     return False
 
 
+DEVICES = [pytest.param("cpu"), pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+    torch.cuda.device_count() < 2, reason="needs 2 GPUs")])]
+
+
+def _env(**extra: str) -> dict[str, str]:
+    return {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **extra}
+
+
 @pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="needs /proc")
-def test_a_rank_that_dies_stops_the_job_with_a_clear_error(tiny_qwen25_dir, color_data, tmp_path):
-    args = grpo_args(tiny_qwen25_dir, color_data, tmp_path, "dies", "trainer.total_steps=1000", "trainer.save_freq=0",
-                     "trainer.dist_timeout_s=30")
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_rank_that_dies_stops_the_job_and_the_run_resumes_from_its_last_checkpoint(
+        tiny_qwen25_dir, color_data, tmp_path, device):
+    """kill -9 of rank 1 in the middle of a run: the job ends within seconds with the rank named,
+    the newest checkpoint is complete, and `trainer.resume=auto` continues the run from it."""
+    args = grpo_args(tiny_qwen25_dir, color_data, tmp_path, "dies", "trainer.total_steps=1000",
+                     "trainer.save_freq=1", "trainer.save_limit=2", "trainer.dist_timeout_s=30",
+                     f"trainer.device={device}")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(RUNNER), "grpo",
            *args]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env())
     try:
-        metrics = tmp_path / "dies" / "metrics.jsonl"
-        deadline = time.time() + 180
-        while time.time() < deadline and not (metrics.exists() and metrics.read_text().strip()):
+        ckpts = tmp_path / "dies" / "checkpoints"
+        deadline = time.time() + 240
+        while time.time() < deadline and not (ckpts / "step_2").is_dir():
             assert process.poll() is None, process.stdout.read()[-3000:]
-            time.sleep(0.2)
-        assert metrics.exists(), "the run never finished a step"
+            time.sleep(0.1)
+        assert (ckpts / "step_2").is_dir(), "the run never wrote its second checkpoint"
+        time.sleep(0.3)  # into a later step
         workers = _worker_pids(process.pid)
         assert set(workers) == {0, 1}, workers
         os.kill(workers[1], signal.SIGKILL)
@@ -213,6 +226,52 @@ def test_a_rank_that_dies_stops_the_job_with_a_clear_error(tiny_qwen25_dir, colo
     assert "rank      : 1" in output and "SIGKILL" in output, output[-3000:]
     for pid in workers.values():  # no orphaned rank left behind
         assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text()
+    from lensrl.train.checkpoint import latest_checkpoint
+
+    last = latest_checkpoint(ckpts)
+    step = json.loads((last / "meta.json").read_text())["step"]
+    assert step >= 2  # the newest complete one (a half-written .tmp_step_N is never "latest")
+    done = [r["step"] for r in read_metrics(tmp_path / "dies")]
+    resume_args = [a for a in args if not a.startswith("trainer.total_steps=")] + [
+        f"trainer.total_steps={step + 1}", "trainer.resume=auto"]
+    result = subprocess.run([*cmd[:5], str(RUNNER), "grpo", *resume_args], capture_output=True, text=True,
+                            timeout=240, env=_env())
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    after = [r["step"] for r in read_metrics(tmp_path / "dies")][len(done):]
+    assert after == [step + 1]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_two_nodes_train_what_one_node_trains(grpo_runs, tiny_qwen25_dir, color_data, tmp_path, device):
+    """The README's multi-node launch, two torchrun agents with a c10d rendezvous (here both on
+    this machine, one rank each, every agent running the same command): the same steps and weights
+    as one node with two ranks. On CUDA each agent sees its own GPU."""
+    out, _ = grpo_runs
+    args = grpo_args(tiny_qwen25_dir, color_data, tmp_path, "nodes", f"trainer.device={device}")
+    if device == "cuda":  # the one-node reference on the same device
+        launch(2, "grpo", grpo_args(tiny_qwen25_dir, color_data, tmp_path, "node", f"trainer.device={device}"))
+        reference = tmp_path / "node"
+    else:
+        reference = out / "two"
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    agents = []
+    for node in range(2):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
+               "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "lensrl_nodes",
+               str(RUNNER), "grpo", *args]
+        env = _env(**({"CUDA_VISIBLE_DEVICES": str(node)} if device == "cuda" else {}))
+        agents.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env))
+    outputs = [agent.communicate(timeout=300)[0] for agent in agents]
+    for agent, output in zip(agents, outputs):
+        assert agent.returncode == 0, output[-4000:]
+    nodes = read_metrics(tmp_path / "nodes")
+    assert len(nodes) == 3 and nodes[0]["actor/grad_norm"] > 0
+    assert_same_steps(read_metrics(reference), nodes)
+    assert_same_weights(reference / "hf", tmp_path / "nodes" / "hf")
 
 
 def test_checkpoint_written_at_two_ranks_is_complete_and_atomic(grpo_runs):
