@@ -74,7 +74,9 @@ def run_case(name: str, nproc: int, data: Path, out: Path, prompts: int, steps: 
         errors = [line for line in log.splitlines() if "Error" in line and "ChildFailedError" not in line]
         result["error"] = "OOM" if oom else (errors[-1][:300] if errors else "see log")
     result["steps"] = len(records)
-    timed = records[1:] or records
+    profiled = {int(x) for o in extra if o.startswith("trainer.profile_steps=")
+                for x in o.split("=", 1)[1].strip("[]").split(",") if x.strip()}
+    timed = [r for r in records[1:] if r["step"] not in profiled] or records  # no warm-up, no profiler
     if timed:
         def mean(key):
             values = [r[key] for r in timed if key in r]
@@ -87,6 +89,8 @@ def run_case(name: str, nproc: int, data: Path, out: Path, prompts: int, steps: 
             "tokens_per_s_per_gpu": mean("perf/throughput_per_gpu"), "mfu": mean("perf/mfu"),
             "loss": [r.get("actor/loss") for r in records], "reward": [r.get("reward/mean") for r in records],
             "response_length": mean("response_length/mean"),
+            # every phase of the step, this rank's (rank 0) and the slowest rank's
+            "split": {k[len("timing_s/"):]: mean(k) for k in sorted(timed[-1]) if k.startswith("timing_s/")},
         })
     return result
 
@@ -134,6 +138,9 @@ def main() -> None:
         print(f"{r['case']:<11} {r['nproc']:>2} {r['rc']:>3} {f('peak_mem_gb', '{:.1f}'):>8} {f('step_s'):>7} "
               f"{f('gen_s'):>6} {f('old_logprob_s'):>6} {f('update_s'):>7} {f('weight_sync_s', '{:.3f}'):>6} "
               f"{f('tokens_per_s_per_gpu', '{:.0f}'):>10} {f('mfu', '{:.3f}'):>6}  {r.get('error', '')}")
+    for r in results:
+        if r.get("split"):
+            print(f"split {r['case']} N={r['nproc']}: " + ", ".join(f"{k} {v:.3f}" for k, v in r["split"].items()))
     ones = {r["case"]: r for r in results if r["nproc"] == 1 and r.get("tokens_per_s_per_gpu")}
     for r in results:
         base = ones.get(r["case"])
