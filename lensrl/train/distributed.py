@@ -117,17 +117,21 @@ def all_gather_objects(obj: Any) -> list[Any]:
 
 
 def shard(items: list[Any], block_size: int | None = None) -> list[Any]:
-    """This rank's share of `items` (len must divide evenly over the ranks). Contiguous, or with
-    `block_size` (dividing len, divisible by the number of ranks) an equal contiguous slice of
-    every block: each rank then holds the same share of each GRPO mini-batch, so balancing the
-    ranks' tokens per mini-batch (`exchange`) has little to move."""
-    n, r = world_size(), rank()
+    """This rank's share of `items` (len must divide evenly over the ranks): see `share`."""
+    n = world_size()
     if len(items) % n:
         raise ValueError(f"{len(items)} items cannot be split evenly over {n} ranks")
-    if not block_size or block_size % n or len(items) % block_size:
-        block_size = len(items)
-    per = block_size // n
-    return [x for start in range(0, len(items), block_size) for x in items[start + r * per : start + (r + 1) * per]]
+    return [items[i] for i in share(len(items), n, rank(), block_size)]
+
+
+def share(num_items: int, num_ranks: int, rank_: int, block_size: int | None = None) -> list[int]:
+    """Indices of rank `rank_`'s share of `num_items`: contiguous, or with `block_size` (dividing
+    num_items, divisible by num_ranks) an equal contiguous slice of every block, so each rank holds
+    the same share of each GRPO mini-batch and balancing tokens per mini-batch has little to move."""
+    if not block_size or block_size % num_ranks or num_items % block_size:
+        block_size = num_items
+    per = block_size // num_ranks
+    return [i for start in range(0, num_items, block_size) for i in range(start + rank_ * per, start + (rank_ + 1) * per)]
 
 
 def resolve_device(name: str) -> torch.device:
