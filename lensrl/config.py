@@ -258,7 +258,68 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
             cursor = cursor.setdefault(part, {})
         cursor[parts[-1]] = yaml.safe_load(value) if value.strip() else ""
         config = merge(config, nested, source="command line")
+    check(config)
     return config
+
+
+LOGGERS = ("console", "jsonl", "tensorboard", "wandb")
+
+
+def check(config: Any, world_size: int | None = None) -> None:
+    """The rules between keys that a type cannot say, checked before anything loads: one
+    ConfigError naming the key(s) and the fix. `world_size`: the number of ranks the run will have
+    (default: torchrun's WORLD_SIZE, else 1)."""
+    import os
+
+    world = world_size if world_size is not None else int(os.environ.get("WORLD_SIZE", "1"))
+    trainer = getattr(config, "trainer", None)
+    training = isinstance(config, (GRPOConfig, SFTConfig))
+    if trainer is not None:
+        unknown = sorted(set(trainer.loggers) - set(LOGGERS))
+        if unknown:
+            raise ConfigError(f"trainer.loggers: unknown logger(s) {unknown}; choose from {', '.join(LOGGERS)}")
+        if world > 1 and trainer.fsdp.enable == "never":
+            raise ConfigError(
+                f"trainer.fsdp.enable=never with {world} ranks: nothing would keep the ranks' models equal "
+                "(each would train its own copy); use trainer.fsdp.enable=auto"
+            )
+    if training and config.model.dtype == "bfloat16":
+        raise ConfigError(
+            "model.dtype=bfloat16 trains bf16 weights with a plain AdamW: an update at RL learning rates "
+            "(1e-6) is below half a bf16 ulp of most weights and is lost (one step leaves ~98% of them "
+            "unchanged); use model.dtype=auto (fp32 master weights, bf16 compute on GPU) and, to fit, "
+            "model.gradient_checkpointing=true, trainer.fsdp.offload_params=true or more GPUs"
+        )
+    if isinstance(config, GRPOConfig):
+        t, actor, n = config.trainer, config.actor, config.rollout.n
+        for key, value in (("trainer.rollout_batch_size", t.rollout_batch_size), ("actor.mini_batch_size",
+                           actor.mini_batch_size), ("rollout.n", n), ("actor.ppo_epochs", actor.ppo_epochs),
+                           ("rollout.val_n", config.rollout.val_n)):
+            if value < 1:
+                raise ConfigError(f"{key} must be >= 1, got {value}")
+        if t.rollout_batch_size % actor.mini_batch_size:
+            raise ConfigError(f"trainer.rollout_batch_size ({t.rollout_batch_size}) must be a multiple of "
+                              f"actor.mini_batch_size ({actor.mini_batch_size})")
+        if t.rollout_batch_size % world:
+            raise ConfigError(f"trainer.rollout_batch_size ({t.rollout_batch_size}) must be divisible by the "
+                              f"number of ranks ({world})")
+        estimator = config.algorithm.adv_estimator
+        if n == 1 and estimator in ("grpo", "rloo"):
+            raise ConfigError(
+                f"rollout.n=1 leaves algorithm.adv_estimator={estimator} no group baseline: every advantage "
+                "is 0 and nothing is learned; set rollout.n >= 2 or use "
+                "algorithm.adv_estimator=reinforce_plus_plus_baseline"
+            )
+        if n == 1 and config.algorithm.filter_zero_variance_groups:
+            raise ConfigError("algorithm.filter_zero_variance_groups=true with rollout.n=1 would filter every "
+                              "group (one reward has no variance); set rollout.n >= 2")
+        if actor.importance_sampling_fix and not actor.importance_sampling_clip > 0:
+            raise ConfigError(f"actor.importance_sampling_clip must be > 0, got {actor.importance_sampling_clip}")
+    if isinstance(config, SFTConfig):
+        t = config.trainer
+        if t.global_batch_size % (t.micro_batch_size * world):
+            raise ConfigError(f"trainer.global_batch_size ({t.global_batch_size}) must be a multiple of "
+                              f"trainer.micro_batch_size x ranks ({t.micro_batch_size} x {world})")
 
 
 def merge(config: T, values: dict[str, Any], source: str = "", prefix: str = "") -> T:

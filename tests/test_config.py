@@ -325,3 +325,47 @@ def test_config_show_prints_defaults():
     shown = yaml.safe_load(out)
     assert shown["actor"]["optim"]["lr"] == 5e-7
     assert shown["rollout"]["n"] == GRPOConfig().rollout.n
+
+
+# Settings that cannot train correctly are refused with the config, before any model or data loads.
+@pytest.mark.parametrize("config_cls, overrides, world, expected", [
+    (GRPOConfig, ["rollout.n=1"], 1, "rollout.n=1 leaves algorithm.adv_estimator=grpo no group baseline"),
+    (GRPOConfig, ["rollout.n=1", "algorithm.adv_estimator=rloo"], 1, "adv_estimator=rloo"),
+    (GRPOConfig, ["rollout.n=1", "algorithm.adv_estimator=reinforce_plus_plus_baseline",
+                  "algorithm.filter_zero_variance_groups=true"], 1, "would filter every group"),
+    (GRPOConfig, ["trainer.rollout_batch_size=12", "actor.mini_batch_size=8"], 1, "must be a multiple of actor.mini_batch_size"),
+    (GRPOConfig, ["trainer.rollout_batch_size=6", "actor.mini_batch_size=2"], 4, "must be divisible by the number of ranks (4)"),
+    (GRPOConfig, ["trainer.fsdp.enable=never"], 2, "trainer.fsdp.enable=never with 2 ranks"),
+    (SFTConfig, ["trainer.fsdp.enable=never"], 2, "trainer.fsdp.enable=never with 2 ranks"),
+    (GRPOConfig, ["model.dtype=bfloat16"], 1, "model.dtype=bfloat16 trains bf16 weights with a plain AdamW"),
+    (SFTConfig, ["model.dtype=bfloat16"], 1, "model.dtype=bfloat16"),
+    (GRPOConfig, ["trainer.loggers=[jsonl,tensorbord]"], 1, "trainer.loggers: unknown logger(s) ['tensorbord']"),
+    (SFTConfig, ["trainer.global_batch_size=6", "trainer.micro_batch_size=4"], 1, "must be a multiple of"),
+    (GRPOConfig, ["actor.importance_sampling_fix=true", "actor.importance_sampling_clip=0"], 1, "must be > 0"),
+])
+def test_settings_that_cannot_train_correctly_are_refused(config_cls, overrides, world, expected, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", str(world))
+    with pytest.raises(ConfigError) as e:
+        load_config(config_cls, None, overrides)
+    assert expected in str(e.value)
+    assert "\n" not in str(e.value)  # one line
+
+
+def test_reinforce_plus_plus_baseline_trains_with_one_sample_per_prompt():
+    load_config(GRPOConfig, None, ["rollout.n=1", "algorithm.adv_estimator=reinforce_plus_plus_baseline"])
+
+
+def test_eval_may_run_a_bf16_model():
+    from lensrl.config import EvalConfig
+
+    assert load_config(EvalConfig, None, ["model.dtype=bfloat16"]).model.dtype == "bfloat16"
+
+
+def test_the_cli_refuses_before_loading_anything(tmp_path):
+    """A rule broken on the command line: one `error:` line and exit code 2, before the model
+    (which does not exist here) or the data is touched."""
+    result = subprocess.run([sys.executable, "-m", "lensrl", "grpo", "model.path=/nonexistent", "rollout.n=1"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith("error: rollout.n=1 leaves")
+    assert "Traceback" not in result.stderr and "nonexistent" not in result.stderr

@@ -10,7 +10,14 @@ from lensrl.config import OptimConfig
 
 
 def build_optimizer(params, cfg: OptimConfig) -> torch.optim.AdamW:
+    """AdamW over the trainable `params`, which must be fp32 (master weights): a plain AdamW step on
+    bf16/fp16 weights rounds updates below half an ulp away (at lr 1e-6, most of them). Raises
+    ValueError naming a low-precision parameter."""
     params = [p for p in params if p.requires_grad]
+    low = [p for p in params if p.dtype in (torch.bfloat16, torch.float16)]
+    if low:
+        raise ValueError(f"{len(low)} trainable parameters are {low[0].dtype}: AdamW needs fp32 master weights "
+                         "to apply RL-sized updates (model.dtype=auto keeps them)")
     # foreach is fastest on CPU and GPU for many small tensors; fused needs CUDA params.
     use_fused = bool(params) and all(p.is_cuda for p in params)
     return torch.optim.AdamW(

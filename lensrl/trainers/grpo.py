@@ -20,7 +20,7 @@ from lensrl.algorithms.losses import (
     rollout_train_gap,
     truncated_is_weights,
 )
-from lensrl.config import GRPOConfig
+from lensrl.config import GRPOConfig, check
 from lensrl.data.datasets import BatchSampler
 from lensrl.rewards.pool import RewardPool
 from lensrl.rollout.base import SamplingParams
@@ -52,11 +52,11 @@ H100_BF16_FLOPS = 989e12  # dense bf16 peak used for perf/mfu
 
 class GRPOTrainer:
     def __init__(self, cfg: GRPOConfig):
+        check(cfg)  # the cross-key rules, before anything loads (load_config checked them too)
         self.cfg = cfg
         t, actor = cfg.trainer, cfg.actor
         # the frozen reference exists only when a KL term needs it
         setup_policy(self, cfg, with_ref=cfg.algorithm.use_kl_loss)
-        _check_batch_sizes(cfg)
         self.train_data = load_split(cfg.data.train_files, cfg.data, "train", self.processor)
         if self.train_data is None:
             raise ValueError("GRPO needs data.train_files (parquet files or folders)")
@@ -374,18 +374,6 @@ def _timer(timing: dict[str, float], name: str):
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         timing[name] = timing.get(name, 0.0) + time.time() - start
-
-
-def _check_batch_sizes(cfg: GRPOConfig) -> None:
-    t, actor, world = cfg.trainer, cfg.actor, dist.world_size()
-    if t.rollout_batch_size % actor.mini_batch_size:
-        raise ValueError(f"trainer.rollout_batch_size ({t.rollout_batch_size}) must be a multiple of "
-                         f"actor.mini_batch_size ({actor.mini_batch_size})")
-    if t.rollout_batch_size % world:
-        raise ValueError(f"trainer.rollout_batch_size ({t.rollout_batch_size}) must be divisible by the "
-                         f"number of ranks ({world})")
-    if cfg.rollout.n < 1:
-        raise ValueError(f"rollout.n must be >= 1, got {cfg.rollout.n}")
 
 
 def run_grpo(config_path: str | None, overrides: list[str]) -> dict[str, float]:

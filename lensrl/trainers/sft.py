@@ -8,7 +8,7 @@ import time
 
 import torch
 
-from lensrl.config import SFTConfig, load_config
+from lensrl.config import SFTConfig, check, load_config
 from lensrl.data.datasets import BatchSampler
 from lensrl.rewards.pool import RewardPool
 from lensrl.train import distributed as dist
@@ -36,6 +36,7 @@ from lensrl.trainers.common import (
 
 class SFTTrainer:
     def __init__(self, cfg: SFTConfig):
+        check(cfg)  # the cross-key rules, before anything loads (load_config checked them too)
         self.cfg = cfg
         t = cfg.trainer
         setup_policy(self, cfg)
@@ -43,9 +44,6 @@ class SFTTrainer:
         self.val_data = load_split(cfg.data.val_files, cfg.data, "test", self.processor)
         if self.train_data is None and self.val_data is None:
             raise ValueError("set data.train_files (training) and/or data.val_files (evaluation)")
-        if t.global_batch_size % (t.micro_batch_size * dist.world_size()):
-            raise ValueError(f"trainer.global_batch_size ({t.global_batch_size}) must be a multiple of "
-                             f"trainer.micro_batch_size x ranks ({t.micro_batch_size} x {dist.world_size()})")
         num_train = len(self.train_data) if self.train_data is not None else 0
         self.total_steps = t.total_steps or max(1, t.num_epochs * num_train // t.global_batch_size)
         if self.train_data is None:

@@ -282,3 +282,15 @@ def test_checkpoint_written_at_two_ranks_is_complete_and_atomic(grpo_runs):
         extra = torch.load(out / "two" / "checkpoints" / step / "extra_rank1.pt", weights_only=True)
         assert extra["trainer"]["step"] == int(step.split("_")[1])
 
+
+
+def test_two_ranks_without_fsdp_are_refused_before_anything_loads(tiny_qwen25_dir, color_data, tmp_path):
+    """Without FSDP nothing would average the ranks' gradients: each rank would train its own model.
+    `torchrun ... lensrl grpo trainer.fsdp.enable=never` stops with one error line per rank."""
+    args = grpo_args(tiny_qwen25_dir, color_data, tmp_path, "ddp", "trainer.fsdp.enable=never")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "lensrl",
+           "grpo", *args]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=_env())
+    assert result.returncode != 0
+    assert "error: trainer.fsdp.enable=never with 2 ranks" in result.stderr
+    assert "Loading weights" not in result.stderr and not (tmp_path / "ddp").exists()

@@ -168,3 +168,26 @@ def test_algorithm_variants_take_finite_steps(tiny_qwen25_dir, color_data, tmp_p
         assert not moved and record["actor/num_updates"] == 0
     else:
         assert moved
+
+
+class LetterShareTrainer(GRPOTrainer):
+    """Rewards the share of letters in a completion, which a random tiny model earns in varying
+    amounts: every group has reward variance, so every step has a gradient."""
+
+    def score(self, samples, flat):
+        return [RewardResult(sum(ch.isalpha() for ch in c.text) / max(len(c.text), 1)) for _, c in flat]
+
+
+@pytest.mark.parametrize("setting", [[], ["trainer.fsdp.enable=always"], ["model.dtype=float32"]])
+def test_every_supported_precision_moves_the_weights_at_rl_learning_rates(tiny_qwen25_dir, color_data, tmp_path,
+                                                                          setting):
+    """One step at lr 1e-6 changes (nearly) every trainable weight: master weights are fp32, so
+    an update far below a bf16 ulp is not rounded away (bf16 weights are refused by the config)."""
+    from safetensors.torch import load_file
+
+    cfg = load_config(GRPOConfig, None, grpo_overrides(tiny_qwen25_dir, color_data, tmp_path, "p", "actor.optim.lr=1e-6",
+                                                       "trainer.total_steps=1", *setting))
+    LetterShareTrainer(cfg).fit()
+    before, after = load_file(tiny_qwen25_dir / "model.safetensors"), load_file(tmp_path / "p" / "hf" / "model.safetensors")
+    changed = sum(int((before[k] != after[k]).sum()) for k in before)
+    assert changed / sum(t.numel() for t in before.values()) >= 0.9
