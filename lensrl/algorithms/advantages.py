@@ -10,10 +10,14 @@ Estimators (r: the sequence's reward, mean/std over its group, std unbiased as t
 
     grpo                          (r - mean) / (std + eps)     norm_adv_by_std=False: r - mean (Dr.GRPO)
     rloo                          r - mean of the other n-1    = n / (n - 1) * (r - mean)
-    reinforce_plus_plus_baseline  r - mean, broadcast to tokens, then whitened over all valid
-                                  tokens of the batch: (a - mean_tok) / (std_tok + eps)
+    reinforce_plus_plus_baseline  r - mean (with n = 1: r itself), broadcast to tokens, then whitened
+                                  over all valid tokens of the batch: (a - mean_tok) * rsqrt(var_tok + 1e-8)
+                                  (verl's masked_whiten)
 
-A group of one completion has no baseline: its advantage is 0 under every estimator.
+A group whose rewards are all equal (n > 1) carries no signal: its advantage is exactly 0 under
+every estimator (float rounding of r - mean would otherwise leave +-1 ulp, which a std of about
+one ulp turns into advantages of order 0.01). GRPO and RLOO need n >= 2 (the config refuses n = 1);
+with n = 1 they return 0.
 """
 
 from __future__ import annotations
@@ -68,9 +72,12 @@ def compute_advantages(
     with torch.no_grad():
         grouped = _grouped(rewards.float(), group_size)  # (G, n)
         mask = response_mask.float()  # (B, T)
-        centered = grouped - grouped.mean(dim=1, keepdim=True)  # (G, n); 0 for groups of one
+        signal = ~zero_variance_groups(grouped.reshape(-1), group_size)  # (G,); False for groups of one
+        centered = (grouped - grouped.mean(dim=1, keepdim=True)) * signal[:, None]  # (G, n), exact 0 w/o signal
 
-        if group_size == 1:
+        if estimator == "reinforce_plus_plus_baseline" and group_size == 1:
+            scores = grouped  # no group baseline: the batch whitening below is the baseline (verl)
+        elif group_size == 1:
             scores = torch.zeros_like(grouped)
         elif estimator == "grpo":
             std = grouped.std(dim=1, keepdim=True)  # (G, 1) unbiased, as verl
@@ -83,16 +90,20 @@ def compute_advantages(
 
         advantages = scores.reshape(-1, 1) * mask  # (B, T)
         if estimator == "reinforce_plus_plus_baseline":
-            advantages = _masked_whiten(advantages, mask, eps) * mask
+            advantages = _masked_whiten(advantages, mask) * mask
+            if group_size > 1:  # a group without signal stays at exactly 0 after the shift
+                advantages = advantages * signal.repeat_interleave(group_size)[:, None]
     return advantages
 
 
-def _masked_whiten(values: Tensor, mask: Tensor, eps: float) -> Tensor:
-    """(values - mean) / (std + eps) with mean and unbiased std over the entries where mask is 1."""
+def _masked_whiten(values: Tensor, mask: Tensor, var_eps: float = 1e-8) -> Tensor:
+    """(values - mean) * rsqrt(var + var_eps), mean and unbiased variance over the entries where mask
+    is 1: verl's `masked_whiten`, whose variance floor keeps a near-constant batch from blowing
+    rounding noise up (dividing by std + 1e-6 amplifies it ~100x more)."""
     num_valid = mask.sum()
     mean = (values * mask).sum() / num_valid.clamp(min=1)
     variance = (((values - mean) ** 2) * mask).sum() / (num_valid - 1).clamp(min=1)
-    return (values - mean) / (variance.sqrt() + eps)
+    return (values - mean) * torch.rsqrt(variance + var_eps)
 
 
 def zero_variance_groups(rewards: Tensor, group_size: int) -> Tensor:

@@ -54,24 +54,44 @@ def test_reinforce_plus_plus_baseline_whitens_over_valid_tokens():
     # token mean = (0.5 + 0.5 - 0.5) / 6 = 1/12
     # deviations 5/12 (x2), -7/12, -1/12 (x3); squares sum (50 + 49 + 3) / 144 = 102/144
     # unbiased var = 102/144 / 5 = 0.1416667, std = 0.3763863
-    # 5/12 / std = 1.107016;  -7/12 / std = -1.549822;  -1/12 / std = -0.221403
+    # 5/12 / std = 1.107016;  -7/12 / std = -1.549822;  the equal group [2, 2] stays exactly 0
     advantages = compute_advantages(rewards, 2, mask, "reinforce_plus_plus_baseline")
-    expected = torch.tensor(
-        [[1.107016, 1.107016], [-1.549822, 0.0], [-0.221403, -0.221403], [-0.221403, 0.0]]
-    )
+    expected = torch.tensor([[1.107016, 1.107016], [-1.549822, 0.0], [0.0, 0.0], [0.0, 0.0]])
     torch.testing.assert_close(advantages, expected, atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("estimator", ["grpo", "rloo", "reinforce_plus_plus_baseline"])
-def test_groups_of_one_and_equal_rewards_give_zero(estimator):
-    rewards = torch.tensor([1.0, 0.0, 0.5])
-    mask = torch.ones(3, 2)
-    advantages = compute_advantages(rewards, 1, mask, estimator)
-    assert torch.equal(advantages, torch.zeros(3, 2))  # no NaN from a std of one sample
+@pytest.mark.parametrize("value", [0.1, 0.9, 1.0, 0.0, 1 / 3])
+def test_a_group_whose_rewards_are_all_equal_gets_exactly_zero(estimator, value):
+    """Eight rewards of 0.1 (a wrong but well formatted answer) used to give -0.0075 each: r - mean
+    is one ulp, the std about one ulp. No signal must mean no update, under every estimator."""
+    rewards = torch.tensor([value] * 8 + [1.0, 0.0, 0.0, 1.0, 0.0, 1.0, 1.0, 0.0])  # an equal group, a mixed one
+    advantages = compute_advantages(rewards, 8, torch.ones(16, 3), estimator)
+    assert torch.equal(advantages[:8], torch.zeros(8, 3))
+    assert advantages[8:].abs().min() > 0.5
 
-    same = torch.tensor([1.0, 1.0, 0.0, 0.0])
-    advantages = compute_advantages(same, 2, torch.ones(4, 2), estimator)
-    assert torch.equal(advantages, torch.zeros(4, 2))
+
+@pytest.mark.parametrize("estimator", ["grpo", "rloo"])
+def test_group_baselines_need_two_samples(estimator):
+    advantages = compute_advantages(torch.tensor([1.0, 0.0, 0.5]), 1, torch.ones(3, 2), estimator)
+    assert torch.equal(advantages, torch.zeros(3, 2))  # no NaN from a std of one sample (the config refuses n=1)
+
+
+def test_reinforce_plus_plus_baseline_with_one_sample_per_prompt_learns():
+    """Its usual setting, n = 1: the batch whitening is the baseline (verl), so better rewards get
+    positive advantages."""
+    rewards = torch.tensor([1.0, 0.0, 0.5, 0.0])
+    advantages = compute_advantages(rewards, 1, torch.ones(4, 2), "reinforce_plus_plus_baseline")
+    assert advantages[0, 0] > advantages[2, 0] > 0 > advantages[1, 0]
+    torch.testing.assert_close(advantages[1], advantages[3])
+
+
+def test_near_constant_batches_are_not_blown_up_by_the_whitening():
+    """verl floors the variance (rsqrt(var + 1e-8)); dividing by std + 1e-6 turned rewards that
+    differ by rounding into advantages of order 1."""
+    rewards = torch.tensor([0.5, 0.5 + 2e-7, 0.5, 0.5 - 2e-7])
+    advantages = compute_advantages(rewards, 2, torch.ones(4, 2), "reinforce_plus_plus_baseline")
+    assert 0 < advantages.abs().max() < 0.01
 
 
 def test_bad_inputs_fail_clearly():
