@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import logging
 import re
+from decimal import Decimal
 
 from lensrl.config import RewardConfig
 
@@ -170,17 +171,22 @@ def grade_math(pred: str, answer: str) -> bool:
 
 
 _PLAIN_WORDS = re.compile(r"[A-Za-z]{2,}( [A-Za-z]+)*")
+_PLAIN_INTEGER = re.compile(r"-?\d+")
 _PLAIN_NUMBER = re.compile(r"-?\d+(\.\d+)?")
 
 
 def _plain_verdict(pred: str, gold: str) -> bool | None:
-    """Decide without math-verify when both sides are plain words or plain decimal numbers (no
-    symbolic equivalence is possible beyond what this checks); None: ask math-verify."""
+    """Decide without math-verify only where its verdict is certain; None: ask math-verify.
+
+    Plain words: case-insensitive equality. Two integers: exact equality (`1000001` is not
+    `1000000`). Two decimals of the same value (`2.50`, `2.5`): equal. Decimals that differ go to
+    math-verify, whose rounding rules (6 places, integers against decimals) decide them."""
     if _PLAIN_WORDS.fullmatch(pred) and _PLAIN_WORDS.fullmatch(gold):
         return pred.lower() == gold.lower()
-    if _PLAIN_NUMBER.fullmatch(pred) and _PLAIN_NUMBER.fullmatch(gold):
-        a, b = float(pred), float(gold)
-        return abs(a - b) <= 1e-6 * max(1.0, abs(b))  # math-verify's default float rounding
+    if _PLAIN_INTEGER.fullmatch(pred) and _PLAIN_INTEGER.fullmatch(gold):
+        return int(pred) == int(gold)
+    if _PLAIN_NUMBER.fullmatch(pred) and _PLAIN_NUMBER.fullmatch(gold) and Decimal(pred) == Decimal(gold):
+        return True
     return None
 
 

@@ -166,3 +166,26 @@ def test_score_completion_dispatches():
     assert score_completion(GOOD, "3", RewardConfig(type="math"))[0] == 1.0
     choice_cfg = RewardConfig(type="choice", format_pattern=None)
     assert score_completion("The answer is B.", "B", choice_cfg) == (1.0, {"accuracy": 1.0})
+
+
+NUMBER_PAIRS = [  # (prediction, ground truth): plain numbers, the fast path's domain
+    ("1000001", "1000000"), ("1000000", "1000000"), ("12", "12.0"), ("0.5", "0.50"), ("0.5", "0.5000001"),
+    ("0.5", "0.500001"), ("3.14159", "3.141592"), ("3.141592", "3.1415926"), ("100", "99.99999"),
+    ("100", "99.9999999"), ("-3", "3"), ("-0", "0"), ("7", "7.00"), ("123456789", "123456788"),
+    ("2.5", "2.50000001"), ("0.333333", "0.3333333"), ("0.1", "0.10000000001"), ("5", "5.000001"),
+    ("5", "5.0000001"), ("12345678.9", "12345678.8"), ("1.0000005", "1.0000004"), ("0.0000001", "0.0000002"),
+    ("-2.5", "-2.50"), ("10", "010"), ("0.33", "0.333"), ("12345678901234567890", "12345678901234567891"),
+    ("45", "45"), ("45", "-45"), ("2.0", "2"), ("36.87", "36.869898"), ("6.93", "6.928"), ("1.5", "1.50"),
+    ("0", "0.0"), ("999999", "1000000"),
+]
+
+
+@pytest.mark.parametrize("pred, answer", NUMBER_PAIRS)
+def test_plain_numbers_are_graded_as_math_verify_grades_them(pred, answer):
+    """The fast path for plain numbers never disagrees with math-verify (`\\boxed{1000001}` against
+    1000000 was graded correct by a relative tolerance of 1e-6)."""
+    import math_verify
+
+    gold = math_verify.parse(f"\\boxed{{{answer}}}", parsing_timeout=None)
+    target = math_verify.parse(f"\\boxed{{{pred}}}", parsing_timeout=None)
+    assert grade_math(pred, answer) == bool(math_verify.verify(gold, target, timeout_seconds=None))
