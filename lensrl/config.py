@@ -71,6 +71,10 @@ class RolloutConfig:
     backend: Literal["auto", "hf", "engine"] = "auto"  # auto: engine on CUDA, hf elsewhere
     n: int = 8
     temperature: float = 1.0
+    # top_p < 1 / top_k > 0: tokens are drawn from the truncated, renormalised distribution, and the
+    # rollout log-probabilities are of that distribution (the behaviour policy). The trainer's are of
+    # the full softmax, so rollout/train_kl then measures the truncation too, and TIS
+    # (actor.importance_sampling_fix) corrects for it; with the defaults both agree exactly.
     top_p: float = 1.0
     top_k: int = -1
     max_new_tokens: int = 512

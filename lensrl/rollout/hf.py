@@ -3,6 +3,8 @@ reference the engine is checked against."""
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 
 from lensrl.models.processor import ProcessedSample
@@ -79,25 +81,27 @@ class HFRollout:
         if not greedy:
             sampling = {"temperature": params.temperature, "top_p": params.top_p,
                         "top_k": params.top_k if params.top_k > 0 else 0}
-        out = self.model.generate(
-            **inputs,
-            max_new_tokens=params.max_new_tokens,
-            min_new_tokens=params.max_new_tokens if params.ignore_eos else 0,
-            do_sample=not greedy,
-            eos_token_id=list(eos_ids),
-            pad_token_id=pad_id,
-            suppress_tokens=self.processor.suppress_token_ids,
-            output_logits=True,
-            return_dict_in_generate=True,
-            **sampling,
-        )
+        with neutral_generation_config(self.model):
+            out = self.model.generate(
+                **inputs,
+                max_new_tokens=params.max_new_tokens,
+                min_new_tokens=params.max_new_tokens if params.ignore_eos else 0,
+                do_sample=not greedy,
+                eos_token_id=list(eos_ids),
+                pad_token_id=pad_id,
+                suppress_tokens=self.processor.suppress_token_ids,
+                output_logits=True,
+                return_dict_in_generate=True,
+                **sampling,
+            )
         new_tokens = out.sequences[:, max_len:]  # (rows, steps)
-        # Log-probabilities under the raw logits at the sampling temperature (no top-p/top-k
-        # renormalisation), the same quantity the trainer's forward computes.
+        # Log-probabilities of the distribution each token was drawn from: the raw logits at the
+        # sampling temperature (what the trainer's forward computes), renormalised over the
+        # top-k / top-p survivors when those are set (rollout.top_p's comment says why).
         temperature = params.temperature if not greedy else 1.0
         logits = torch.stack(out.logits, dim=1).float() / temperature  # (rows, steps, V)
         logits = mask_suppressed(logits, torch.tensor(self.processor.suppress_token_ids, device=logits.device))
-        logps = torch.log_softmax(logits, dim=-1).gather(-1, new_tokens.unsqueeze(-1)).squeeze(-1)
+        logps = behaviour_logprobs(torch.log_softmax(logits, dim=-1), new_tokens, params)  # (rows, steps)
         results: list[list[Completion]] = [[] for _ in prompts]
         for i in range(len(rows)):
             tokens, finish = [], "length"
@@ -111,3 +115,35 @@ class HFRollout:
                 Completion(offset + i // params.n, tokens, logprobs, finish, self.processor.decode(tokens))
             )
         return results
+
+
+@contextmanager
+def neutral_generation_config(model: torch.nn.Module):
+    """transformers' generate fills every setting a call leaves unset from `model.generation_config`,
+    the folder's generation_config.json (Qwen2.5-VL-Instruct ships repetition_penalty 1.05): it would
+    sample another distribution than the one whose log-probabilities the trainer computes. During
+    the call the model carries a config of transformers' neutral defaults instead."""
+    from transformers import GenerationConfig
+
+    saved = model.generation_config
+    model.generation_config = GenerationConfig()
+    try:
+        yield
+    finally:
+        model.generation_config = saved
+
+
+def behaviour_logprobs(logp: torch.Tensor, tokens: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """log-probability of each drawn token under the distribution it was drawn from.
+
+    logp: (..., V) log_softmax at the sampling temperature; tokens: (...) long. With top_p = 1 and
+    top_k <= 0 that is logp itself; otherwise the top-k / top-p filtered distribution, renormalised
+    (`sampler.filtered_probs`, transformers' warper order)."""
+    picked = logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    if params.temperature <= 0 or (params.top_p >= 1.0 and params.top_k <= 0):
+        return picked
+    from lensrl.rollout.engine.sampler import filtered_probs
+
+    flat = logp.reshape(-1, logp.shape[-1])
+    probs = filtered_probs(flat, params.top_p, params.top_k).reshape(logp.shape)
+    return probs.gather(-1, tokens.unsqueeze(-1)).squeeze(-1).clamp_min(1e-38).log()

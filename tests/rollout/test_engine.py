@@ -15,8 +15,9 @@ from lensrl.config import RolloutConfig
 from lensrl.rollout.base import SamplingParams
 from lensrl.rollout.engine import EngineRollout
 from lensrl.rollout.engine.scheduler import Group, blocks_needed
-from lensrl.rollout.hf import HFRollout
-from lensrl.train.sequences import forward_response_logprobs, make_sequence
+from lensrl.rollout.hf import HFRollout, behaviour_logprobs
+from lensrl.train.logprobs import mask_suppressed
+from lensrl.train.sequences import collate, forward_response_logprobs, make_sequence
 from tests.rollout.conftest import mixed_samples, sharpened_policy
 
 GREEDY = SamplingParams(n=2, temperature=0.0, max_new_tokens=10)
@@ -109,9 +110,21 @@ def test_greedy_equals_generate_with_more_sequences_than_rows_and_a_small_kv_poo
     assert engine.stats["prefill_rounds"] >= 3  # prompts waited for rows and blocks
 
 
-def test_logprobs_equal_the_trainers_forward(policy):
+def trainer_distributions(model, processor, seqs, temperature):
+    """The trainer's full next-token log-distribution at every response position: list of (R_i, V)."""
+    with torch.no_grad():
+        inputs = collate(seqs, processor.pad_token_id, torch.device("cpu"))
+        logits = model(**inputs, use_cache=False).logits.float() / temperature  # (B, T, V)
+        logits = mask_suppressed(logits, torch.tensor(processor.suppress_token_ids))
+    return [torch.log_softmax(logits[i, s.prompt_length - 1 : s.num_tokens - 1], -1) for i, s in enumerate(seqs)]
+
+
+@pytest.mark.parametrize("top_p, top_k", [(1.0, -1), (0.9, 40)])
+def test_logprobs_are_those_of_the_distribution_sampled(policy, top_p, top_k):
+    """Plain temperature sampling: the engine's logprobs are the trainer's forward's. With top-p /
+    top-k: those of the truncated, renormalised distribution the tokens were drawn from."""
     model, processor, prompts = policy
-    params = SamplingParams(n=3, temperature=0.8, top_p=0.9, top_k=40, max_new_tokens=8, seed=0)
+    params = SamplingParams(n=3, temperature=0.8, top_p=top_p, top_k=top_k, max_new_tokens=8, seed=0)
     groups = make_engine(model, processor, block_size=8).generate(prompts, params)
     seqs, rollout = [], []
     for prompt, group in zip(prompts, groups):
@@ -123,8 +136,17 @@ def test_logprobs_equal_the_trainers_forward(policy):
         logp, _, mask = forward_response_logprobs(
             model, seqs, processor.pad_token_id, temperature=0.8, suppress_ids=processor.suppress_token_ids
         )
-    for i, expected in enumerate(rollout):
-        torch.testing.assert_close(logp[i, mask[i]], expected, rtol=0, atol=1e-4)
+    full = trainer_distributions(model, processor, seqs, 0.8)
+    for i, got in enumerate(rollout):
+        tokens = seqs[i].input_ids[seqs[i].prompt_length :]
+        expected = behaviour_logprobs(full[i], tokens, params)
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-4)
+        if top_p == 1.0:
+            torch.testing.assert_close(logp[i, mask[i]], got, rtol=0, atol=1e-4)
+        else:
+            assert (got >= logp[i, mask[i]] - 1e-5).all()  # renormalised over fewer tokens
+    if top_p < 1.0:
+        assert any((got - logp[i, mask[i]]).abs().max() > 1e-3 for i, got in enumerate(rollout))
 
 
 def test_a_seed_makes_sampling_reproducible(qwen25):

@@ -6,10 +6,12 @@ Each row's random draw is a function of its key alone, and a key is a hash of (s
 id in the global batch, the index of the token being drawn): a sample draws the same tokens
 however the batch is split over ranks, generate calls or engine rows (given the same logits).
 
-The returned log-probability is the one the trainer computes: log_softmax(logits / temperature)
-of the sampled token over the full vocabulary (suppressed ids masked), with no top-p/top-k
-renormalisation. Sampling itself follows transformers' warpers: temperature, then top-k, then
-top-p on the renormalised survivors, then a draw from what is left.
+The returned log-probability is that of the distribution the token was drawn from: with plain
+temperature sampling log_softmax(logits / temperature) over the full vocabulary (suppressed ids
+masked), exactly what the trainer computes; with top-k / top-p the filtered, renormalised
+distribution (so TIS and rollout/train_kl see the truncation). Sampling itself follows
+transformers' warpers: temperature, then top-k, then top-p on the renormalised survivors, then a
+draw from what is left.
 """
 
 from __future__ import annotations
@@ -100,8 +102,9 @@ def sample(
 
     keys: (B,) int64 per-row keys (`draw_keys`): row b's noise depends on keys[b] only. Without
     keys the noise comes from `generator` (and then depends on the batch's layout).
-    Returns tokens (B,) long and their log-probabilities (B,) float32 under
-    log_softmax(logits / temperature) (temperature 1 when greedy), suppressed ids masked.
+    Returns tokens (B,) long and their log-probabilities (B,) float32 under the distribution they
+    were drawn from: log_softmax(logits / temperature) (temperature 1 when greedy), suppressed ids
+    masked, renormalised over the top-k / top-p survivors when those are set.
     """
     greedy = temperature <= 0
     scaled = logits.to(torch.float32, copy=True)  # (B, V)
@@ -110,10 +113,11 @@ def sample(
     if suppress is not None and suppress.numel():
         scaled.index_fill_(-1, suppress, torch.finfo(torch.float32).min)
     logp = torch.log_softmax(scaled, dim=-1)  # (B, V)
+    filtered = not greedy and (top_p < 1.0 or top_k > 0)
     if greedy:
         tokens = scaled.argmax(dim=-1)
     else:
-        probs = logp.exp() if (top_p >= 1.0 and top_k <= 0) else filtered_probs(logp, top_p, top_k)
+        probs = filtered_probs(logp, top_p, top_k) if filtered else logp.exp()
         # Exponential race: argmax(p_i / E_i) with E_i ~ Exp(1) picks i with probability p_i, with no
         # cumulative sum or host sync (the same trick as torch.multinomial's GPU path).
         if keys is not None:
@@ -121,6 +125,8 @@ def sample(
         else:
             noise = torch.empty_like(probs).exponential_(generator=generator).clamp_min_(1e-20)
         tokens = (probs / noise).argmax(dim=-1)
+    if filtered:  # the probability the token was drawn with (renormalised over the survivors)
+        return tokens, probs.gather(-1, tokens.unsqueeze(-1)).squeeze(-1).clamp_min(1e-38).log()
     return tokens, logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
 
 
