@@ -101,6 +101,19 @@ def mean_metrics(metrics: dict[str, float]) -> dict[str, float]:
     return out
 
 
+def weighted_mean_metrics(metrics: dict[str, float], weight: float) -> dict[str, float]:
+    """Each key's mean over ranks weighted by each rank's `weight` (e.g. its token count): a
+    per-token mean over the whole batch from per-rank per-token means. One all-reduce."""
+    metrics = {k: float(v) for k, v in metrics.items()}
+    if not dist.is_initialized() or not metrics:
+        return metrics
+    keys = sorted(metrics)
+    values = torch.tensor([metrics[k] * weight for k in keys] + [weight], dtype=torch.float64, device=_comm_device())
+    dist.all_reduce(values, op=dist.ReduceOp.SUM)
+    total = values[-1].item()
+    return {k: (v / total if total > 0 else 0.0) for k, v in zip(keys, values[:-1].tolist())}
+
+
 def _comm_device() -> torch.device:
     if dist.get_backend() == "nccl":
         return torch.device("cuda", torch.cuda.current_device())

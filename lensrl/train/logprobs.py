@@ -14,7 +14,7 @@ from torch.utils.checkpoint import checkpoint
 
 def _chunk_logprobs(
     hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
-    temperature: float, with_entropy: bool, suppress: torch.Tensor | None,
+    temperature: float, with_entropy: bool, suppress: torch.Tensor | None, entropy_grad: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     logits = F.linear(hidden, weight, bias).float()  # (C, V)
     if temperature != 1.0:
@@ -24,8 +24,9 @@ def _chunk_logprobs(
     log_z = torch.logsumexp(logits, dim=-1)  # (C,)
     logp = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - log_z  # (C,)
     if with_entropy:
-        probs = torch.softmax(logits, dim=-1)
-        entropy = log_z - (probs * logits).sum(-1)  # H = logZ - E_p[logit]
+        source, z = (logits, log_z) if entropy_grad else (logits.detach(), log_z.detach())
+        probs = torch.softmax(source, dim=-1)
+        entropy = z - (probs * source).sum(-1)  # H = logZ - E_p[logit]
     else:
         entropy = torch.zeros_like(logp)
     return logp, entropy
@@ -55,6 +56,7 @@ def token_logprobs(
     chunk_size: int = 1024,
     with_entropy: bool = False,
     suppress_ids: list[int] | None = None,
+    entropy_grad: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """log p(targets[i] | hidden[i]) and the entropy of that distribution, both (N,) float32.
 
@@ -62,6 +64,7 @@ def token_logprobs(
     head; each chunk's logits are recomputed in the backward instead of being stored.
     `suppress_ids`: tokens the sampler never emits (see Processor.suppress_token_ids); the
     distribution is renormalised without them, exactly as the rollout's was.
+    `entropy_grad=False`: the entropy is a metric only (no gradient, no backward work).
     """
     suppress = torch.tensor(suppress_ids, device=hidden.device) if suppress_ids else None
     logps, entropies = [], []
@@ -69,7 +72,7 @@ def token_logprobs(
     for start in range(0, hidden.shape[0], chunk_size):
         h = hidden[start : start + chunk_size]
         t = targets[start : start + chunk_size]
-        args = (h, lm_head.weight, lm_head.bias, t, temperature, with_entropy, suppress)
+        args = (h, lm_head.weight, lm_head.bias, t, temperature, with_entropy, suppress, entropy_grad)
         chunk = _head["chunk"]
         logp, ent = checkpoint(chunk, *args, use_reentrant=False) if grad else chunk(*args)
         logps.append(logp)

@@ -89,8 +89,10 @@ def forward_response_logprobs(
     width: int | None = None,
     suppress_ids: list[int] | None = None,
     packed: bool = False,
+    entropy_grad: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """Log-probabilities (and entropy) of each sequence's response tokens, right-padded.
+    `entropy_grad=False`: the entropy carries no gradient (a metric only).
 
     `packed`: one packed row with attention kept inside each sequence (lensrl.train.packing);
     otherwise a right-padded batch. Both give the same numbers. Returns logp (B, R), entropy
@@ -114,7 +116,7 @@ def forward_response_logprobs(
                           for start, s in zip(starts, seqs)]).to(device)
         targets = torch.cat([s.input_ids[s.prompt_length :] for s in seqs]).to(device)
         return token_logprobs(hidden[rows], model.lm_head, targets, temperature, chunk_size, with_entropy,
-                              suppress_ids)
+                              suppress_ids, entropy_grad)
 
     logp_flat, ent_flat = run_as_forward(model, body)
     lengths = torch.tensor([s.response_length for s in seqs])

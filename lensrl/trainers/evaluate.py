@@ -78,6 +78,7 @@ def run_eval(config_path: str | None, overrides: list[str]) -> dict[str, float]:
     from lensrl.models.compile import compile_blocks, compile_enabled
     from lensrl.models.load import load_policy
     from lensrl.trainers.common import (
+        autocast,
         build_rollout,
         load_split,
         model_dtypes,
@@ -89,7 +90,7 @@ def run_eval(config_path: str | None, overrides: list[str]) -> dict[str, float]:
     device = dist.resolve_device(cfg.device)
     dist.init_distributed(device)
     seed_everything(cfg.seed)
-    param_dtype, _ = model_dtypes(cfg.model, device)
+    param_dtype, amp_dtype = model_dtypes(cfg.model, device)  # bf16 autocast on GPU, as training's validation
     model, processor = load_policy(cfg.model.path, dtype=param_dtype, device=device,
                                    min_pixels=cfg.model.min_pixels, max_pixels=cfg.model.max_pixels)
     model.eval()
@@ -101,7 +102,7 @@ def run_eval(config_path: str | None, overrides: list[str]) -> dict[str, float]:
     params = SamplingParams(n=cfg.rollout.val_n, temperature=cfg.rollout.val_temperature,
                             top_p=cfg.rollout.val_top_p, max_new_tokens=cfg.rollout.max_new_tokens, seed=cfg.seed)
     start = time.time()
-    with RewardPool(cfg.reward) as pool, torch.no_grad():
+    with RewardPool(cfg.reward) as pool, torch.no_grad(), autocast(device, amp_dtype):
         metrics, records = evaluate(rollout, processor, dataset, pool, params, cfg.rollout.batch_size,
                                     cfg.data.val_size, prefix="eval")
     metrics["eval/num_samples"] = len(records)

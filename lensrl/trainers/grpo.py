@@ -185,11 +185,13 @@ class GRPOTrainer:
         timing["step"] = time.time() - step_start
 
         metrics = self._step_metrics(everyone, seqs, timing)
-        metrics.update(dist.mean_metrics(rollout_train_gap(old_logp, rollout_logp, generated)))
+        # means over every rank's tokens (a rank's mean weighted by its token count)
+        metrics.update(dist.weighted_mean_metrics(rollout_train_gap(old_logp, rollout_logp, generated),
+                                                  float(generated.sum())))
         metrics.update(update_metrics)
-        metrics.update(dist.mean_metrics({f"rollout/{k}" if not k.startswith("rollout/") else k: v
-                                          for k, v in is_metrics.items()}))
-        metrics.update(group_stats(rewards, n, cfg.reward.reward_max_val, cfg.reward.reward_min_val))
+        metrics.update(dist.weighted_mean_metrics({f"rollout/{k}" if not k.startswith("rollout/") else k: v
+                                                   for k, v in is_metrics.items()}, float(mask.sum())))
+        metrics.update(_group_stats(everyone, rewards, n, cfg.reward))
         metrics["advantage/filtered_groups"] = float(num_filtered)
         self._log_samples(step, samples, flat, results)
         return metrics
@@ -229,7 +231,8 @@ class GRPOTrainer:
         actor = self.cfg.actor
         return forward_with_anchor(seqs, self.anchor, lambda run: forward_response_logprobs(
             model, run, self.processor.pad_token_id, self.temperature, actor.logprob_chunk_size, with_entropy,
-            width, self.processor.suppress_token_ids, packed=actor.use_dynamic_bsz))
+            width, self.processor.suppress_token_ids, packed=actor.use_dynamic_bsz,
+            entropy_grad=actor.entropy_coeff != 0))  # a metric only when it is not in the loss
 
     def micro_batches(self, rows: list[int], seqs: list[Sequence]) -> list[list[int]]:
         a = self.cfg.actor
@@ -299,7 +302,7 @@ class GRPOTrainer:
             actor.clip_ratio_low, actor.clip_ratio_high, actor.clip_ratio_c, actor.loss_agg_mode,
             level="sequence" if actor.policy_loss == "gspo" else "token", is_weights=is_w, **agg)
         entropy_term = agg_loss(entropy, mask, actor.loss_agg_mode, **agg)
-        loss = pg_loss - actor.entropy_coeff * entropy_term
+        loss = pg_loss - actor.entropy_coeff * entropy_term if actor.entropy_coeff else pg_loss
         share = float(mask.sum()) / num_tokens  # this micro-batch's share of the mini-batch's tokens
         metrics = {"actor/pg_loss": pg_loss.item(), "actor/entropy": entropy_term.item()}
         for key in ("pg_clipfrac", "pg_clipfrac_lower", "ppo_kl"):
@@ -354,6 +357,18 @@ class GRPOTrainer:
                             "completion": c.text, "reward": r.score, **{f"reward_{k}": v for k, v in r.parts.items()},
                             "finish_reason": c.finish_reason})
         self.logger.write_samples(step, records)
+
+
+def _group_stats(everyone: list[dict], rewards: torch.Tensor, n: int, reward_cfg) -> dict[str, float]:
+    """advantage/all_correct_ratio, all_wrong_ratio (from the accuracy part when the reward has one:
+    a group of well formatted wrong answers is all wrong) and zero_variance_ratio (the score)."""
+    stats = group_stats(rewards, n, reward_cfg.reward_max_val, reward_cfg.reward_min_val)
+    if everyone and all("accuracy" in row["parts"] for row in everyone):
+        accuracy = torch.tensor([float(row["parts"]["accuracy"]) for row in everyone])
+        by_accuracy = group_stats(accuracy, n, 1.0, 0.0)
+        stats["advantage/all_correct_ratio"] = by_accuracy["advantage/all_correct_ratio"]
+        stats["advantage/all_wrong_ratio"] = by_accuracy["advantage/all_wrong_ratio"]
+    return stats
 
 
 def _pad(rows: list[list[float]], width: int) -> torch.Tensor:

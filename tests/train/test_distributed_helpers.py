@@ -48,3 +48,36 @@ def test_without_owners_everything_is_dealt():
     owner = balanced_assignment([5, 1, 1, 1, 1, 1], 3)
     load = [sum(n for n, o in zip([5, 1, 1, 1, 1, 1], owner) if o == r) for r in range(3)]
     assert max(load) == 5 and sorted(owner) != [0] * 6
+
+
+def _weighted_worker(rank: int, port: int, out) -> None:
+    import torch.distributed as torch_dist
+
+    from lensrl.train.distributed import weighted_mean_metrics
+
+    torch_dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:  # rank 0: 30 tokens with mean 1.0; rank 1: 10 tokens with mean 5.0
+        metrics = weighted_mean_metrics({"rollout/train_kl": 1.0 if rank == 0 else 5.0}, 30.0 if rank == 0 else 10.0)
+        out.put((rank, metrics["rollout/train_kl"]))
+    finally:
+        torch_dist.destroy_process_group()
+
+
+def test_per_token_means_over_ranks_weigh_each_rank_by_its_tokens():
+    """Two gloo ranks: (30 x 1.0 + 10 x 5.0) / 40 = 2.0 on both, not the ranks' plain mean 3.0."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    procs = [ctx.Process(target=_weighted_worker, args=(rank, port, out)) for rank in range(2)]
+    for p in procs:
+        p.start()
+    results = dict(out.get(timeout=60) for _ in procs)
+    for p in procs:
+        p.join(timeout=60)
+    assert results == {0: pytest.approx(2.0), 1: pytest.approx(2.0)}

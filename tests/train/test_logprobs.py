@@ -84,3 +84,19 @@ def test_vision_placeholder_tokens_are_never_sampled(tiny_qwen25_dir, make_image
                                                   suppress_ids=processor.suppress_token_ids)
     rollout = torch.cat([torch.tensor(c.logprobs) for group in groups for c in group])
     torch.testing.assert_close(logp[mask], rollout, rtol=0, atol=1e-4)
+
+
+def test_entropy_as_a_metric_carries_no_gradient(tiny_qwen25_dir):
+    """With entropy_coeff 0 the entropy is only logged: no autograd graph, the same values."""
+    from lensrl.models.load import load_policy
+    from lensrl.train.sequences import forward_response_logprobs, make_sequence
+
+    model, processor = load_policy(tiny_qwen25_dir)
+    from lensrl.data.sample import Sample
+
+    seqs = [make_sequence(processor(Sample(f"What is {i} plus {i}?")), [5, 6, 7, 8]) for i in range(3)]
+    outs = {grad: forward_response_logprobs(model, seqs, processor.pad_token_id, with_entropy=True, entropy_grad=grad)
+            for grad in (True, False)}
+    assert outs[True][1].requires_grad and not outs[False][1].requires_grad
+    assert outs[False][0].requires_grad  # the log-probabilities still train
+    torch.testing.assert_close(outs[False][1], outs[True][1].detach())

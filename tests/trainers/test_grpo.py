@@ -191,3 +191,36 @@ def test_every_supported_precision_moves_the_weights_at_rl_learning_rates(tiny_q
     before, after = load_file(tiny_qwen25_dir / "model.safetensors"), load_file(tmp_path / "p" / "hf" / "model.safetensors")
     changed = sum(int((before[k] != after[k]).sum()) for k in before)
     assert changed / sum(t.numel() for t in before.values()) >= 0.9
+
+
+class FormattedButWrongTrainer(GRPOTrainer):
+    """Every completion well formatted and wrong: score 0.1 (accuracy 0, format 1)."""
+
+    def score(self, samples, flat):
+        return [RewardResult(0.1, {"accuracy": 0.0, "format": 1.0}) for _ in flat]
+
+
+def test_all_wrong_groups_are_counted_from_the_accuracy_part(tiny_qwen25_dir, color_data, tmp_path):
+    """A group of well formatted wrong answers scores 0.1, not the minimum, and is still all wrong;
+    its advantages are exactly 0."""
+    cfg = load_config(GRPOConfig, None, grpo_overrides(tiny_qwen25_dir, color_data, tmp_path, "w", "trainer.total_steps=1"))
+    metrics = FormattedButWrongTrainer(cfg).fit()
+    assert metrics["advantage/all_wrong_ratio"] == 1.0 and metrics["advantage/all_correct_ratio"] == 0.0
+    assert metrics["advantage/zero_variance_ratio"] == 1.0
+    assert metrics["actor/pg_loss"] == 0.0 and metrics["actor/grad_norm"] == 0.0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_lensrl_eval_computes_as_training_validation_does(tiny_qwen25_dir, color_data, tmp_path):
+    """On a GPU both run the policy under bf16 autocast: `lensrl eval` of the starting model
+    writes the same greedy completions as GRPO's validation before its first step."""
+    overrides = grpo_overrides(tiny_qwen25_dir, color_data, tmp_path, "v", "trainer.total_steps=1",
+                               "trainer.val_before_train=true", "data.val_size=8")
+    GRPOTrainer(load_config(GRPOConfig, None, overrides)).fit()
+    result = run_cli("eval", "--model", str(tiny_qwen25_dir), "--data", str(color_data), "data.val_size=8",
+                     "rollout.backend=hf", "data.max_prompt_length=64", f"output_dir={tmp_path}", "run_name=e")
+    assert result.returncode == 0, result.stderr[-3000:]
+    evaluated = [json.loads(line)["completion"] for line in (tmp_path / "e" / "samples" / "eval.jsonl").open()]
+    validated = [json.loads(line)["completion"] for line in (tmp_path / "v" / "samples" / "val_step_0.jsonl").open()]
+    assert validated and evaluated[: len(validated)] == validated
