@@ -51,6 +51,16 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def seed_new_rank(state: dict[str, Any], rank: int) -> None:
+    """RNG streams of a rank that did not exist when the checkpoint was written: derived from the
+    saved rank 0 state and the rank, so they are reproducible and differ from every other rank's
+    (never a copy of rank 0's)."""
+    set_rng_state(state)
+    seed = (random.getrandbits(62) ^ (0x9E3779B97F4A7C15 * (rank + 1))) % (1 << 62)
+    random.seed(seed)
+    torch.manual_seed(seed)  # CPU and every CUDA device
+
+
 def save_checkpoint(
     ckpt_root: str | Path,
     step: int,
@@ -65,8 +75,9 @@ def save_checkpoint(
     final = ckpt_root / f"step_{step}"
     tmp = ckpt_root / f".tmp_step_{step}"
     if _rank() == 0:
-        if tmp.exists():
-            shutil.rmtree(tmp)
+        # a crash mid-save leaves a .tmp_step_*: a full checkpoint's worth of disk, never loadable
+        for stale in ckpt_root.glob(".tmp_step_*") if ckpt_root.is_dir() else []:
+            shutil.rmtree(stale, ignore_errors=True)
         tmp.mkdir(parents=True)
     _barrier()
     model_sd, optim_sd = get_state_dict(model, optimizer)
@@ -122,11 +133,13 @@ def load_checkpoint(
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
                    options=StateDictOptions(strict=True))
     extra_file = path / f"extra_rank{_rank()}.pt"
-    if not extra_file.exists():  # resumed with more ranks than were saved
-        extra_file = path / "extra_rank0.pt"
-    extra = torch.load(extra_file, weights_only=True)
+    new_rank = not extra_file.exists()  # resumed with more ranks than were saved
+    extra = torch.load(path / "extra_rank0.pt" if new_rank else extra_file, weights_only=True)
     scheduler.load_state_dict(extra["scheduler"])
-    set_rng_state(extra["rng"])
+    if new_rank:
+        seed_new_rank(extra["rng"], _rank())
+    else:
+        set_rng_state(extra["rng"])
     return extra["trainer"]
 
 

@@ -12,11 +12,18 @@ from pathlib import Path
 
 import torch
 
-from lensrl.config import DataConfig, ModelConfig, RolloutConfig, save_config, to_dict
+from lensrl.config import DataConfig, ModelConfig, RolloutConfig, save_config, to_dict, to_yaml
 from lensrl.data.datasets import PromptDataset, load_dataset
 from lensrl.logging import RunLogger, console
 from lensrl.train import distributed as dist
-from lensrl.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, save_hf
+from lensrl.train.checkpoint import (
+    latest_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    save_checkpoint,
+    save_hf,
+)
+from lensrl.train.optim import follow_schedule
 from lensrl.train.packing import plan_micro_batches
 from lensrl.train.sequences import Sequence, make_sequence
 
@@ -138,12 +145,40 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
 
 
 def prepare_run_dir(output_dir: str, run_name: str, config) -> Path:
+    """runs/<name>/ with the resolved config.yaml. A folder that already holds a different
+    config.yaml (a resumed run with changed settings) keeps it as config.step_N.yaml (N: its newest
+    checkpoint) and the changed keys are printed before anything runs; nothing is overwritten
+    silently."""
     run_dir = Path(output_dir) / run_name
     if dist.is_main():
         run_dir.mkdir(parents=True, exist_ok=True)
+        previous = run_dir / "config.yaml"
+        if previous.is_file() and previous.read_text() != to_yaml(config):
+            changes = config_changes(previous, config)
+            ckpts = list_checkpoints(run_dir / "checkpoints")
+            tag = ckpts[-1].name if ckpts else time.strftime("%Y%m%d-%H%M%S")
+            kept = run_dir / f"config.{tag}.yaml"
+            os.replace(previous, kept)
+            console.print(f"[yellow]{run_dir}: config differs from the earlier run's (kept as {kept.name}):[/yellow]")
+            for key, (old, new) in changes.items():
+                console.print(f"  {key}: {old!r} -> {new!r}")
         save_config(config, run_dir / "config.yaml")
     dist.barrier()
     return run_dir
+
+
+def config_changes(previous: Path, config) -> dict[str, tuple[object, object]]:
+    """{dotted key: (value in the `previous` YAML file, value in `config`)} for every key that differs."""
+    import yaml
+
+    def flat(d, prefix=""):
+        out = {}
+        for k, v in (d or {}).items():
+            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+        return out
+
+    old, new = flat(yaml.safe_load(previous.read_text())), flat(to_dict(config))
+    return {k: (old.get(k), new.get(k)) for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)}
 
 
 def make_logger(run_dir: Path, trainer_cfg, config, total_steps: int, start_step: int = 0) -> RunLogger:
@@ -259,6 +294,7 @@ def resume(trainer) -> None:
     if path is None:
         return
     state = load_checkpoint(path, trainer.policy, trainer.optimizer, trainer.scheduler)
+    follow_schedule(trainer.scheduler, trainer.cfg.actor.optim if hasattr(trainer.cfg, "actor") else trainer.cfg.optim)
     trainer.step = state["step"]
     trainer.sampler.load_state_dict(state["sampler"])
     trainer.bad_steps_in_row = state.get("bad_steps_in_row", 0)

@@ -224,3 +224,51 @@ def test_lensrl_eval_computes_as_training_validation_does(tiny_qwen25_dir, color
     evaluated = [json.loads(line)["completion"] for line in (tmp_path / "e" / "samples" / "eval.jsonl").open()]
     validated = [json.loads(line)["completion"] for line in (tmp_path / "v" / "samples" / "val_step_0.jsonl").open()]
     assert validated and evaluated[: len(validated)] == validated
+
+
+def test_a_resumed_run_follows_its_own_config_and_says_what_changed(tiny_qwen25_dir, color_data, tmp_path, capsys):
+    """A finished 2-step cosine run (lr ends at 0) resumed with total_steps=4 and another lr: the
+    next step uses the new schedule's lr (logged = used, weights move), the earlier config is kept
+    as config.step_2.yaml with the changed keys printed, and a stale .tmp_step_* is cleaned up."""
+    from safetensors.torch import load_file
+
+    from lensrl.train.optim import lr_factor
+
+    base = grpo_overrides(tiny_qwen25_dir, color_data, tmp_path, "r", "trainer.save_freq=1", "trainer.save_limit=3",
+                          "actor.optim.schedule=cosine", "actor.optim.lr=1e-3")
+    LetterShareTrainer(load_config(GRPOConfig, None, base)).fit()
+    run = tmp_path / "r"
+    (run / "checkpoints" / ".tmp_step_9").mkdir()  # what a crash during a save leaves
+    capsys.readouterr()
+    cfg = load_config(GRPOConfig, None, [*base, "trainer.total_steps=4", "actor.optim.lr=2e-3"])
+    trainer = LetterShareTrainer(cfg)
+    printed = capsys.readouterr().err
+    assert "trainer.total_steps: 2 -> 4" in printed and "actor.optim.lr: 0.001 -> 0.002" in printed
+    assert load_config(GRPOConfig, run / "config.step_2.yaml").trainer.total_steps == 2
+    assert load_config(GRPOConfig, run / "config.yaml").trainer.total_steps == 4
+    assert trainer.step == 2
+    expected = 2e-3 * lr_factor(2, 4, cfg.actor.optim)  # one optimizer step per GRPO step here
+    assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(expected) and expected > 1e-4
+    trainer.fit()
+    step3 = next(r for r in read_metrics(run) if r["step"] == 3)
+    assert step3["actor/lr"] == pytest.approx(2e-3 * lr_factor(3, 4, cfg.actor.optim))
+    assert not (run / "checkpoints" / ".tmp_step_9").exists()
+    before = load_file(run / "hf" / "model.safetensors")  # written at the end of each fit: step 4 now
+    assert any(not torch.equal(before[k], load_file(tiny_qwen25_dir / "model.safetensors")[k]) for k in before)
+
+
+def test_a_rank_new_to_a_checkpoint_gets_its_own_random_stream():
+    from lensrl.train.checkpoint import rng_state, seed_new_rank, set_rng_state
+
+    torch.manual_seed(0)
+    saved = rng_state()
+    draws = {}
+    for rank in (0, 1, 2):
+        seed_new_rank(saved, rank)
+        draws[rank] = torch.rand(4)
+    set_rng_state(saved)
+    rank0 = torch.rand(4)
+    assert not any(torch.equal(draws[a], draws[b]) for a, b in [(0, 1), (0, 2), (1, 2)])
+    assert not torch.equal(draws[1], rank0) and not torch.equal(draws[2], rank0)
+    seed_new_rank(saved, 1)
+    assert torch.equal(torch.rand(4), draws[1])  # reproducible
