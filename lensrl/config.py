@@ -103,7 +103,10 @@ class OptimConfig:
 class AlgorithmConfig:
     adv_estimator: Literal["grpo", "rloo", "reinforce_plus_plus_baseline"] = "grpo"
     norm_adv_by_std: bool = True  # False: Dr.GRPO
-    filter_zero_variance_groups: bool = False  # DAPO dynamic sampling
+    # DAPO dynamic sampling (verl's filter_groups): drop groups whose rewards are all equal and
+    # generate more prompt batches until rollout_batch_size groups with signal are gathered
+    filter_zero_variance_groups: bool = False
+    max_num_gen_batches: int = 10  # rounds of generation per step at most; then train on what there is
     use_kl_loss: bool = False
     kl_loss_type: Literal["k1", "k2", "k3", "low_var_kl", "abs"] = "low_var_kl"
     kl_loss_coef: float = 1e-2
@@ -298,7 +301,8 @@ def check(config: Any, world_size: int | None = None) -> None:
         t, actor, n = config.trainer, config.actor, config.rollout.n
         for key, value in (("trainer.rollout_batch_size", t.rollout_batch_size), ("actor.mini_batch_size",
                            actor.mini_batch_size), ("rollout.n", n), ("actor.ppo_epochs", actor.ppo_epochs),
-                           ("rollout.val_n", config.rollout.val_n)):
+                           ("rollout.val_n", config.rollout.val_n),
+                           ("algorithm.max_num_gen_batches", config.algorithm.max_num_gen_batches)):
             if value < 1:
                 raise ConfigError(f"{key} must be >= 1, got {value}")
         if t.rollout_batch_size % actor.mini_batch_size:

@@ -58,6 +58,7 @@ EXPECTED_KEYS = {
         'algorithm.adv_estimator',
         'algorithm.norm_adv_by_std',
         'algorithm.filter_zero_variance_groups',
+        'algorithm.max_num_gen_batches',
         'algorithm.use_kl_loss',
         'algorithm.kl_loss_type',
         'algorithm.kl_loss_coef',

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 
@@ -104,53 +105,29 @@ class GRPOTrainer:
         timing: dict[str, float] = {}
         step_start = time.time()
 
-        # 1. Rollout: this rank's share of each mini-batch's prompts, n completions each. A prompt's
-        #    samples are seeded by its position in the global batch, not by the rank.
-        with _timer(timing, "data"):
-            batch = self.sampler.next_batch()
-            positions = dist.shard(list(range(len(batch))), block_size=actor.mini_batch_size)
-            samples = [self.train_data[batch[i]] for i in positions]
-            prompts = [self.processor(s) for s in samples]
-        with _timer(timing, "gen"), torch.no_grad(), autocast(self.device, self.amp_dtype):
-            groups = self.rollout.generate(prompts, self.sampling_params(step), positions=positions)
-        flat = [(i, c) for i, group in enumerate(groups) for c in group]
-        gids = [positions[i] * n + j for i, group in enumerate(groups) for j in range(len(group))]
-
-        # 2. Reward.
-        with _timer(timing, "reward"):
-            results = self.score(samples, flat)
+        # 1-2. Rollout and reward: this rank's share of each mini-batch's prompts, n completions
+        #      each, seeded by global position; with filtering, more rounds until enough groups
+        #      have reward variance (DAPO dynamic sampling).
+        rollouts = self.collect(step, timing)
+        everyone = rollouts.everyone  # every rank's rows of the groups trained on, by global id
 
         # 3. Advantages over the global batch (group statistics, and REINFORCE++'s whitening).
         with _timer(timing, "adv"):
-            rows = []
-            for gid, (i, c), r in zip(gids, flat, results):
-                valid = 0 if actor.mask_truncated_completions and c.finish_reason == "length" else len(c.token_ids)
-                rows.append({"gid": gid, "reward": r.score, "valid": valid, "parts": r.parts, "status": r.status,
-                             "length": len(c.token_ids), "truncated": c.finish_reason == "length",
-                             "prompt_length": int(prompts[i].input_ids.shape[0])})
-            everyone = sorted((row for part in dist.all_gather_objects(rows) for row in part), key=lambda r: r["gid"])
             rewards = torch.tensor([row["reward"] for row in everyone], dtype=torch.float32)
             valid = torch.tensor([row["valid"] for row in everyone])
-            adv_mask = (torch.arange(max(int(valid.max()), 1)) < valid[:, None]).float()  # (B_global, T)
+            adv_mask = (torch.arange(max(int(valid.max()) if len(valid) else 0, 1)) < valid[:, None]).float()  # (B, T)
             advantages = compute_advantages(rewards, n, adv_mask, cfg.algorithm.adv_estimator,
                                             cfg.algorithm.norm_adv_by_std)
-            keep = torch.ones(len(everyone), dtype=torch.bool)
-            num_filtered = 0
-            if cfg.algorithm.filter_zero_variance_groups:  # DAPO dynamic sampling: no signal, no update
-                flat_groups = zero_variance_groups(rewards, n)
-                num_filtered = int(flat_groups.sum())
-                keep = ~flat_groups.repeat_interleave(n)
 
         # 4. Spread the sequences over ranks by tokens, mini-batch by mini-batch.
         with _timer(timing, "spread"):
             items = {}
-            for gid, (i, c), row in zip(gids, flat, rows):
-                seq = make_sequence(prompts[i], c.token_ids)
-                items[gid] = {"seq": seq, "rollout_logp": c.logprobs, "valid": row["valid"],
-                              "adv": float(advantages[gid, 0]) if row["valid"] else 0.0}
+            for gid, prompt, c, row in rollouts.local:
+                items[gid] = {"seq": make_sequence(prompt, c.token_ids), "rollout_logp": c.logprobs,
+                              "valid": row["valid"], "adv": float(advantages[gid, 0]) if row["valid"] else 0.0}
             num_tokens = {gid: item["seq"].num_tokens for gid, item in items.items()}
-            minibatches = self.minibatch_plan(keep)
-            held = spread(items, num_tokens, [*minibatches, (~keep).nonzero().squeeze(-1).tolist()])
+            minibatches = self.minibatch_plan(len(everyone))
+            held = spread(items, num_tokens, minibatches)
             order = sorted(held)
             seqs = [held[g]["seq"] for g in order]
             width = max((s.response_length for s in seqs), default=1)
@@ -184,24 +161,79 @@ class GRPOTrainer:
             sync_rollout(self)
         timing["step"] = time.time() - step_start
 
-        metrics = self._step_metrics(everyone, seqs, timing)
+        metrics = self._step_metrics(rollouts.generated, seqs, timing)
         # means over every rank's tokens (a rank's mean weighted by its token count)
         metrics.update(dist.weighted_mean_metrics(rollout_train_gap(old_logp, rollout_logp, generated),
                                                   float(generated.sum())))
         metrics.update(update_metrics)
         metrics.update(dist.weighted_mean_metrics({f"rollout/{k}" if not k.startswith("rollout/") else k: v
                                                    for k, v in is_metrics.items()}, float(mask.sum())))
-        metrics.update(_group_stats(everyone, rewards, n, cfg.reward))
-        metrics["advantage/filtered_groups"] = float(num_filtered)
-        self._log_samples(step, samples, flat, results)
+        metrics.update(_group_stats(rollouts.generated, n, cfg.reward))
+        metrics["advantage/filtered_groups"] = float(rollouts.num_filtered)
+        metrics["batch/num_gen_batches"] = float(rollouts.num_rounds)
+        self._log_samples(step, *rollouts.first)
         return metrics
 
-    def minibatch_plan(self, keep: torch.Tensor) -> list[list[int]]:
-        """The kept sequences (global ids, in order) split into the step's mini-batches."""
-        rows = keep.nonzero().squeeze(-1).tolist()
-        num = max(1, self.cfg.trainer.rollout_batch_size // self.cfg.actor.mini_batch_size)
-        per = max(1, math.ceil(len(rows) / num))
-        return [rows[i : i + per] for i in range(0, len(rows), per)]
+    def collect(self, step: int, timing: dict[str, float]) -> Rollouts:
+        """Rollout and reward of the step's prompt batch. With `algorithm.filter_zero_variance_groups`
+        (DAPO dynamic sampling, verl's filter_groups), groups whose rewards are all equal are
+        dropped and further prompt batches are generated until `trainer.rollout_batch_size` groups
+        with signal are gathered (the first ones, in generation order), for at most
+        `algorithm.max_num_gen_batches` rounds; then it trains on what it has (the metrics
+        batch/num_gen_batches and advantage/filtered_groups say so). The kept groups are
+        renumbered 0 .. K-1 (global ids 0 .. K*n - 1)."""
+        cfg, actor, n = self.cfg, self.cfg.actor, self.cfg.rollout.n
+        size, filtering = cfg.trainer.rollout_batch_size, cfg.algorithm.filter_zero_variance_groups
+        kept_local, kept_rows, generated, first = [], [], [], None
+        num_rounds = num_filtered = 0
+        while True:
+            offset = num_rounds * size  # later rounds' prompts follow the first's: their own random streams
+            num_rounds += 1
+            with _timer(timing, "data"):
+                batch = self.sampler.next_batch()
+                positions = dist.shard(list(range(len(batch))), block_size=actor.mini_batch_size)
+                samples = [self.train_data[batch[i]] for i in positions]
+                prompts = [self.processor(s) for s in samples]
+            with _timer(timing, "gen"), torch.no_grad(), autocast(self.device, self.amp_dtype):
+                groups = self.rollout.generate(prompts, self.sampling_params(step),
+                                               positions=[offset + p for p in positions])
+            flat = [(i, c) for i, group in enumerate(groups) for c in group]
+            with _timer(timing, "reward"):
+                results = self.score(samples, flat)
+            first = first or (samples, flat, results)
+            local = []
+            for k, ((i, c), r) in enumerate(zip(flat, results)):
+                valid = 0 if actor.mask_truncated_completions and c.finish_reason == "length" else len(c.token_ids)
+                row = {"gid": (offset + positions[i]) * n + k % n, "reward": r.score, "valid": valid,
+                       "parts": r.parts, "status": r.status, "length": len(c.token_ids),
+                       "truncated": c.finish_reason == "length", "prompt_length": int(prompts[i].input_ids.shape[0])}
+                local.append((row["gid"], prompts[i], c, row))
+            with _timer(timing, "adv"):
+                rows = sorted((row for part in dist.all_gather_objects([x[3] for x in local]) for row in part),
+                              key=lambda row: row["gid"])
+            generated += rows
+            no_signal = zero_variance_groups(torch.tensor([row["reward"] for row in rows]), n).tolist()
+            keep = {rows[g * n]["gid"] // n for g, flat_group in enumerate(no_signal) if not (filtering and flat_group)}
+            num_filtered += len(no_signal) - len(keep)
+            kept_rows += [row for row in rows if row["gid"] // n in keep]
+            kept_local += [x for x in local if x[0] // n in keep]
+            if not filtering or len(kept_rows) >= size * n or num_rounds >= cfg.algorithm.max_num_gen_batches:
+                break
+        chosen = {g: k for k, g in enumerate(sorted({row["gid"] // n for row in kept_rows})[:size])}
+
+        def renumber(gid: int) -> int:
+            return chosen[gid // n] * n + gid % n
+
+        everyone = [{**row, "gid": renumber(row["gid"])} for row in kept_rows if row["gid"] // n in chosen]
+        local = [(renumber(g), prompt, c, {**row, "gid": renumber(g)}) for g, prompt, c, row in kept_local
+                 if g // n in chosen]
+        return Rollouts(local, everyone, generated, num_rounds, num_filtered, first)
+
+    def minibatch_plan(self, num_rows: int) -> list[list[int]]:
+        """Global ids 0 .. num_rows - 1 in mini-batches of actor.mini_batch_size groups (the last
+        one smaller only when filtering ran out of rounds)."""
+        per = self.cfg.actor.mini_batch_size * self.cfg.rollout.n
+        return [list(range(i, min(i + per, num_rows))) for i in range(0, num_rows, per)]
 
     # ------------------------------------------------------------------------------------------
     def score(self, samples, flat) -> list:
@@ -318,8 +350,9 @@ class GRPOTrainer:
     # ------------------------------------------------------------------------------------------
 
     def _step_metrics(self, everyone: list[dict], seqs: list[Sequence], timing: dict[str, float]) -> dict[str, float]:
-        """Rewards and lengths over the global batch (`everyone`: one dict per sequence, all ranks),
-        timings of this rank, throughput of all ranks together."""
+        """Rewards and lengths over everything the step generated (`everyone`: one dict per
+        sequence, all ranks, filtered groups included), timings of this rank, throughput of all
+        ranks together."""
         rewards = torch.tensor([r["reward"] for r in everyone])
         lengths = torch.tensor([float(r["length"]) for r in everyone])
         prompt_lengths = torch.tensor([float(r["prompt_length"]) for r in everyone])
@@ -359,9 +392,22 @@ class GRPOTrainer:
         self.logger.write_samples(step, records)
 
 
-def _group_stats(everyone: list[dict], rewards: torch.Tensor, n: int, reward_cfg) -> dict[str, float]:
+@dataclass
+class Rollouts:
+    """What a step trains on, after rollout, reward and (with filtering) refill."""
+
+    local: list[tuple]  # this rank's (global id, prompt, Completion, row) of the groups trained on
+    everyone: list[dict]  # every rank's rows of those groups, by global id 0 .. K*n - 1
+    generated: list[dict]  # every row generated in the step, filtered groups and all rounds included
+    num_rounds: int
+    num_filtered: int
+    first: tuple  # (samples, flat completions, rewards) of this rank's first round, for samples/
+
+
+def _group_stats(everyone: list[dict], n: int, reward_cfg) -> dict[str, float]:
     """advantage/all_correct_ratio, all_wrong_ratio (from the accuracy part when the reward has one:
     a group of well formatted wrong answers is all wrong) and zero_variance_ratio (the score)."""
+    rewards = torch.tensor([row["reward"] for row in everyone], dtype=torch.float32)
     stats = group_stats(rewards, n, reward_cfg.reward_max_val, reward_cfg.reward_min_val)
     if everyone and all("accuracy" in row["parts"] for row in everyone):
         accuracy = torch.tensor([float(row["parts"]["accuracy"]) for row in everyone])

@@ -164,7 +164,8 @@ def test_algorithm_variants_take_finite_steps(tiny_qwen25_dir, color_data, tmp_p
     if "actor.ppo_epochs=2" in variant:
         assert record["actor/num_updates"] == 4  # 2 epochs x 2 mini-batches
     moved = any(not torch.equal(a, b) for a, b in zip(before, trainer.policy.parameters()))
-    if record["advantage/filtered_groups"] == 4:  # every group had zero reward variance: nothing to learn
+    if record["advantage/filtered_groups"] == 4 * record.get("batch/num_gen_batches", 1):
+        # every group of every round had zero reward variance: nothing to learn
         assert not moved and record["actor/num_updates"] == 0
     else:
         assert moved
@@ -272,3 +273,43 @@ def test_a_rank_new_to_a_checkpoint_gets_its_own_random_stream():
     assert not torch.equal(draws[1], rank0) and not torch.equal(draws[2], rank0)
     seed_new_rank(saved, 1)
     assert torch.equal(torch.rand(4), draws[1])  # reproducible
+
+
+class RedOnlyTrainer(GRPOTrainer):
+    """Only prompts whose answer is red get a varying reward (the letter share); every other
+    group scores 0 throughout: about four groups in five have no signal."""
+
+    def score(self, samples, flat):
+        return [RewardResult(sum(ch.isalpha() for ch in c.text) / max(len(c.text), 1) if samples[i].answer == "red"
+                             else 0.0) for i, c in flat]
+
+
+def test_dynamic_sampling_refills_the_batch_with_groups_that_have_signal(tiny_qwen25_dir, color_data, tmp_path):
+    """DAPO dynamic sampling as DAPO and verl define it: groups without reward variance are dropped
+    and more prompts generated until rollout_batch_size groups with signal are gathered, so every
+    optimizer step sees a full mini-batch and the cosine schedule ends at 0; a bound on the rounds
+    makes it train on what it has and say so."""
+    run = grpo_overrides(tiny_qwen25_dir, color_data, tmp_path, "dapo", "algorithm.filter_zero_variance_groups=true",
+                         "trainer.total_steps=2", "actor.mini_batch_size=2", "actor.optim.schedule=cosine",
+                         "algorithm.max_num_gen_batches=40", "trainer.save_hf=false")
+    trainer = RedOnlyTrainer(load_config(GRPOConfig, None, run))
+    batch_sizes = []
+    update = trainer.update
+    trainer.update = lambda seqs, batch, minibatches, width: (
+        batch_sizes.append([len(mb) for mb in minibatches]), update(seqs, batch, minibatches, width))[1]
+    trainer.fit()
+    records = read_metrics(tmp_path / "dapo")
+    for r in records:
+        assert r["batch/num_gen_batches"] > 1 and r["advantage/filtered_groups"] > 0
+        assert r["actor/num_updates"] == 2  # 4 prompts / mini-batches of 2, both full
+    assert batch_sizes == [[8, 8], [8, 8]]  # sequences per mini-batch: 2 groups x n=4, every step
+    assert records[-1]["actor/lr"] == pytest.approx(0.0, abs=1e-12)  # the schedule counted every update
+
+    short = grpo_overrides(tiny_qwen25_dir, color_data, tmp_path, "dapo_short", "algorithm.filter_zero_variance_groups=true",
+                           "trainer.total_steps=1", "actor.mini_batch_size=2", "algorithm.max_num_gen_batches=1",
+                           "trainer.save_hf=false")
+    RedOnlyTrainer(load_config(GRPOConfig, None, short)).fit()
+    (record,) = read_metrics(tmp_path / "dapo_short")
+    kept = 4 - int(record["advantage/filtered_groups"])
+    assert record["batch/num_gen_batches"] == 1 and kept < 4
+    assert record["actor/num_updates"] == math.ceil(kept / 2)  # what one round had, in mini-batches of 2
