@@ -313,3 +313,61 @@ def test_dynamic_sampling_refills_the_batch_with_groups_that_have_signal(tiny_qw
     kept = 4 - int(record["advantage/filtered_groups"])
     assert record["batch/num_gen_batches"] == 1 and kept < 4
     assert record["actor/num_updates"] == math.ceil(kept / 2)  # what one round had, in mini-batches of 2
+
+
+class ProbeTrainer(LetterShareTrainer):
+    """A GRPO step observed from inside: what each micro-batch's loss saw. The policy's head gets
+    a bias towards EOS (a real parameter of the module, so the rollout and the trainer both see
+    it), so completions end with the stop token."""
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        head = self.policy.lm_head
+        head.bias = torch.nn.Parameter(torch.zeros(head.out_features), requires_grad=False)
+        with torch.no_grad():
+            head.bias[self.processor.eos_token_ids[0]] = 5.0
+        self.micro_calls, self.updates = [], []
+
+    def _micro_loss(self, seqs, batch, micro, width, num_tokens, num_seqs):
+        loss, metrics = super()._micro_loss(seqs, batch, micro, width, num_tokens, num_seqs)
+        with torch.no_grad():
+            logp, _, _ = self.forward(self.policy, [seqs[i] for i in micro], width)
+        self.micro_calls.append({"micro": list(micro), "logp": logp.detach().clone(),
+                                 "old": batch["old_logp"][micro].clone(), "mask": batch["mask"][micro].clone()})
+        return loss, metrics
+
+    def update(self, seqs, batch, minibatches, width):
+        metrics = super().update(seqs, batch, minibatches, width)
+        self.updates.append({"seqs": seqs, "batch": batch, "width": width,
+                             "after": self.logprobs(self.policy, seqs, width)})
+        return metrics
+
+
+def test_the_grpo_step_is_wired_as_the_algorithm_says(tiny_qwen25_dir, color_data, tmp_path):
+    """Through a real step (2 PPO epochs over one mini-batch, TIS on, fp32 on CPU): the first
+    update's new/old ratio is 1; the old log-probabilities stay fixed across epochs; the stop
+    token is in the loss mask; TIS weights are 1 where rollout and trainer agree; and the update
+    raises the log-probability of positively advantaged tokens and lowers that of negative ones."""
+    overrides = grpo_overrides(tiny_qwen25_dir, color_data, tmp_path, "wiring", "trainer.total_steps=1",
+                               "actor.ppo_epochs=2", "actor.importance_sampling_fix=true", "rollout.max_new_tokens=8",
+                               "trainer.save_hf=false")
+    trainer = ProbeTrainer(load_config(GRPOConfig, None, overrides))
+    metrics = trainer.fit()
+    first, second = trainer.micro_calls[0], trainer.micro_calls[-1]
+    assert first["micro"] == second["micro"]  # one micro-batch, seen once per epoch
+    mask = first["mask"]
+    torch.testing.assert_close(first["logp"][mask], first["old"][mask], rtol=0, atol=1e-5)  # ratio 1 before any step
+    assert torch.equal(first["old"], second["old"])  # old log-probs are not recomputed between epochs
+    assert (second["logp"][mask] - second["old"][mask]).abs().max() > 1e-4  # the first epoch moved the policy
+    (step,) = trainer.updates
+    seqs, batch = step["seqs"], step["batch"]
+    eos = set(trainer.processor.eos_token_ids)
+    stopped = [i for i, s in enumerate(seqs) if int(s.input_ids[-1]) in eos]
+    assert stopped, "no completion ended with the stop token"
+    for i in stopped:
+        assert batch["mask"][i, seqs[i].response_length - 1]  # the stop token is trained on
+        assert not batch["mask"][i, seqs[i].response_length :].any()
+    assert metrics["rollout/is_weight_mean"] == pytest.approx(1.0, abs=1e-4)
+    delta = (step["after"] - batch["old_logp"])[batch["mask"]]
+    adv = batch["adv"][batch["mask"]]
+    assert delta[adv > 0].mean() > 0 > delta[adv < 0].mean()
