@@ -143,7 +143,7 @@ def _dispatch(args: argparse.Namespace) -> None:
     elif args.command == "config":
         from lensrl.config import COMMAND_CONFIGS, load_config, to_yaml
 
-        print(to_yaml(load_config(COMMAND_CONFIGS[args.name], args.config, args.overrides)), end="")
+        print(to_yaml(load_config(COMMAND_CONFIGS[args.name], args.config, args.overrides, check_rules=False)), end="")
 
 
 def _data(args: argparse.Namespace) -> None:

@@ -237,8 +237,10 @@ COMMAND_CONFIGS: dict[str, type] = {"grpo": GRPOConfig, "sft": SFTConfig, "eval"
 T = TypeVar("T")
 
 
-def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] | tuple = ()) -> T:
-    """Defaults of `cls`, then the YAML file at `path`, then `key=value` overrides."""
+def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] | tuple = (),
+                check_rules: bool = True) -> T:
+    """Defaults of `cls`, then the YAML file at `path`, then `key=value` overrides; then `check`
+    (unless `check_rules` is False: `lensrl config show` prints incomplete configs too)."""
     config = cls()
     if path is not None:
         path = Path(path)
@@ -265,7 +267,8 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
             cursor = cursor.setdefault(part, {})
         cursor[parts[-1]] = yaml.safe_load(value) if value.strip() else ""
         config = merge(config, nested, source="command line")
-    check(config)
+    if check_rules:
+        check(config)
     return config
 
 
@@ -290,6 +293,26 @@ def check(config: Any, world_size: int | None = None) -> None:
                 f"trainer.fsdp.enable=never with {world} ranks: nothing would keep the ranks' models equal "
                 "(each would train its own copy); use trainer.fsdp.enable=auto"
             )
+    rollout, reward = getattr(config, "rollout", None), getattr(config, "reward", None)
+    if rollout is not None:
+        if rollout.max_new_tokens < 1:
+            raise ConfigError(f"rollout.max_new_tokens must be >= 1, got {rollout.max_new_tokens}")
+        if not 0 < rollout.gpu_memory_utilization <= 1:
+            raise ConfigError(f"rollout.gpu_memory_utilization must be in (0, 1], got {rollout.gpu_memory_utilization}")
+        if not 0 < rollout.top_p <= 1 or rollout.temperature < 0:
+            raise ConfigError(f"rollout.top_p must be in (0, 1] and rollout.temperature >= 0, got "
+                              f"{rollout.top_p} and {rollout.temperature}")
+    if reward is not None:
+        if reward.num_workers < 0 or not reward.timeout_s > 0:
+            raise ConfigError(f"reward.num_workers must be >= 0 (0: score inline) and reward.timeout_s > 0, got "
+                              f"{reward.num_workers} and {reward.timeout_s}")
+        if reward.reward_min_val > reward.reward_max_val:
+            raise ConfigError(f"reward.reward_min_val ({reward.reward_min_val}) must not exceed "
+                              f"reward.reward_max_val ({reward.reward_max_val})")
+    if isinstance(config, GRPOConfig) and not config.data.train_files:
+        raise ConfigError("GRPO needs data.train_files (parquet files or folders)")
+    if isinstance(config, SFTConfig) and not (config.data.train_files or config.data.val_files):
+        raise ConfigError("set data.train_files (training) and/or data.val_files (evaluation)")
     if training and config.model.dtype == "bfloat16":
         raise ConfigError(
             "model.dtype=bfloat16 trains bf16 weights with a plain AdamW: an update at RL learning rates "

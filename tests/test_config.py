@@ -260,7 +260,8 @@ def test_yaml_then_overrides(tmp_path):
     path.write_text("data:\n  max_prompt_length: 512\n  image_keys: [image]\nactor:\n  optim:\n    lr: 1.0e-5\n"
                     "trainer:\n  run_name: ${data.prompt_key}_run\n")
     cfg = load_config(GRPOConfig, path, ["data.max_prompt_length=2048", "actor.optim.betas=[0.9,0.95]",
-                                         "rollout.temperature=1", "data.system_prompt=null"])
+                                         "rollout.temperature=1", "data.system_prompt=null",
+                                         "data.train_files=[train.parquet]"])
     assert cfg.data.max_prompt_length == 2048  # command line wins over the file
     assert cfg.data.image_keys == ["image"]
     assert cfg.actor.optim.lr == 1e-5
@@ -343,17 +344,24 @@ def test_config_show_prints_defaults():
     (GRPOConfig, ["trainer.loggers=[jsonl,tensorbord]"], 1, "trainer.loggers: unknown logger(s) ['tensorbord']"),
     (SFTConfig, ["trainer.global_batch_size=6", "trainer.micro_batch_size=4"], 1, "must be a multiple of"),
     (GRPOConfig, ["actor.importance_sampling_fix=true", "actor.importance_sampling_clip=0"], 1, "must be > 0"),
+    (GRPOConfig, ["data.train_files=null"], 1, "GRPO needs data.train_files"),
+    (SFTConfig, ["data.train_files=null", "data.val_files=null"], 1, "set data.train_files"),
+    (GRPOConfig, ["rollout.gpu_memory_utilization=1.5"], 1, "rollout.gpu_memory_utilization must be in (0, 1]"),
+    (GRPOConfig, ["reward.reward_min_val=2"], 1, "must not exceed reward.reward_max_val"),
+    (GRPOConfig, ["reward.timeout_s=0"], 1, "reward.timeout_s > 0"),
+    (GRPOConfig, ["rollout.max_new_tokens=0"], 1, "rollout.max_new_tokens must be >= 1"),
 ])
 def test_settings_that_cannot_train_correctly_are_refused(config_cls, overrides, world, expected, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", str(world))
     with pytest.raises(ConfigError) as e:
-        load_config(config_cls, None, overrides)
+        load_config(config_cls, None, ["data.train_files=[data/train.parquet]", *overrides])
     assert expected in str(e.value)
     assert "\n" not in str(e.value)  # one line
 
 
 def test_reinforce_plus_plus_baseline_trains_with_one_sample_per_prompt():
-    load_config(GRPOConfig, None, ["rollout.n=1", "algorithm.adv_estimator=reinforce_plus_plus_baseline"])
+    load_config(GRPOConfig, None, ["data.train_files=[t.parquet]", "rollout.n=1",
+                                   "algorithm.adv_estimator=reinforce_plus_plus_baseline"])
 
 
 def test_eval_may_run_a_bf16_model():
@@ -365,7 +373,8 @@ def test_eval_may_run_a_bf16_model():
 def test_the_cli_refuses_before_loading_anything(tmp_path):
     """A rule broken on the command line: one `error:` line and exit code 2, before the model
     (which does not exist here) or the data is touched."""
-    result = subprocess.run([sys.executable, "-m", "lensrl", "grpo", "model.path=/nonexistent", "rollout.n=1"],
+    result = subprocess.run([sys.executable, "-m", "lensrl", "grpo", "model.path=/nonexistent", "rollout.n=1",
+                             "data.train_files=[/nonexistent/train.parquet]"],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1].startswith("error: rollout.n=1 leaves")

@@ -59,8 +59,6 @@ class GRPOTrainer:
         # the frozen reference exists only when a KL term needs it
         setup_policy(self, cfg, with_ref=cfg.algorithm.use_kl_loss)
         self.train_data = load_split(cfg.data.train_files, cfg.data, "train", self.processor)
-        if self.train_data is None:
-            raise ValueError("GRPO needs data.train_files (parquet files or folders)")
         self.val_data = load_split(cfg.data.val_files, cfg.data, "test", self.processor)
         self.sampler = BatchSampler(len(self.train_data), t.rollout_batch_size, cfg.data.seed, cfg.data.shuffle)
         self.rollout = build_rollout(cfg.rollout, self.rollout_model, self.processor, self.device)

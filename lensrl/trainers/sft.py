@@ -42,8 +42,6 @@ class SFTTrainer:
         setup_policy(self, cfg)
         self.train_data = load_split(cfg.data.train_files, cfg.data, "train", self.processor)
         self.val_data = load_split(cfg.data.val_files, cfg.data, "test", self.processor)
-        if self.train_data is None and self.val_data is None:
-            raise ValueError("set data.train_files (training) and/or data.val_files (evaluation)")
         num_train = len(self.train_data) if self.train_data is not None else 0
         self.total_steps = t.total_steps or max(1, t.num_epochs * num_train // t.global_batch_size)
         if self.train_data is None:
