@@ -90,6 +90,7 @@ def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     from lensrl.config import ConfigError
     from lensrl.data.sample import DataError
+    from lensrl.rewards.function import RewardFunctionError
     from lensrl.train.convert import ConvertError
 
     args = build_parser().parse_args(argv)
@@ -98,7 +99,7 @@ def main(argv: list[str] | None = None) -> None:
     hf_logging.disable_progress_bar()  # lensrl prints its own progress
     try:
         _dispatch(args)
-    except (ConfigError, DataError, ConvertError, FileNotFoundError) as e:
+    except (ConfigError, DataError, ConvertError, RewardFunctionError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 

@@ -137,6 +137,11 @@ class ActorConfig:
 
 @dataclass
 class RewardConfig:
+    # A reward function of your own: "path/to/file.py:name" or "package.module:name", called as
+    # fn(completion, sample, **function_kwargs) -> float | {"score": ..., <part>: ...} in the reward
+    # workers (lensrl.rewards.function); unset: the built-in `type`.
+    function: str | None = None
+    function_kwargs: dict[str, Any] = field(default_factory=dict)
     type: Literal["math", "choice"] = "math"
     format_pattern: str | None = r"<think>.*</think>.*\\boxed\{.*\}.*"  # None: no format reward
     format_weight: float = 0.1  # score = (1 - w) * accuracy + w * format
@@ -303,6 +308,13 @@ def check(config: Any, world_size: int | None = None) -> None:
             raise ConfigError(f"rollout.top_p must be in (0, 1] and rollout.temperature >= 0, got "
                               f"{rollout.top_p} and {rollout.temperature}")
     if reward is not None:
+        if reward.function:
+            from lensrl.rewards.function import RewardFunctionError, load_function
+
+            try:
+                load_function(reward.function)
+            except RewardFunctionError as e:
+                raise ConfigError(str(e)) from None
         if reward.num_workers < 0 or not reward.timeout_s > 0:
             raise ConfigError(f"reward.num_workers must be >= 0 (0: score inline) and reward.timeout_s > 0, got "
                               f"{reward.num_workers} and {reward.timeout_s}")
@@ -400,6 +412,8 @@ def _try_coerce(value: Any, hint: Any) -> tuple[bool, Any]:
         return False, None
     if origin is Literal:
         return (value in args), value
+    if origin is dict or hint is dict:
+        return (isinstance(value, dict) and all(isinstance(k, str) for k in value)), value
     if origin in (list, tuple):
         if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
             return False, None

@@ -20,7 +20,7 @@ console = Console(stderr=True, highlight=False)
 # The two numbers the progress line shows, first found wins.
 _PROGRESS_KEYS = {
     "reward": ("reward/mean", "train/loss"),
-    "acc": ("reward/accuracy", "val/accuracy"),
+    "acc": ("reward/accuracy", "val/accuracy", "val/reward/mean"),
 }
 
 

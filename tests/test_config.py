@@ -87,6 +87,8 @@ EXPECTED_KEYS = {
         'actor.logprob_chunk_size',
         'actor.use_dynamic_bsz',
         'actor.max_tokens_per_mbs',
+        'reward.function',
+        'reward.function_kwargs',
         'reward.type',
         'reward.format_pattern',
         'reward.format_weight',
@@ -163,6 +165,8 @@ EXPECTED_KEYS = {
         'rollout.val_n',
         'rollout.gpu_memory_utilization',
         'rollout.seed',
+        'reward.function',
+        'reward.function_kwargs',
         'reward.type',
         'reward.format_pattern',
         'reward.format_weight',
@@ -235,6 +239,8 @@ EXPECTED_KEYS = {
         'rollout.val_n',
         'rollout.gpu_memory_utilization',
         'rollout.seed',
+        'reward.function',
+        'reward.function_kwargs',
         'reward.type',
         'reward.format_pattern',
         'reward.format_weight',
@@ -312,10 +318,11 @@ def test_saved_config_round_trips(tmp_path):
 
 @pytest.mark.parametrize("recipe", ["tiny_demo_sft", "tiny_demo_grpo", "qwen2_5_vl_3b_geo3k_grpo",
                                     "qwen2_5_vl_7b_geo3k_grpo", "qwen3_vl_2b_geo3k_tis_grpo",
-                                    "qwen2_5_vl_3b_robo2vlm_sft"])
-def test_recipes_are_valid(recipe):
+                                    "qwen2_5_vl_3b_robo2vlm_sft", "tiny_box_iou_grpo"])
+def test_recipes_are_valid(recipe, monkeypatch):
     from pathlib import Path
 
+    monkeypatch.chdir(Path(__file__).parents[1])  # recipes name paths from the repository's root
     path = Path(__file__).parents[1] / "configs" / f"{recipe}.yaml"
     command = "sft" if recipe.endswith("sft") else "grpo"
     load_config(COMMAND_CONFIGS[command], path)

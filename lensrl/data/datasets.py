@@ -103,6 +103,7 @@ class _Row:
     target: str
     choices: list[str] | None
     id: Any = None
+    columns: dict[str, Any] | None = None  # the row's other non-image columns (for reward functions)
 
 
 class PromptDataset:
@@ -129,6 +130,8 @@ class PromptDataset:
         meta: dict[str, Any] = {"source": table.path, "row": entry.row, "split": self.split_name}
         if entry.id is not None:
             meta["id"] = entry.id
+        if entry.columns:
+            meta["columns"] = entry.columns
         return Sample(
             prompt=entry.prompt,
             images=_row_images(table, entry.row, self._image_keys),
@@ -223,7 +226,10 @@ def _read_file(path: str, cfg: DataConfig, table_index: int) -> tuple[_Table, li
                 f"Set {setting} to the column that holds it."
             )
     columns = list(dict.fromkeys([*keys.values(), *(["id"] if "id" in schema.names else [])]))
-    table = pq.read_table(path, columns=columns)
+    # every other column that holds no image bytes travels with the row, for reward functions
+    extra = [f.name for f in schema if f.name not in columns and not _holds_binary(f.type)]
+    table = pq.read_table(path, columns=columns + extra)
+    extra_values = {name: table.column(name).to_pylist() for name in extra}
 
     images: dict[str, pa.ChunkedArray] = {}
     is_list: dict[str, bool] = {}
@@ -272,8 +278,20 @@ def _read_file(path: str, cfg: DataConfig, table_index: int) -> tuple[_Table, li
                 f"{num_images[row]} image(s) in column(s) {', '.join(cfg.image_keys)}; each placeholder "
                 "marks one image (a prompt without placeholders gets its images before the text)"
             )
-        rows.append(_Row(table_index, row, prompt, answer_text, target, choices, ids[row] if ids else None))
+        rows.append(_Row(table_index, row, prompt, answer_text, target, choices, ids[row] if ids else None,
+                         {name: values[row] for name, values in extra_values.items()} or None))
     return _Table(path, images, is_list), rows
+
+
+def _holds_binary(type_: pa.DataType) -> bool:
+    """Whether an Arrow type holds bytes anywhere (image columns, structs or lists of them)."""
+    if pa.types.is_binary(type_) or pa.types.is_large_binary(type_) or pa.types.is_fixed_size_binary(type_):
+        return True
+    if pa.types.is_struct(type_):
+        return any(_holds_binary(type_.field(i).type) for i in range(type_.num_fields))
+    if _is_list_type(type_):
+        return _holds_binary(type_.value_type)
+    return False
 
 
 def _is_list_type(type_: pa.DataType) -> bool:

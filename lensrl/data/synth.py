@@ -9,6 +9,7 @@ Tasks, easiest first (the prompt text is the same for every row of a task):
 | `count` | How many shapes are there?  | 1, 2, 3, 4, 5                                    |
 | `angle` | Find x.                     | integer degrees (triangle angles, parallel lines)|
 | `geo`   | Find x.                     | `35`, `\\frac{5}{2}`, `4\\sqrt{3}`, ... (geometry3k-like) |
+| `box`   | Where is the shape? ...     | its bounding box in pixels, `[x1, y1, x2, y2]` (grounding; score it by IoU) |
 
 The easy tasks use one large, saturated shape (or a few for `count`) on white, small images
 (56 px by default) and exactly balanced answers, so a tiny model trained from scratch on a CPU
@@ -60,9 +61,10 @@ QUESTIONS = {
     "count": "How many shapes are there?",
     "angle": "Find x.",
     "geo": "Find x.",
+    "box": "Where is the shape? Answer with its bounding box in pixels as [x1, y1, x2, y2].",
 }
 TASKS = tuple(QUESTIONS)
-DEFAULT_IMAGE_SIZE = {"color": 56, "shape": 56, "count": 56, "angle": 112, "geo": 112}
+DEFAULT_IMAGE_SIZE = {"color": 56, "shape": 56, "count": 56, "angle": 112, "geo": 112, "box": 56}
 NUM_CHOICES = 4
 BACKGROUND = (255, 255, 255)
 INK = (20, 20, 20)
@@ -157,9 +159,8 @@ def _split_rows(task: str, split: str, num_rows: int, seed: int, size: int, fmt:
 
 def _classes(task: str) -> tuple[str, ...]:
     """What `_balanced` balances over: the answers of the easy tasks, the kinds of figure otherwise."""
-    return {"color": tuple(COLORS), "shape": SHAPES, "count": COUNTS, "angle": ANGLE_KINDS, "geo": GEO_KINDS}[
-        task
-    ]
+    return {"color": tuple(COLORS), "shape": SHAPES, "count": COUNTS, "angle": ANGLE_KINDS, "geo": GEO_KINDS,
+            "box": SHAPES}[task]
 
 
 def _balanced(num_classes: int, num_rows: int, rng: random.Random) -> list[int]:
@@ -250,6 +251,23 @@ def _render_color(color: str, size: int, rng: random.Random) -> SynthItem:
 def _render_shape(shape: str, size: int, rng: random.Random) -> SynthItem:
     image = _one_shape(size, rng, shape, rng.choice(list(COLORS)))
     return SynthItem(image, QUESTIONS["shape"], shape, shape, [s for s in SHAPES if s != shape])
+
+
+def _render_box(shape: str, size: int, rng: random.Random) -> SynthItem:
+    """One shape of any colour and size; the answer is the box of its drawn pixels, inclusive."""
+    image = Image.new("RGB", (size, size), BACKGROUND)
+    r = size * rng.uniform(0.12, 0.3)
+    margin = r * 1.12 + 1
+    cx, cy = rng.uniform(margin, size - margin), rng.uniform(margin, size - margin)
+    _draw_shape(ImageDraw.Draw(image), shape, cx, cy, r, COLORS[rng.choice(list(COLORS))])
+    x1, y1, x2, y2 = Image.eval(image.convert("L"), lambda v: 255 if v < 250 else 0).getbbox()
+    box = [x1, y1, x2 - 1, y2 - 1]
+
+    def shifted(dx: int, dy: int) -> str:
+        return str([box[0] + dx, box[1] + dy, box[2] + dx, box[3] + dy])
+
+    distractors = [shifted(d, 0) for d in (-9, 9)] + [shifted(0, d) for d in (-9, 9)]
+    return SynthItem(image, QUESTIONS["box"], str(box), shape, distractors)
 
 
 def _render_count(count: str, size: int, rng: random.Random) -> SynthItem:
@@ -605,4 +623,5 @@ _RENDERERS: dict[str, Callable[[str, int, random.Random], SynthItem]] = {
     "count": _render_count,
     "angle": lambda kind, size, rng: _render_geo(kind, size, rng, "angle"),
     "geo": _render_geo,
+    "box": _render_box,
 }

@@ -1,8 +1,9 @@
-"""Rewards: pure functions of (completion text, ground truth) -> (score, named parts).
+"""Rewards: functions of (completion text, sample) -> score and named parts.
 
-    math.py    last `\\boxed{}` -> normalised match, then math-verify equivalence; format regex
-    choice.py  option letter (A-E) -> exact match
-    pool.py    RewardPool: worker processes, a timeout per item, adversarial answers score minimum
+    function.py  the interface: `reward.function: file.py:name` or a built-in, loaded and checked
+    math.py      last `\\boxed{}` -> normalised match, then math-verify equivalence; format regex
+    choice.py    option letter (A-E) -> exact match
+    pool.py      RewardPool: worker processes, a timeout per item, adversarial answers score minimum
 
 Trainers score through `RewardPool(cfg.reward).score_batch(...)`; `score_completion` is what each
 worker runs.
@@ -10,8 +11,12 @@ worker runs.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 from lensrl.config import RewardConfig
 from lensrl.rewards.choice import choice_reward, extract_choice
+from lensrl.rewards.function import RewardFunctionError, call_reward, resolve, reward_sample
 from lensrl.rewards.math import (
     AnswerRejected,
     check_answer,
@@ -26,6 +31,7 @@ from lensrl.rewards.pool import RewardPool, RewardResult
 
 __all__ = [
     "AnswerRejected",
+    "RewardFunctionError",
     "RewardPool",
     "RewardResult",
     "check_answer",
@@ -38,22 +44,24 @@ __all__ = [
     "grade_math",
     "math_reward",
     "normalize_answer",
+    "resolve",
+    "reward_sample",
     "score_completion",
 ]
 
 
 def score_completion(
-    completion: str, sample_answer: str, cfg: RewardConfig
+    completion: str, sample: Mapping[str, Any] | str, cfg: RewardConfig
 ) -> tuple[float, dict[str, float]]:
-    """(score, parts) of one completion for the reward type `cfg.type` ("math" or "choice").
+    """(score, parts) of one completion under the reward `cfg` names (`reward.function`, else the
+    built-in `reward.type`): the call every worker makes. `sample`: the reward-function sample
+    dict (a plain string is taken as {"answer": it}).
 
-    Not time-bounded; may raise AnswerRejected. `RewardPool` runs it with a timeout.
+    Not time-bounded; may raise AnswerRejected or anything the function raises. `RewardPool`
+    runs it with a timeout.
     """
-    if cfg.type == "math":
-        return math_reward(completion, sample_answer, cfg)
-    if cfg.type == "choice":
-        return choice_reward(completion, sample_answer, cfg)
-    raise ValueError(f"reward.type must be 'math' or 'choice', got {cfg.type!r}")
+    fn, kwargs = resolve(cfg)
+    return call_reward(fn, kwargs, completion, {"answer": sample} if isinstance(sample, str) else sample)
 
 
 def extract_answer(completion: str, cfg: RewardConfig) -> str | None:
@@ -62,6 +70,8 @@ def extract_answer(completion: str, cfg: RewardConfig) -> str | None:
     Cheap, and raises AnswerRejected for a math answer that fails `check_answer`: the pool calls it
     in the parent process to turn away adversarial answers before they reach a worker.
     """
+    if cfg.function:
+        return None  # a user's function: no cheap pre-check (the pool's timeout still applies)
     if cfg.type == "math":
         pred = extract_boxed(completion)
         if pred is not None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import re
 import string
+from collections.abc import Mapping
+from typing import Any
 
 from lensrl.config import RewardConfig
 from lensrl.rewards.math import combine, extract_boxed, format_score
@@ -58,10 +60,12 @@ def _answer_letter(answer: str) -> str:
     return letter
 
 
-def choice_reward(completion: str, answer_letter: str, cfg: RewardConfig) -> tuple[float, dict[str, float]]:
-    """Reward of one response to a multiple-choice question: (score, {"accuracy", "format"})."""
-    gold = _answer_letter(answer_letter)
+def choice_reward(completion: str, sample: Mapping[str, Any], cfg: RewardConfig) -> dict[str, float]:
+    """Reward of one response to a multiple-choice question whose key is the letter
+    `sample["answer"]` (the reward-function interface): {"score", "accuracy", "format"}."""
+    gold = _answer_letter(str(sample["answer"]))
     num_choices = max(5, string.ascii_uppercase.index(gold) + 1)
     accuracy = 1.0 if extract_choice(completion, num_choices) == gold else 0.0
     format_ok = format_score(completion, cfg.format_pattern) if cfg.format_pattern else None
-    return combine(accuracy, format_ok, cfg)
+    score, parts = combine(accuracy, format_ok, cfg)
+    return {"score": score, **parts}

@@ -12,7 +12,9 @@ from __future__ import annotations
 import functools
 import logging
 import re
+from collections.abc import Mapping
 from decimal import Decimal
+from typing import Any
 
 from lensrl.config import RewardConfig
 
@@ -221,14 +223,16 @@ def combine(accuracy: float, format_ok: float | None, cfg: RewardConfig) -> tupl
     return min(max(score, low), high), parts
 
 
-def math_reward(completion: str, answer: str, cfg: RewardConfig) -> tuple[float, dict[str, float]]:
-    """Reward of one completion against a free-form ground truth: (score, {"accuracy", "format"}).
+def math_reward(completion: str, sample: Mapping[str, Any], cfg: RewardConfig) -> dict[str, float]:
+    """Reward of one completion against the free-form ground truth `sample["answer"]` (the
+    reward-function interface, `lensrl.rewards.function`): {"score", "accuracy", "format"}.
 
     Raises AnswerRejected when the boxed answer fails `check_answer` (the pool scores it minimum).
     """
     pred = extract_boxed(completion)
-    accuracy = 1.0 if pred is not None and grade_math(pred, answer) else 0.0
+    accuracy = 1.0 if pred is not None and grade_math(pred, str(sample["answer"])) else 0.0
     format_ok = None
     if cfg.format_pattern:  # a box that is never closed is no answer, whatever the regex says
         format_ok = format_score(completion, cfg.format_pattern) if pred is not None else 0.0
-    return combine(accuracy, format_ok, cfg)
+    score, parts = combine(accuracy, format_ok, cfg)
+    return {"score": score, **parts}

@@ -38,11 +38,13 @@ import signal
 import sys
 import threading
 import time
+import traceback
 import weakref
 from collections import OrderedDict, deque
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from multiprocessing.connection import wait
-from typing import Literal
+from typing import Any, Literal
 
 from lensrl.config import RewardConfig
 from lensrl.rewards.math import AnswerRejected, combine
@@ -84,7 +86,7 @@ class RewardPool:
                 f"reward.reward_min_val ({cfg.reward_min_val}) must not exceed reward.reward_max_val "
                 f"({cfg.reward_max_val})"
             )
-        if cfg.type not in ("math", "choice"):
+        if cfg.type not in ("math", "choice") and not cfg.function:
             raise ValueError(f"reward.type must be 'math' or 'choice', got {cfg.type!r}")
         self.cfg = cfg
         self.stats: dict[str, int] = _zero_counts()
@@ -97,8 +99,10 @@ class RewardPool:
 
     # ------------------------------------------------------------------------------------------
 
-    def score_batch(self, items: list[tuple[str, str]]) -> list[RewardResult]:
-        """One RewardResult per `(completion, answer)`, in order. Never raises for a bad item."""
+    def score_batch(self, items: list[tuple[str, Mapping[str, Any] | str]]) -> list[RewardResult]:
+        """One RewardResult per `(completion, sample)`, in order (`sample`: the reward-function
+        sample dict, see lensrl.rewards.function; a plain string is taken as the answer). Never
+        raises for a bad item: an error's `detail` holds the function's traceback."""
         from lensrl.rewards import extract_answer  # the package imports this module
 
         if self._closed:
@@ -106,13 +110,17 @@ class RewardPool:
         results: list[RewardResult | None] = [None] * len(items)
         keys: dict[int, tuple[str | None, str]] = {}
         todo: list[int] = []
+        items = [(item[0], {"answer": item[1]}) if isinstance(item, (tuple, list)) and len(item) == 2
+                 and isinstance(item[1], str) else item for item in items]
         for index, item in enumerate(items):
-            completion, answer = item if isinstance(item, (tuple, list)) and len(item) == 2 else (None, None)
-            if not isinstance(completion, str) or not isinstance(answer, str):
-                results[index] = self._failure("error", "expected a (completion: str, answer: str) pair")
+            completion, sample = item if isinstance(item, (tuple, list)) and len(item) == 2 else (None, None)
+            if not isinstance(completion, str) or not isinstance(sample, Mapping):
+                results[index] = self._failure("error", "expected a (completion: str, sample: dict) pair")
                 continue
+            answer = str(sample.get("answer"))
             try:  # cheap pre-check in this process: adversarial answers never reach a worker
-                keys[index] = (extract_answer(completion, self.cfg), answer)
+                pred = extract_answer(completion, self.cfg)
+                keys[index] = (pred if pred is not None or not self.cfg.function else completion, answer)
             except AnswerRejected as e:
                 results[index] = self._failure("rejected", str(e))
                 continue
@@ -156,6 +164,8 @@ class RewardPool:
     # ------------------------------------------------------------------------------------------
 
     def _failure(self, status: Status, detail: str) -> RewardResult:
+        if self.cfg.function:  # a user's function: the minimum, and no parts to guess
+            return RewardResult(self.cfg.reward_min_val, {}, status, detail)
         score, parts = combine(0.0, 0.0 if self.cfg.format_pattern else None, self.cfg)
         return RewardResult(score, parts, status, detail)
 
@@ -174,7 +184,7 @@ class RewardPool:
             return self._failure("timeout", "this answer timed out before against the same ground truth")
         return None
 
-    def _score_inline(self, item: tuple[str, str], key: tuple[str | None, str]) -> RewardResult:
+    def _score_inline(self, item: tuple[str, Mapping], key: tuple[str | None, str]) -> RewardResult:
         known = self._known_timeout(key)
         if known is not None:
             return known
@@ -187,7 +197,7 @@ class RewardPool:
 
     def _score_in_workers(
         self,
-        items: list[tuple[str, str]],
+        items: list[tuple[str, Mapping]],
         todo: list[int],
         keys: dict[int, tuple[str | None, str]],
         results: list[RewardResult | None],
@@ -309,7 +319,7 @@ class _Worker:
         self.item: int | None = None  # index of the item it is scoring
         self.deadline = 0.0
 
-    def send(self, index: int, item: tuple[str, str]) -> bool:
+    def send(self, index: int, item: tuple[str, Mapping]) -> bool:
         try:
             self.conn.send((index, item[0], item[1]))
         except OSError:
@@ -349,9 +359,11 @@ def _worker_main(conn, cfg: RewardConfig, start_method: str) -> None:
     _die_with_parent(start_method)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
     _limit_memory(WORKER_MEMORY_HEADROOM)
+    from lensrl.rewards.function import resolve
     from lensrl.rewards.math import _math_verify
 
     _math_verify()  # import before saying ready, so no item's timeout pays for it
+    resolve(cfg)  # the reward function loaded (forked workers have it already)
     conn.send(("ready",))
     while True:
         try:
@@ -360,21 +372,24 @@ def _worker_main(conn, cfg: RewardConfig, start_method: str) -> None:
             return
         if message is None:
             return
-        index, completion, answer = message
-        conn.send((index, *_score_one(completion, answer, cfg)))
+        index, completion, sample = message
+        conn.send((index, *_score_one(completion, sample, cfg)))
+
+
+MAX_TRACEBACK_CHARS = 4000
 
 
 def _score_one(
-    completion: str, answer: str, cfg: RewardConfig
+    completion: str, sample: Mapping, cfg: RewardConfig
 ) -> tuple[Status, float, dict[str, float], str]:
     from lensrl.rewards import score_completion  # the package imports this module
 
     try:
-        score, parts = score_completion(completion, answer, cfg)
+        score, parts = score_completion(completion, sample, cfg)
     except AnswerRejected as e:
         return "rejected", 0.0, {}, str(e)
-    except Exception as e:  # a grader bug or a parser's RecursionError/MemoryError: score minimum
-        return "error", 0.0, {}, f"{type(e).__name__}: {e}"[:200]
+    except Exception:  # a reward bug or a parser's RecursionError/MemoryError: score minimum
+        return "error", 0.0, {}, traceback.format_exc()[-MAX_TRACEBACK_CHARS:]
     return "ok", float(score), {k: float(v) for k, v in parts.items()}, ""
 
 

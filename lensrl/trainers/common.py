@@ -277,6 +277,12 @@ def validate(trainer, step: int) -> dict[str, float]:
     return metrics
 
 
+def headline(metrics: dict[str, float]) -> str:
+    """val/accuracy when the reward has an accuracy part, else val/reward/mean."""
+    key = "val/accuracy" if "val/accuracy" in metrics else "val/reward/mean"
+    return f"{key} {metrics[key]:.3f}"
+
+
 def save(trainer) -> Path:
     """Checkpoint the trainer at its current step (model, optimizer, scheduler, RNG, data position)."""
     state = {"step": trainer.step, "sampler": trainer.sampler.state_dict(),

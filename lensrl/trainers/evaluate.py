@@ -12,6 +12,7 @@ import torch
 from lensrl.config import EvalConfig, load_config
 from lensrl.data.datasets import PromptDataset
 from lensrl.logging import console
+from lensrl.rewards.function import reward_sample
 from lensrl.rewards.pool import RewardPool
 from lensrl.rollout.base import SamplingParams
 from lensrl.train import distributed as dist
@@ -41,7 +42,7 @@ def evaluate(
         prompts = [processor(s) for s in samples]
         completions = rollout.generate(prompts, params)
         flat = [(c, s) for s, group in zip(samples, completions) for c in group]
-        results = pool.score_batch([(c.text, s.answer) for c, s in flat])
+        results = pool.score_batch([(c.text, reward_sample(s)) for c, s in flat])
         for (c, s), r in zip(flat, results):
             records.append({
                 "source": s.meta.get("source", ""), "row": s.meta.get("row"), "prompt": s.prompt,
@@ -59,17 +60,20 @@ def summarize(records: list[dict], n: int, prefix: str) -> dict[str, float]:
     def mean(values):
         return sum(values) / len(values)
     metrics = {
-        f"{prefix}/accuracy": mean([r.get("reward_accuracy", 0.0) for r in records]),
         f"{prefix}/reward/mean": mean([r["reward"] for r in records]),
         f"{prefix}/response_length/mean": mean([r["response_length"] for r in records]),
     }
-    if any("reward_format" in r for r in records):
-        metrics[f"{prefix}/format"] = mean([r.get("reward_format", 0.0) for r in records])
+    # every named part of the reward: {prefix}/accuracy, {prefix}/format, {prefix}/iou, ...
+    parts = sorted({k[len("reward_"):] for r in records for k in r if k.startswith("reward_")})
+    for part in parts:
+        metrics[f"{prefix}/{part}"] = mean([r.get(f"reward_{part}", 0.0) for r in records])
+    # mean@n per data source, of the accuracy part (a reward without one: of the score)
+    key = "reward_accuracy" if "accuracy" in parts else "reward"
     by_source: dict[str, list[float]] = {}
     for r in records:
-        by_source.setdefault(Path(r["source"]).stem or "data", []).append(r.get("reward_accuracy", 0.0))
+        by_source.setdefault(Path(r["source"]).stem or "data", []).append(r.get(key, 0.0))
     for source, values in by_source.items():
-        metrics[f"{prefix}/{source}/acc/mean@{n}"] = mean(values)
+        metrics[f"{prefix}/{source}/{'acc' if key == 'reward_accuracy' else 'reward'}/mean@{n}"] = mean(values)
     return metrics
 
 
@@ -113,6 +117,8 @@ def run_eval(config_path: str | None, overrides: list[str]) -> dict[str, float]:
             for record in records:
                 f.write(json.dumps(record, ensure_ascii=False) + "\n")
         (run_dir / "eval_metrics.json").write_text(json.dumps(metrics, indent=2))
-        console.print(f"accuracy {metrics['eval/accuracy']:.3f} on {len(records)} completions; "
+        headline = ("accuracy", metrics["eval/accuracy"]) if "eval/accuracy" in metrics else ("reward",
+                                                                                            metrics["eval/reward/mean"])
+        console.print(f"{headline[0]} {headline[1]:.3f} on {len(records)} completions; "
                       f"samples in {run_dir / 'samples' / 'eval.jsonl'}")
     return metrics

@@ -23,6 +23,8 @@ from lensrl.algorithms.losses import (
 )
 from lensrl.config import GRPOConfig, check
 from lensrl.data.datasets import BatchSampler
+from lensrl.logging import console
+from lensrl.rewards.function import RewardFunctionError, reward_sample
 from lensrl.rewards.pool import RewardPool
 from lensrl.rollout.base import SamplingParams
 from lensrl.train import distributed as dist
@@ -35,6 +37,7 @@ from lensrl.trainers.common import (
     build_rollout,
     cpu_memory_gb,
     finish_step,
+    headline,
     load_split,
     make_logger,
     micro_batches,
@@ -71,6 +74,7 @@ class GRPOTrainer:
         self.total_steps = t.total_steps
         self.step = 0
         self.bad_steps_in_row = 0
+        self.reward_error_shown = False
         resume(self)
         self.logger = make_logger(self.run_dir, t, cfg, t.total_steps, start_step=self.step)
 
@@ -84,7 +88,7 @@ class GRPOTrainer:
             if t.val_before_train and self.step == 0 and self.val_data is not None:
                 metrics = validate(self, 0)
                 self.logger.log(metrics, 0)
-                self.logger.info(f"before training: val/accuracy {metrics['val/accuracy']:.3f}")
+                self.logger.info(f"before training: {headline(metrics)}")
             while self.step < self.total_steps:
                 self.step += 1
                 with profile_step(self, self.step):
@@ -205,11 +209,14 @@ class GRPOTrainer:
                 row = {"gid": (offset + positions[i]) * n + k % n, "reward": r.score, "valid": valid,
                        "parts": r.parts, "status": r.status, "length": len(c.token_ids),
                        "truncated": c.finish_reason == "length", "prompt_length": int(prompts[i].input_ids.shape[0])}
+                if r.status == "error":  # what the reward function raised, and where
+                    row["error"] = (f"{samples[i].meta.get('source', '')} row {samples[i].meta.get('row')}", r.detail)
                 local.append((row["gid"], prompts[i], c, row))
             with _timer(timing, "adv"):
                 rows = sorted((row for part in dist.all_gather_objects([x[3] for x in local]) for row in part),
                               key=lambda row: row["gid"])
             generated += rows
+            self.check_reward_errors(rows, step)
             no_signal = zero_variance_groups(torch.tensor([row["reward"] for row in rows]), n).tolist()
             keep = {rows[g * n]["gid"] // n for g, flat_group in enumerate(no_signal) if not (filtering and flat_group)}
             num_filtered += len(no_signal) - len(keep)
@@ -227,6 +234,20 @@ class GRPOTrainer:
                  if g // n in chosen]
         return Rollouts(local, everyone, generated, num_rounds, num_filtered, first)
 
+    def check_reward_errors(self, rows: list[dict], step: int) -> None:
+        """Print the reward function's first failure once per run, with its row; stop the run when
+        it failed on every completion of a round (every rank sees the same rows)."""
+        errors = [row["error"] for row in rows if "error" in row]
+        if errors and not self.reward_error_shown and dist.is_main():
+            where, detail = errors[0]
+            console.print(f"[red]the reward function failed on {where} (scored {self.cfg.reward.reward_min_val}, "
+                          f"counted in reward/errors; shown once):[/red]\n{detail}")
+        self.reward_error_shown = self.reward_error_shown or bool(errors)
+        if rows and len(errors) == len(rows):
+            where, detail = errors[0]
+            raise RewardFunctionError(f"the reward function failed on every completion of step {step} "
+                                      f"({len(rows)}); the first, on {where}:\n{detail}")
+
     def minibatch_plan(self, num_rows: int) -> list[list[int]]:
         """Global ids 0 .. num_rows - 1 in mini-batches of actor.mini_batch_size groups (the last
         one smaller only when filtering ran out of rounds)."""
@@ -235,8 +256,9 @@ class GRPOTrainer:
 
     # ------------------------------------------------------------------------------------------
     def score(self, samples, flat) -> list:
-        """Reward of each completion against its sample's answer (worker processes, timeouts)."""
-        return self.pool.score_batch([(c.text, samples[i].answer) for i, c in flat])
+        """Reward of each completion for its sample (the reward function in worker processes, with
+        timeouts; lensrl.rewards.function)."""
+        return self.pool.score_batch([(c.text, reward_sample(samples[i])) for i, c in flat])
 
     def sampling_params(self, step: int) -> SamplingParams:
         """The step's sampling. With `rollout.seed`, seeded by (seed, step) and, in the backend, by

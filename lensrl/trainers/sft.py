@@ -21,6 +21,7 @@ from lensrl.trainers.common import (
     build_rollout,
     cpu_memory_gb,
     finish_step,
+    headline,
     load_split,
     make_logger,
     micro_batches,
@@ -70,7 +71,7 @@ class SFTTrainer:
             if self.val_data is not None and (self.total_steps == 0 or (t.val_before_train and self.step == 0)):
                 metrics = validate(self, self.step)
                 self.logger.log(metrics, self.step)
-                self.logger.info(f"step {self.step}: val/accuracy {metrics['val/accuracy']:.3f}")
+                self.logger.info(f"step {self.step}: {headline(metrics)}")
             while self.step < self.total_steps:
                 self.step += 1
                 with profile_step(self, self.step):

@@ -48,9 +48,10 @@ def test_geo3k_hub_layout(tmp_path):
             ),
             "problem": ["<image>Find x.", "<image>Find y."],
             "answer": ["3", "2\\sqrt{3}"],
-            "id": ["q1", "q2"],  # extra columns are ignored
-            "choices": [["1", "2"], ["3", "4"]],
+            "id": ["q1", "q2"],
+            "choices": [["1", "2"], ["3", "4"]],  # other columns travel with the row (reward functions)
             "ground_truth": ["3", "2\\sqrt{3}"],
+            "thumbnail": pa.array([png(), png()], pa.binary()),  # bytes do not
         },
     )
     cfg = DataConfig(instruction="Think first.", system_prompt="You are a geometer.")
@@ -63,7 +64,13 @@ def test_geo3k_hub_layout(tmp_path):
     assert sample.target == "\\boxed{2\\sqrt{3}}"
     assert sample.choices is None
     assert sample.system_prompt == "You are a geometer."
-    assert sample.meta == {"source": path, "row": 1, "split": "train", "id": "q2"}
+    assert sample.meta == {"source": path, "row": 1, "split": "train", "id": "q2",
+                           "columns": {"choices": ["3", "4"], "ground_truth": "2\\sqrt{3}"}}
+    from lensrl.rewards.function import reward_sample
+
+    assert reward_sample(sample) == {"choices": None, "ground_truth": "2\\sqrt{3}", "answer": "2\\sqrt{3}",
+                                     "prompt": "<image>Find y. Think first.", "data_source": path, "row": 1,
+                                     "id": "q2"}
     assert isinstance(sample.images[0], ImageSource) and isinstance(sample.images[0].data, dict)
     assert sample.images[0].origin == f"{path} row 1 column 'images'[0]"
     assert sample.load_images()[0].size == (5, 7)

@@ -59,9 +59,9 @@ def test_each_task_writes_readable_disjoint_splits(tmp_path, task):
 
     dataset = load_dataset([paths["train"]], DataConfig(), "train")
     sample = dataset[0]
-    assert sample.prompt.startswith("<image>") and len(sample.prompt) < 40
+    assert sample.prompt.startswith("<image>") and len(sample.prompt) < (90 if task == "box" else 40)
     image = sample.load_images()[0]
-    assert image.size == ((56, 56) if task in EASY_ANSWERS else (112, 112))
+    assert image.size == ((56, 56) if task in EASY_ANSWERS or task == "box" else (112, 112))
     if task in EASY_ANSWERS:
         assert {s.answer for s in dataset} == EASY_ANSWERS[task]
 
@@ -157,3 +157,17 @@ def test_a_thousand_rows_render_quickly(tmp_path):
     start = time.perf_counter()
     make_synth("color", n=1000, seed=0, out_dir=tmp_path, n_test=1)
     assert time.perf_counter() - start < 10
+
+
+def test_box_answers_are_the_drawn_shapes_bounding_boxes(tmp_path):
+    """Every pixel of the shape lies inside the answer box, and each side of the box touches it."""
+    import json
+
+    import numpy as np
+
+    paths = make_synth("box", n=12, seed=3, out_dir=tmp_path, n_test=2)
+    for sample in load_dataset([paths["train"]], DataConfig(), "train"):
+        x1, y1, x2, y2 = json.loads(sample.answer)
+        ink = np.asarray(sample.load_images()[0].convert("L")) < 250  # (H, W)
+        ys, xs = np.nonzero(ink)
+        assert (xs.min(), ys.min(), xs.max(), ys.max()) == (x1, y1, x2, y2)

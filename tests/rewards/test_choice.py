@@ -1,7 +1,7 @@
 import pytest
 
 from lensrl.config import RewardConfig
-from lensrl.rewards import choice_reward, extract_choice
+from lensrl.rewards import extract_choice, score_completion
 
 
 @pytest.mark.parametrize(
@@ -39,22 +39,22 @@ def test_extract_choice_num_choices():
     assert extract_choice("The answer is G", num_choices=8) == "G"
 
 
-def test_choice_reward():
+def test_score_completion():
     cfg = RewardConfig(type="choice", format_pattern=None)
-    assert choice_reward("The answer is B.", "B", cfg) == (1.0, {"accuracy": 1.0})
-    assert choice_reward("The answer is B.", "c", cfg) == (0.0, {"accuracy": 0.0})
-    assert choice_reward("\\boxed{B}", "(B)", cfg)[0] == 1.0
+    assert score_completion("The answer is B.", "B", cfg) == (1.0, {"accuracy": 1.0})
+    assert score_completion("The answer is B.", "c", cfg) == (0.0, {"accuracy": 0.0})
+    assert score_completion("\\boxed{B}", "(B)", cfg)[0] == 1.0
 
 
 def test_choice_reward_format_and_range():
     cfg = RewardConfig(type="choice", reward_min_val=-1.0, reward_max_val=1.0)
-    score, parts = choice_reward("<think>look</think> \\boxed{A}", "A", cfg)
+    score, parts = score_completion("<think>look</think> \\boxed{A}", "A", cfg)
     assert (score, parts) == (1.0, {"accuracy": 1.0, "format": 1.0})
-    score, parts = choice_reward("A", "A", cfg)
+    score, parts = score_completion("A", "A", cfg)
     assert score == pytest.approx(0.8) and parts == {"accuracy": 1.0, "format": 0.0}
-    assert choice_reward("B", "A", cfg)[0] == -1.0
+    assert score_completion("B", "A", cfg)[0] == -1.0
 
 
 def test_choice_reward_bad_answer_key():
     with pytest.raises(ValueError, match="option letter"):
-        choice_reward("A", "the red one", RewardConfig(type="choice"))
+        score_completion("A", "the red one", RewardConfig(type="choice"))

@@ -6,7 +6,6 @@ from lensrl.rewards import (
     extract_boxed,
     format_score,
     grade_math,
-    math_reward,
     normalize_answer,
     score_completion,
 )
@@ -143,23 +142,23 @@ def test_format_score():
     ],
 )
 def test_math_reward_default_weights(completion, answer, score, parts):
-    got_score, got_parts = math_reward(completion, answer, RewardConfig())
+    got_score, got_parts = score_completion(completion, answer, RewardConfig())
     assert got_score == pytest.approx(score)
     assert got_parts == parts
 
 
 def test_math_reward_min_max_mapping():
     cfg = RewardConfig(reward_min_val=-1.0, reward_max_val=1.0)
-    assert math_reward(GOOD, "3", cfg)[0] == pytest.approx(1.0)
-    assert math_reward("nothing", "3", cfg)[0] == pytest.approx(-1.0)
-    assert math_reward(NO_THINK, "3", cfg)[0] == pytest.approx(-1.0 + 2 * 0.9)
-    assert math_reward(GOOD, "4", cfg)[0] == pytest.approx(-1.0 + 2 * 0.1)
+    assert score_completion(GOOD, "3", cfg)[0] == pytest.approx(1.0)
+    assert score_completion("nothing", "3", cfg)[0] == pytest.approx(-1.0)
+    assert score_completion(NO_THINK, "3", cfg)[0] == pytest.approx(-1.0 + 2 * 0.9)
+    assert score_completion(GOOD, "4", cfg)[0] == pytest.approx(-1.0 + 2 * 0.1)
 
 
 def test_math_reward_accuracy_only():
     cfg = RewardConfig(format_pattern=None, reward_min_val=-0.5, reward_max_val=2.0)
-    assert math_reward(NO_THINK, "3", cfg) == (2.0, {"accuracy": 1.0})
-    assert math_reward(NO_THINK, "4", cfg) == (-0.5, {"accuracy": 0.0})
+    assert score_completion(NO_THINK, "3", cfg) == (2.0, {"accuracy": 1.0})
+    assert score_completion(NO_THINK, "4", cfg) == (-0.5, {"accuracy": 0.0})
 
 
 def test_score_completion_dispatches():

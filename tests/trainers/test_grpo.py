@@ -371,3 +371,40 @@ def test_the_grpo_step_is_wired_as_the_algorithm_says(tiny_qwen25_dir, color_dat
     delta = (step["after"] - batch["old_logp"])[batch["mask"]]
     adv = batch["adv"][batch["mask"]]
     assert delta[adv > 0].mean() > 0 > delta[adv < 0].mean()
+
+
+REPO = __import__("pathlib").Path(__file__).resolve().parents[2]
+
+
+def test_a_recipe_with_a_reward_of_its_own_logs_its_parts(tiny_qwen25_dir, tmp_path):
+    """configs/tiny_box_iou_grpo.yaml: bounding-box IoU on rendered shapes through
+    `reward.function` (a file in configs/rewards/), its parts in the metrics and validation."""
+    from lensrl.data.synth import make_synth
+
+    make_synth("box", 32, 0, tmp_path / "box", n_test=4)
+    result = run_cli("grpo", "--config", "configs/tiny_box_iou_grpo.yaml", f"model.path={tiny_qwen25_dir}",
+                     f"data.train_files=[{tmp_path / 'box' / 'train.parquet'}]",
+                     f"data.val_files=[{tmp_path / 'box' / 'test.parquet'}]", "rollout.n=4",
+                     "rollout.max_new_tokens=8", "trainer.rollout_batch_size=4", "actor.mini_batch_size=4",
+                     "trainer.total_steps=2", "trainer.test_freq=2", "trainer.val_before_train=false",
+                     "reward.num_workers=1", f"trainer.output_dir={tmp_path}", "trainer.loggers=[jsonl]",
+                     "trainer.save_hf=false", "trainer.save_last=false", cwd=REPO)
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = read_metrics(tmp_path / "box_iou")
+    assert all({"reward/iou", "reward/format"} <= set(r) for r in records)
+    assert {"val/iou", "val/format", "val/reward/mean"} <= set(records[-1])
+    sample = json.loads((tmp_path / "box_iou" / "samples" / "train_step_1.jsonl").read_text().splitlines()[0])
+    assert {"reward_iou", "reward_format"} <= set(sample)
+
+
+def test_a_reward_function_that_always_fails_stops_the_run_with_its_traceback(tiny_qwen25_dir, color_data,
+                                                                                tmp_path):
+    rewards = tmp_path / "broken.py"
+    rewards.write_text("def score(completion, sample):\n    return sample['no_such_column'] * 2\n")
+    result = run_cli("grpo", *grpo_overrides(tiny_qwen25_dir, color_data, tmp_path, "broken",
+                                             f"reward.function={rewards}:score"))
+    assert result.returncode == 2
+    err = result.stderr
+    assert "failed on" in err and "row" in err  # the first failure, shown with its row
+    assert "error: the reward function failed on every completion of step 1" in err
+    assert "KeyError: 'no_such_column'" in err and "in score" in err and "broken.py" in err
