@@ -60,7 +60,7 @@ class DataConfig:
     answer_template: str = "\\boxed{{{answer}}}"  # SFT target for free-form answers
     max_prompt_length: int = 1024  # tokens, image tokens included
     filter_overlong_prompts: bool = True  # True: drop and count; False: error naming the row
-    skip_bad_rows: bool = False  # undecodable images: skip and count instead of failing
+    skip_bad_rows: bool = False  # rows lensrl cannot process (images, placeholders): skip and name them
     shuffle: bool = True
     seed: int = 1
     val_size: int | None = None  # evaluate on the first N test rows (None: all)

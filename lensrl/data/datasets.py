@@ -153,7 +153,12 @@ class PromptDataset:
         s = self.stats
         text = f"{self.split_name}: {len(self)} rows from {len(self.files)} file(s) ({s['rows_read']} read"
         if s["skipped_bad"]:
-            text += f", {s['skipped_bad']} skipped for undecodable images"
+            by_reason: dict[tuple[str, str], list[int]] = {}
+            for path, row, reason in s["skipped_rows"]:
+                by_reason.setdefault((reason, path), []).append(row)
+            named = "; ".join(f"{path} rows {', '.join(map(str, rows))} ({reason})"
+                              for (reason, path), rows in by_reason.items())
+            text += f", {s['skipped_bad']} skipped as bad: {named}"
         if s["filtered_overlong"]:
             text += f", {s['filtered_overlong']} dropped as longer than {self._max_prompt_length} tokens"
         return text + ")"
@@ -169,30 +174,42 @@ def load_dataset(
 
     Checks, all before training starts: every configured column exists; multiple-choice columns
     parse; each prompt's `<image>` count matches its images (when it has any placeholder); with
-    `cfg.skip_bad_rows`, rows whose images do not decode are dropped and counted; with `length_fn`
-    (Sample -> prompt tokens, image tokens included), prompts over `cfg.max_prompt_length` are
-    dropped and counted (`cfg.filter_overlong_prompts`) or raise an error naming the row.
+    `cfg.skip_bad_rows`, every row lensrl cannot process (an image that does not decode, a
+    placeholder/image count mismatch, an image the processor rejects) is dropped and named in the
+    summary instead of stopping the run; with `length_fn` (Sample -> prompt tokens, image tokens
+    included), prompts over `cfg.max_prompt_length` are dropped and counted
+    (`cfg.filter_overlong_prompts`) or raise an error naming the row.
     """
     files = parquet_files(paths)
-    stats = {"rows_read": 0, "skipped_bad": 0, "filtered_overlong": 0}
+    stats: dict[str, Any] = {"rows_read": 0, "skipped_bad": 0, "filtered_overlong": 0, "skipped_rows": []}
     tables: list[_Table] = []
     rows: list[_Row] = []
     for file in files:
-        table, file_rows = _read_file(file, cfg, len(tables))
+        table, file_rows, read = _read_file(file, cfg, len(tables), stats["skipped_rows"])
         tables.append(table)
-        stats["rows_read"] += len(file_rows)
+        stats["rows_read"] += read
         rows += file_rows
     dataset = PromptDataset(tables, rows, cfg, split_name, stats)
 
     if cfg.skip_bad_rows:  # touches every image, so only when asked: a header read, no decoding
-        good = [entry for entry in rows if all(_decodes(image) for image in dataset._sample(entry).images)]
-        stats["skipped_bad"] = len(rows) - len(good)
+        good = []
+        for entry in rows:
+            if all(_decodes(image) for image in dataset._sample(entry).images):
+                good.append(entry)
+            else:
+                stats["skipped_rows"].append((tables[entry.table].path, entry.row, "an image does not decode"))
         rows = good
 
     if length_fn is not None:
-        short = []
+        short, skipped_before = [], len(stats["skipped_rows"])
         for entry in rows:
-            length = length_fn(dataset._sample(entry))
+            try:
+                length = length_fn(dataset._sample(entry))
+            except DataError as e:  # e.g. an image of an aspect ratio the processor rejects
+                if not cfg.skip_bad_rows:
+                    raise
+                stats["skipped_rows"].append((tables[entry.table].path, entry.row, str(e).rsplit(": ", 1)[-1]))
+                continue
             if length <= cfg.max_prompt_length:
                 short.append(entry)
             elif not cfg.filter_overlong_prompts:
@@ -201,8 +218,9 @@ def load_dataset(
                     f"included), longer than data.max_prompt_length={cfg.max_prompt_length}; raise "
                     "data.max_prompt_length or set data.filter_overlong_prompts=true to drop such rows"
                 )
-        stats["filtered_overlong"] = len(rows) - len(short)
+        stats["filtered_overlong"] = len(rows) - len(short) - (len(stats["skipped_rows"]) - skipped_before)
         rows = short
+    stats["skipped_bad"] = len(stats["skipped_rows"])
 
     dataset._rows = rows
     if not rows:
@@ -210,7 +228,10 @@ def load_dataset(
     return dataset
 
 
-def _read_file(path: str, cfg: DataConfig, table_index: int) -> tuple[_Table, list[_Row]]:
+def _read_file(path: str, cfg: DataConfig, table_index: int,
+               skipped: list[tuple[str, int, str]]) -> tuple[_Table, list[_Row], int]:
+    """One file's validated rows (and the number read); with `cfg.skip_bad_rows` a row that fails
+    a check is appended to `skipped` as (path, row, reason) instead of raising."""
     try:
         schema = pq.read_schema(path)
     except Exception as e:
@@ -273,6 +294,9 @@ def _read_file(path: str, cfg: DataConfig, table_index: int) -> tuple[_Table, li
         prompt = prompts.append_instruction(prompt, cfg.instruction)
         num_placeholders = prompts.count_placeholders(prompt)
         if num_placeholders and num_placeholders != num_images[row]:
+            if cfg.skip_bad_rows:
+                skipped.append((path, row, f"{num_placeholders} '<image>' placeholder(s), {num_images[row]} image(s)"))
+                continue
             raise DataError(
                 f"{where}: the prompt has {num_placeholders} '<image>' placeholder(s) but the row has "
                 f"{num_images[row]} image(s) in column(s) {', '.join(cfg.image_keys)}; each placeholder "
@@ -280,7 +304,7 @@ def _read_file(path: str, cfg: DataConfig, table_index: int) -> tuple[_Table, li
             )
         rows.append(_Row(table_index, row, prompt, answer_text, target, choices, ids[row] if ids else None,
                          {name: values[row] for name, values in extra_values.items()} or None))
-    return _Table(path, images, is_list), rows
+    return _Table(path, images, is_list), rows, table.num_rows
 
 
 def _holds_binary(type_: pa.DataType) -> bool:

@@ -13,7 +13,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from PIL import Image
+from PIL import Image, ImageOps
 
 IMAGE_PLACEHOLDER = "<image>"
 
@@ -34,15 +34,31 @@ class ImageSource:
     base_dir: str | None = None  # relative paths are resolved against this folder
 
     def load(self) -> Image.Image:
-        """Decode to an RGB PIL image, or raise DataError naming `origin`."""
+        """Decode to an RGB PIL image, or raise DataError naming `origin`.
+
+        As transformers does it: the EXIF orientation applied (`load_image`'s exif_transpose),
+        then `to_rgb` (the Qwen-VL image processors' convert_to_rgb: transparency on white)."""
         try:
             image = _decode(self.data, self.base_dir)
             image.load()
+            image = ImageOps.exif_transpose(image)
+            return to_rgb(image)
         except DataError as e:
             raise DataError(f"{self.origin}: {e}") from None
         except Exception as e:  # PIL raises many types for corrupt data
             raise DataError(f"{self.origin}: cannot decode image ({type(e).__name__}: {e})") from None
-        return image.convert("RGB") if image.mode != "RGB" else image
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """RGB, compositing any transparency (an alpha band or a palette's transparent index) onto
+    white, as transformers' `convert_to_rgb` does; a plain `convert("RGB")` drops the alpha and a
+    black drawing on a transparent background becomes a black square."""
+    if image.mode == "RGB":
+        return image
+    if "A" in image.getbands() or image.info.get("transparency") is not None:
+        rgba = image.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
+    return image.convert("RGB")
 
 
 def _decode(data: Any, base_dir: str | None) -> Image.Image:

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from lensrl.data.sample import IMAGE_PLACEHOLDER, DataError, ImageSource, Sample, _decode
+from lensrl.data.sample import IMAGE_PLACEHOLDER, DataError, ImageSource, Sample, _decode, to_rgb
 from lensrl.models.rope import mrope_positions
 
 ASSISTANT_HEADER = "<|im_start|>assistant\n"
@@ -411,7 +411,7 @@ class Processor:
             height, width = self.image_size_after_resize(image.width, image.height)
         except ValueError as e:
             raise DataError(f"{_image_origin(sample, index)}: {e}") from None
-        pixels = torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.uint8).copy())  # (H, W, C)
+        pixels = torch.from_numpy(np.asarray(to_rgb(image), dtype=np.uint8).copy())  # (H, W, C)
         pixels = pixels.permute(2, 0, 1).contiguous()  # (C, H, W) uint8
         pixels = resize_bicubic(pixels, height, width)
         x = pixels.to(torch.float32)
@@ -453,14 +453,24 @@ def _read_chat_template(model_dir: Path) -> str | None:
 
 
 def _image_size(source: ImageSource) -> tuple[int, int]:
-    """(width, height) from the image header, without decoding the pixels."""
+    """(width, height) from the image header, without decoding the pixels; as `ImageSource.load`
+    will give them (an EXIF orientation that turns the image swaps the two)."""
     try:
         image = _decode(source.data, source.base_dir)  # lazy: PIL reads only the header here
-        return image.size
+        return image.size[::-1] if _turned(image) else image.size
     except DataError as e:
         raise DataError(f"{source.origin}: {e}") from None
     except Exception as e:  # PIL raises many types for corrupt data
         raise DataError(f"{source.origin}: cannot read image header ({type(e).__name__}: {e})") from None
+
+
+def _turned(image) -> bool:
+    """Whether the EXIF orientation turns the image by 90 or 270 degrees (width and height swap).
+    A header whose EXIF cannot be read counts as not turned (decoding it later fails clearly)."""
+    try:
+        return image.getexif().get(0x0112) in (5, 6, 7, 8)
+    except Exception:  # PIL raises many types for damaged files
+        return False
 
 
 def _where(sample: Sample) -> str:

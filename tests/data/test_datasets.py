@@ -75,7 +75,7 @@ def test_geo3k_hub_layout(tmp_path):
     assert sample.images[0].origin == f"{path} row 1 column 'images'[0]"
     assert sample.load_images()[0].size == (5, 7)
     assert [s.answer for s in dataset] == ["3", "2\\sqrt{3}"]
-    assert dataset.stats == {"rows_read": 2, "skipped_bad": 0, "filtered_overlong": 0}
+    assert dataset.stats == {"rows_read": 2, "skipped_bad": 0, "filtered_overlong": 0, "skipped_rows": []}
     assert "2 rows" in dataset.summary()
 
 
@@ -356,3 +356,26 @@ def test_sampler_one_pass_in_order_and_edge_cases():
     assert [sampler.next_batch() for _ in range(4)] == [[0, 1], [2, 3], [4], [0, 1]]
     with pytest.raises(ValueError, match="fewer than one batch"):
         BatchSampler(3, 4, seed=0)
+
+
+def test_skip_bad_rows_skips_every_row_lensrl_cannot_process_and_names_it(tmp_path, tiny_qwen25_dir):
+    """An undecodable image, a placeholder/image count mismatch and an image of an aspect ratio
+    the processor rejects (over 200:1): with data.skip_bad_rows each is dropped and named with its
+    reason; without it, the first stops loading with its row named."""
+    from lensrl.models.processor import Processor
+
+    processor = Processor.from_pretrained(tiny_qwen25_dir)
+    path = write(tmp_path / "mixed.parquet", {
+        "problem": ["<image>ok", "<image>broken", "<image><image>two marks", "<image>a thin strip", "<image>fine"],
+        "images": pa.array([[png()], [b"not an image"], [png()], [png(size=(660, 3))], [png()]], pa.list_(pa.binary())),
+        "answer": ["1", "2", "3", "4", "5"],
+    })
+    dataset = load_dataset(path, DataConfig(skip_bad_rows=True), "train", length_fn=processor.prompt_length)
+    assert [s.meta["row"] for s in dataset] == [0, 4]
+    assert dataset.stats["skipped_bad"] == 3 and dataset.stats["filtered_overlong"] == 0
+    summary = dataset.summary()
+    assert f"{path} rows 2 (2 '<image>' placeholder(s), 1 image(s))" in summary
+    assert f"{path} rows 1 (an image does not decode)" in summary
+    assert "rows 3 (" in summary and "aspect ratio" in summary
+    with pytest.raises(DataError, match=rf"{path} row 2: the prompt has 2 '<image>' placeholder"):
+        load_dataset(path, DataConfig(), "train", length_fn=processor.prompt_length)

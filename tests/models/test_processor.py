@@ -218,3 +218,77 @@ def test_real_folder_layout_chat_template_file_wins(model_dir, make_image_bytes,
     text = processor.decode(processor(Sample(prompt="Hi")).input_ids, skip_special_tokens=False)
     assert text.startswith("<|im_start|>system\nCustom.<|im_end|>")
     assert processor.eos_token_ids[:2] == [processor.im_end_token_id, processor.tokenizer.pad_token_id]
+
+
+def _encoded(image, fmt: str = "PNG", **kwargs) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **kwargs)
+    return buffer.getvalue()
+
+
+def _drawings():
+    """(mode name, encoded bytes): a 56x84 drawing in every PIL mode users meet; the transparent
+    ones are black ink on a transparent background (a common way to save a diagram)."""
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    size = (56, 84)  # a multiple of 28 each way: no resize, so pixels compare exactly
+    rgba = Image.new("RGBA", size, (0, 0, 0, 0))
+    ImageDraw.Draw(rgba).rectangle([10, 10, 40, 60], outline=(0, 0, 0, 255), width=3)
+    ImageDraw.Draw(rgba).ellipse([20, 30, 50, 70], fill=(200, 30, 30, 128))  # half transparent
+    palette = rgba.convert("RGB").convert("P")
+    palette.info["transparency"] = palette.getpixel((0, 0))
+    gradient = np.linspace(0, 60000, size[0] * size[1], dtype=np.uint16).reshape(size[1], size[0])
+    cmyk = Image.new("CMYK", size, (0, 200, 200, 0))
+    ImageDraw.Draw(cmyk).rectangle([5, 5, 30, 40], fill=(255, 0, 0, 40))
+    return [
+        ("RGBA", _encoded(rgba)),
+        ("LA", _encoded(rgba.convert("LA"))),
+        ("P with a transparent index", _encoded(palette, transparency=palette.info["transparency"])),
+        ("L", _encoded(rgba.convert("L"))),
+        ("I;16", _encoded(Image.fromarray(gradient))),  # uint16 arrays open as I;16
+        ("CMYK", _encoded(cmyk, "JPEG", quality=95)),
+    ]
+
+
+@pytest.mark.parametrize("mode, data", _drawings(), ids=[m for m, _ in _drawings()])
+def test_every_image_mode_gives_transformers_pixels(processor, mode, data):
+    """lensrl's pixel_values equal transformers' Qwen2VLImageProcessorPil's on the same file: a
+    transparent background becomes white (a plain convert('RGB') made it black)."""
+    import io
+
+    from PIL import Image
+    from transformers import Qwen2VLImageProcessorPil
+
+    s = processor.image
+    reference = Qwen2VLImageProcessorPil(min_pixels=s.min_pixels, max_pixels=s.max_pixels, patch_size=s.patch_size,
+                                         merge_size=s.merge_size, temporal_patch_size=s.temporal_patch_size,
+                                         image_mean=s.image_mean, image_std=s.image_std)
+    expected = reference(images=[Image.open(io.BytesIO(data))], return_tensors="pt")
+    got = processor(Sample("<image>What is drawn?", [ImageSource(data, origin=mode)]))
+    assert torch.equal(got.image_grid_thw, expected["image_grid_thw"])
+    torch.testing.assert_close(got.pixel_values, expected["pixel_values"], rtol=0, atol=1e-5)
+    if mode in ("RGBA", "LA", "P with a transparent index"):  # the background is white, not black
+        assert ImageSource(data).load().getpixel((1, 1)) == (255, 255, 255)
+
+
+def test_an_exif_rotated_photo_is_turned_as_transformers_loads_it(processor, tmp_path):
+    """A JPEG stored sideways with EXIF orientation 6: turned upright (transformers' load_image
+    applies exif_transpose), and the prompt's image-token count follows the turned size."""
+    from PIL import Image
+    from transformers.image_utils import load_image
+
+    image = Image.new("RGB", (84, 56), (255, 255, 255))
+    image.paste((0, 0, 255), (0, 0, 20, 56))  # a blue band on the left as stored
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to display
+    path = tmp_path / "sideways.jpg"
+    image.save(path, format="JPEG", exif=exif, quality=95)
+    loaded = ImageSource(str(path)).load()
+    assert loaded.size == (56, 84) == load_image(str(path)).size
+    sample = Sample("<image>Which way?", [ImageSource(str(path))])
+    got = processor(sample)
+    assert processor.prompt_length(sample) == got.input_ids.shape[0]
+    assert got.image_grid_thw.tolist() == [[1, 6, 4]]  # 84 / 14 rows, 56 / 14 columns
