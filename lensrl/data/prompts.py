@@ -90,7 +90,10 @@ def parse_choices(value: Any, where: str = "") -> list[str]:
 
 
 def answer_index(answer: Any, choices: list[str], where: str = "") -> int:
-    """The index of the correct choice from an int index, a digit string, a letter or the choice text."""
+    """The index of the correct choice from an int index, the choice text, a letter or a digit
+    string (in that order: the text of a choice wins, so answer '2' among choices ['1', '2', '3']
+    is the choice '2', not index 2). A digit string among numeric choices that matches none of
+    them is ambiguous (a value or an index?) and raises DataError naming `where`."""
     prefix = f"{where}: " if where else ""
     index: int | None = None
     if isinstance(answer, int) and not isinstance(answer, bool):
@@ -98,12 +101,18 @@ def answer_index(answer: Any, choices: list[str], where: str = "") -> int:
     elif isinstance(answer, str):
         text = answer.strip()
         letter = re.fullmatch(r"\(?([A-Za-z])\)?\.?", text)
-        if text.lstrip("-").isdigit():
-            index = int(text)
+        matches = [i for i, choice in enumerate(choices) if choice.strip() == text]
+        if len(matches) > 1:
+            raise DataError(f"{prefix}answer {answer!r} matches {len(matches)} of the choices {choices}")
+        if matches:
+            index = matches[0]
         elif letter:
             index = letter_to_index(letter.group(1))
-        elif text in choices:
-            index = choices.index(text)
+        elif text.lstrip("-").isdigit():
+            if all(_is_number(choice) for choice in choices):
+                raise DataError(f"{prefix}answer {answer!r} is ambiguous: the choices {choices} are numbers and "
+                                "none is it, so it may be a value or an index; give the choice text or a letter")
+            index = int(text)
     if index is None:
         raise DataError(
             f"{prefix}answer {answer!r} is neither a choice index, a letter nor one of the choices {choices}"
@@ -111,6 +120,14 @@ def answer_index(answer: Any, choices: list[str], where: str = "") -> int:
     if not 0 <= index < len(choices):
         raise DataError(f"{prefix}answer index {index} is out of range for {len(choices)} choices {choices}")
     return index
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except (TypeError, ValueError):
+        return False
+    return True
 
 
 def unwrap_boxed(answer: str) -> str:

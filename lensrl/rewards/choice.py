@@ -20,34 +20,53 @@ def _letter_at_start(text: str, letters: str) -> str | None:
     return match.group(1) if match else None
 
 
-def extract_choice(text: str, num_choices: int = 5) -> str | None:
+_STATEMENT = r"(?:(?i:\b(?:the\s+)?(?:final\s+)?(?:answer|choice|option)\b(?:\s+(?:is|would\s+be|should\s+be))?)" \
+             r"|(?i:\b(?:pick|choose|select|go\s+with)(?:\s+option)?))"
+
+
+def extract_choice(text: str, num_choices: int = 5, choices: list[str] | None = None) -> str | None:
     """The option letter (A, B, ... for `num_choices` options) a response picked, or None.
 
-    Looks, in order, at: the last `\\boxed{}`; the last "answer is X" / "Answer: X"; a response
-    that starts with "X." or "(X)"; the last standalone capital letter. When the response has a
-    `</think>`, only the text after the last one counts.
+    A letter counts only where it stands as an answer, so a sentence that starts with the
+    article "A" or the pronoun "I" picks nothing. In order (when the response has a `</think>`,
+    only the text after the last one counts):
+      1. the last `\\boxed{}`: a letter at its start, or the full text of one choice;
+      2. the last statement: "answer is C", "Answer: (C)", "option C", "I choose C";
+      3. the last parenthesised letter "(C)";
+      4. a line that starts with "C." / "C)" / "C:" / "**C**", or a response that is only "C";
+      5. the full text of exactly one of `choices` (case-insensitive, as whole words).
     """
     letters = string.ascii_uppercase[: max(1, min(num_choices, 26))]
     if "</think>" in text:
         text = text.rsplit("</think>", 1)[1]
     boxed = extract_boxed(text)
     if boxed is not None:
-        letter = _letter_at_start(boxed, letters)
+        letter = _letter_at_start(boxed, letters) or _choice_by_text(boxed, choices, letters)
         if letter:
             return letter
-    said = None
-    for said in re.finditer(  # noqa: B007 - we want the final match
-        rf"(?i:answer)(?:\s+is)?[\s:：*(\[]*([{letters}])(?![A-Za-z0-9])",
-        text,  # one class: no backtracking
-    ):
-        pass
-    if said is not None:
-        return said.group(1)
-    letter = _letter_at_start(text, letters)
-    if letter:
-        return letter
-    standalone = re.findall(rf"(?<![\w\\])([{letters}])(?!\w)", text)
-    return standalone[-1] if standalone else None
+    stated = re.findall(rf"{_STATEMENT}\s*[:：-]?\s*[(\[]?\**([{letters}])\**[)\]]?(?![\w'])", text)
+    if stated:
+        return stated[-1]
+    parenthesised = re.findall(rf"\(([{letters}])\)", text)
+    if parenthesised:
+        return parenthesised[-1]
+    for line in text.splitlines():
+        match = re.match(rf"\s*(?:\*\*)?\(?([{letters}])(?:\*\*)?(?:[.):](?:\s|$)|\s*$)", line)
+        if match:
+            return match.group(1)
+    return _choice_by_text(text, choices, letters)
+
+
+def _choice_by_text(text: str, choices: list[str] | None, letters: str) -> str | None:
+    """The letter of the one choice whose full text appears in `text` (None: none or several)."""
+    if not choices:
+        return None
+    found = [i for i, choice in enumerate(choices[: len(letters)]) if choice.strip() and
+             re.search(rf"(?<!\w){re.escape(choice.strip())}(?!\w)", text, re.IGNORECASE)]
+    # "red cube" inside "the red cube on the left" beside "red": the longest match is meant
+    found = [i for i in found if not any(j != i and choices[i].strip().lower() in choices[j].strip().lower()
+                                         for j in found)]
+    return letters[found[0]] if len(found) == 1 else None
 
 
 def _answer_letter(answer: str) -> str:
@@ -62,10 +81,12 @@ def _answer_letter(answer: str) -> str:
 
 def choice_reward(completion: str, sample: Mapping[str, Any], cfg: RewardConfig) -> dict[str, float]:
     """Reward of one response to a multiple-choice question whose key is the letter
-    `sample["answer"]` (the reward-function interface): {"score", "accuracy", "format"}."""
+    `sample["answer"]` (the reward-function interface): {"score", "accuracy", "format"}.
+    `sample["choices"]` (when present) lets a response that names a choice's text count."""
     gold = _answer_letter(str(sample["answer"]))
-    num_choices = max(5, string.ascii_uppercase.index(gold) + 1)
-    accuracy = 1.0 if extract_choice(completion, num_choices) == gold else 0.0
+    choices = sample.get("choices")
+    num_choices = max(len(choices) if choices else 5, string.ascii_uppercase.index(gold) + 1)
+    accuracy = 1.0 if extract_choice(completion, num_choices, choices) == gold else 0.0
     format_ok = format_score(completion, cfg.format_pattern) if cfg.format_pattern else None
     score, parts = combine(accuracy, format_ok, cfg)
     return {"score": score, **parts}

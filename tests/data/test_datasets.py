@@ -379,3 +379,16 @@ def test_skip_bad_rows_skips_every_row_lensrl_cannot_process_and_names_it(tmp_pa
     assert "rows 3 (" in summary and "aspect ratio" in summary
     with pytest.raises(DataError, match=rf"{path} row 2: the prompt has 2 '<image>' placeholder"):
         load_dataset(path, DataConfig(), "train", length_fn=processor.prompt_length)
+
+
+def test_a_digit_answer_among_numeric_choices_is_read_as_the_choice_text(tmp_path):
+    """Choices ['1', '2', '3', '4'] with answer '2' mean the choice '2' (letter B), not index 2; a
+    digit that is none of the numeric choices is ambiguous and stops loading with the row named."""
+    assert prompts.answer_index("2", ["1", "2", "3", "4"]) == 1
+    assert prompts.answer_index("2", ["red", "green", "blue"]) == 2  # not numbers: an index
+    assert prompts.answer_index("B", ["1", "2", "3"]) == 1
+    path = write(tmp_path / "mc.parquet", robo_rows(["['1', '2', '3', '4']", "['10', '20', '30']"], ["2", "1"]))
+    with pytest.raises(DataError, match=r"row 1: answer '1' is ambiguous"):
+        load_dataset(path, CHOICE_CFG, "train")
+    path = write(tmp_path / "ok.parquet", robo_rows(["['1', '2', '3', '4']"], ["2"]))
+    assert load_dataset(path, CHOICE_CFG, "train")[0].answer == "B"

@@ -58,3 +58,67 @@ def test_choice_reward_format_and_range():
 def test_choice_reward_bad_answer_key():
     with pytest.raises(ValueError, match="option letter"):
         score_completion("A", "the red one", RewardConfig(type="choice"))
+
+
+CHOICES = ["red cube", "blue cylinder", "green sphere", "yellow cone"]
+
+LABELLED = [  # (response, the letter it picks or None); choices A-D are CHOICES above
+    # ordinary sentences that start with the article "A" or the pronoun "I" pick nothing by that
+    ("A gripper is visible above the cube; I pick option C.", "C"),
+    ("A robot arm holds the object. The answer is B.", "B"),
+    ("I see the gripper to the left, so the answer is D.", "D"),
+    ("I am not sure which one it is.", None),
+    ("A cube and a sphere are on the table.", None),
+    ("I think the arm will move up next.", None),
+    ("A small object lies near the edge.", None),
+    ("In the image I see a gripper. Answer: C", "C"),
+    ("A", "A"),
+    ("A.", "A"),
+    ("(B)", "B"),
+    ("**C**", "C"),
+    ("D) yellow cone", "D"),
+    ("B. The gripper is closed.", "B"),
+    ("C: the green one", "C"),
+    ("The correct option is D.", "D"),
+    ("My choice is B", "B"),
+    ("I choose A because it is nearest.", "A"),
+    ("I would go with option C.", "C"),
+    ("Let me select B.", "B"),
+    ("The final answer is (A).", "A"),
+    ("answer: **D**", "D"),
+    ("Answer - B", "B"),
+    ("\\boxed{C}", "C"),
+    ("So the result is \\boxed{\\text{(D)}}.", "D"),
+    ("\\boxed{blue cylinder}", "B"),
+    ("It is the green sphere.", "C"),
+    ("The robot picks up the yellow cone.", "D"),
+    ("Either the red cube or the blue cylinder.", None),  # two choices named: no pick
+    ("The red cube, clearly.", "A"),
+    ("Option A is tempting, but the answer is C.", "C"),
+    ("(A) looks right at first; the answer is (B).", "B"),
+    ("The answer is Apple.", None),  # a word, not a letter
+    ("I'd say B is wrong and D is right.", None),  # letters mentioned, none stated as the answer
+    ("<think>A is likely. Or I?</think> The answer is B.", "B"),
+    ("<think>The answer is A</think> I choose D", "D"),
+    ("<think>Hmm.</think>\nC. yellow? no, C is the green sphere", "C"),
+    ("Is it A or B? I cannot tell.", None),
+    ("The arm moves toward object B in the picture.", None),
+    ("A: the gripper is above it.", "A"),
+    ("It is not E.", None),  # only A-D exist
+    ("", None),
+    ("no letter here", None),
+    ("I like CATS and DOGS", None),
+]
+
+
+@pytest.mark.parametrize("text, expected", LABELLED)
+def test_a_letter_counts_only_where_it_stands_as_an_answer(text, expected):
+    assert extract_choice(text, num_choices=4, choices=CHOICES) == expected
+
+
+def test_a_policy_cannot_win_by_starting_with_the_article_a():
+    """"A ..." sentences scored as option A taught policies to open every answer with "A"."""
+    sample = {"answer": "A", "choices": CHOICES}
+    cfg = RewardConfig(type="choice", format_pattern=None)
+    assert score_completion("A gripper is above the cube, which is blue.", sample, cfg)[0] == 0.0
+    assert score_completion("The answer is A.", sample, cfg)[0] == 1.0
