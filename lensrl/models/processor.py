@@ -17,6 +17,7 @@ grid_h*grid_w/merge² tokens.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import shutil
@@ -317,6 +318,16 @@ class Processor:
             prompt_length=prompt_length,
             loss_mask=loss_mask,
         )
+
+    @functools.cached_property
+    def assistant_prefix(self) -> str:
+        """What the chat template writes at the start of the assistant turn after its header, which
+        the completion continues: "" for Qwen2.5-VL and Qwen3-VL Instruct, "<think>\\n" for the
+        Qwen3-VL thinking variants. Rewards judge the format of prefix + completion."""
+        text = self.tokenizer.apply_chat_template([{"role": "user", "content": "x"}], chat_template=self.chat_template,
+                                                  tokenize=False, add_generation_prompt=True)
+        head, sep, tail = text.rpartition(ASSISTANT_HEADER)
+        return tail if sep else ""
 
     def decode(self, token_ids: Any, skip_special_tokens: bool = True) -> str:
         if isinstance(token_ids, torch.Tensor):

@@ -318,7 +318,7 @@ def shape_dir(name: str, cache_dir: str | Path | None = None) -> Path:
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=folder.parent))
     try:
-        train_tokenizer(staging)
+        train_tokenizer(staging, template=shape.arch)
         config = build_config(
             shape.arch, shape.text, shape.vision, special_token_ids(staging), shape.tie_word_embeddings
         )

@@ -96,7 +96,7 @@ def make_tiny_model(out_dir: str | Path, arch: str = "qwen2_5_vl", preset: str =
     Same weights and files for the same (arch, preset, seed).
     """
     out_dir = Path(out_dir)
-    train_tokenizer(out_dir)
+    train_tokenizer(out_dir, template=arch)  # each architecture's own chat-template conventions
     token_ids = special_token_ids(out_dir)
     config = tiny_config(arch, preset, token_ids, vocab_size=max(token_ids.values()) + 1)
     torch.manual_seed(seed)

@@ -67,6 +67,27 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 
+# Qwen3-VL's conventions: no default system prompt (its releases add none); the thinking
+# variants open the assistant turn with "<think>\n", so a completion starts inside the thought.
+QWEN3_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
+    "{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'video' or 'video' in content %}"
+    "<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif 'text' in content %}{{ content['text'] }}"
+    "{% endif %}{% endfor %}<|im_end|>\n"
+    "{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+QWEN3_THINKING_CHAT_TEMPLATE = QWEN3_CHAT_TEMPLATE.replace(
+    "<|im_start|>assistant\n{% endif %}", "<|im_start|>assistant\n<think>\n{% endif %}")
+CHAT_TEMPLATES = {"qwen2_5_vl": CHAT_TEMPLATE, "qwen3_vl": QWEN3_CHAT_TEMPLATE,
+                  "qwen3_vl_thinking": QWEN3_THINKING_CHAT_TEMPLATE}
+
 INSTRUCTIONS = [
     "You FIRST think about the reasoning process as an internal monologue and then provide the final "
     "answer. The reasoning process MUST BE enclosed within <think> </think> tags. The final answer MUST BE "
@@ -252,14 +273,16 @@ def build_tokenizer(vocab_size: int = 1024, seed: int = 0) -> Tokenizer:
     return tokenizer
 
 
-def train_tokenizer(out_dir: str | Path, vocab_size: int = 1024, seed: int = 0) -> Path:
+def train_tokenizer(out_dir: str | Path, vocab_size: int = 1024, seed: int = 0, template: str = "qwen2_5_vl") -> Path:
     """Train the tiny tokenizer and save it in Hugging Face layout under `out_dir`.
 
-    Writes tokenizer.json, tokenizer_config.json and Qwen2-VL's chat template (inside
-    tokenizer_config.json for the tokenizer, and as chat_template.jinja, where transformers'
-    multimodal processors look for it). The folder loads with `AutoTokenizer.from_pretrained(out_dir)`.
-    Same files for the same arguments.
+    Writes tokenizer.json, tokenizer_config.json and the chat template of `template` (a key of
+    CHAT_TEMPLATES: Qwen2.5-VL's adds a default system prompt, Qwen3-VL's adds none, its thinking
+    variant opens the answer with "<think>"), inside tokenizer_config.json for the tokenizer and as
+    chat_template.jinja, where transformers' multimodal processors look for it. The folder loads
+    with `AutoTokenizer.from_pretrained(out_dir)`. Same files for the same arguments.
     """
+    chat_template = CHAT_TEMPLATES[template]
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer(vocab_size, seed)
@@ -288,10 +311,10 @@ def train_tokenizer(out_dir: str | Path, vocab_size: int = 1024, seed: int = 0) 
         "clean_up_tokenization_spaces": False,
         "split_special_tokens": False,
         "model_max_length": 32768,
-        "chat_template": CHAT_TEMPLATE,
+        "chat_template": chat_template,
     }
     (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
-    (out_dir / "chat_template.jinja").write_text(CHAT_TEMPLATE)
+    (out_dir / "chat_template.jinja").write_text(chat_template)
     return out_dir
 
 

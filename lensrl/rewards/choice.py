@@ -87,6 +87,7 @@ def choice_reward(completion: str, sample: Mapping[str, Any], cfg: RewardConfig)
     choices = sample.get("choices")
     num_choices = max(len(choices) if choices else 5, string.ascii_uppercase.index(gold) + 1)
     accuracy = 1.0 if extract_choice(completion, num_choices, choices) == gold else 0.0
-    format_ok = format_score(completion, cfg.format_pattern) if cfg.format_pattern else None
+    written = sample.get("assistant_prefix", "") + completion  # as the template wrote the answer
+    format_ok = format_score(written, cfg.format_pattern) if cfg.format_pattern else None
     score, parts = combine(accuracy, format_ok, cfg)
     return {"score": score, **parts}

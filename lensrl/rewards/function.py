@@ -10,7 +10,8 @@ memory cap):
     fn(completion: str, sample: dict, **function_kwargs) -> float | {"score": float, <part>: float, ...}
 
 `sample` holds the row's ground truth and context as plain values: `answer`, `choices` (or None),
-`prompt`, `data_source` (the file), `row`, `id`, and every other non-image column of the row by
+`prompt`, `data_source` (the file), `row`, `id`, `assistant_prefix` (what the chat template already
+wrote of the answer: "<think>\\n" for thinking templates), and every other non-image column of the row by
 its own name (a column named like one of those keys is shadowed by it). Named parts are logged as `reward/<part>` (and `val/<part>` in validation). Without
 `reward.function`, `reward.type` picks a built-in: `math` (`lensrl.rewards.math:math_reward`) or
 `choice` (`lensrl.rewards.choice:choice_reward`), called the same way with `cfg=` the reward config.
@@ -82,12 +83,14 @@ def load_function(spec: str) -> Callable[..., Any]:
     return fn
 
 
-def reward_sample(sample) -> dict[str, Any]:
-    """The `sample` dict a reward function receives for a `Sample` (no images)."""
+def reward_sample(sample, assistant_prefix: str = "") -> dict[str, Any]:
+    """The `sample` dict a reward function receives for a `Sample` (no images). `assistant_prefix`:
+    what the chat template already wrote of the answer (`Processor.assistant_prefix`, e.g.
+    "<think>\\n"), so a format check can judge prefix + completion."""
     meta = sample.meta
     return {**meta.get("columns", {}), "answer": sample.answer, "choices": sample.choices,
             "prompt": sample.prompt, "data_source": meta.get("source", ""), "row": meta.get("row"),
-            "id": meta.get("id")}
+            "id": meta.get("id"), "assistant_prefix": assistant_prefix}
 
 
 def call_reward(fn: Callable[..., Any], kwargs: Mapping[str, Any], completion: str,

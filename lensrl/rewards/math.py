@@ -233,6 +233,7 @@ def math_reward(completion: str, sample: Mapping[str, Any], cfg: RewardConfig) -
     accuracy = 1.0 if pred is not None and grade_math(pred, str(sample["answer"])) else 0.0
     format_ok = None
     if cfg.format_pattern:  # a box that is never closed is no answer, whatever the regex says
-        format_ok = format_score(completion, cfg.format_pattern) if pred is not None else 0.0
+        written = sample.get("assistant_prefix", "") + completion  # as the template wrote the answer
+        format_ok = format_score(written, cfg.format_pattern) if pred is not None else 0.0
     score, parts = combine(accuracy, format_ok, cfg)
     return {"score": score, **parts}

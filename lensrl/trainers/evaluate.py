@@ -42,7 +42,7 @@ def evaluate(
         prompts = [processor(s) for s in samples]
         completions = rollout.generate(prompts, params)
         flat = [(c, s) for s, group in zip(samples, completions) for c in group]
-        results = pool.score_batch([(c.text, reward_sample(s)) for c, s in flat])
+        results = pool.score_batch([(c.text, reward_sample(s, processor.assistant_prefix)) for c, s in flat])
         for (c, s), r in zip(flat, results):
             records.append({
                 "source": s.meta.get("source", ""), "row": s.meta.get("row"), "prompt": s.prompt,

@@ -258,7 +258,8 @@ class GRPOTrainer:
     def score(self, samples, flat) -> list:
         """Reward of each completion for its sample (the reward function in worker processes, with
         timeouts; lensrl.rewards.function)."""
-        return self.pool.score_batch([(c.text, reward_sample(samples[i])) for i, c in flat])
+        prefix = self.processor.assistant_prefix
+        return self.pool.score_batch([(c.text, reward_sample(samples[i], prefix)) for i, c in flat])
 
     def sampling_params(self, step: int) -> SamplingParams:
         """The step's sampling. With `rollout.seed`, seeded by (seed, step) and, in the backend, by

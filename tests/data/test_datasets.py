@@ -70,7 +70,7 @@ def test_geo3k_hub_layout(tmp_path):
 
     assert reward_sample(sample) == {"choices": None, "ground_truth": "2\\sqrt{3}", "answer": "2\\sqrt{3}",
                                      "prompt": "<image>Find y. Think first.", "data_source": path, "row": 1,
-                                     "id": "q2"}
+                                     "id": "q2", "assistant_prefix": ""}
     assert isinstance(sample.images[0], ImageSource) and isinstance(sample.images[0].data, dict)
     assert sample.images[0].origin == f"{path} row 1 column 'images'[0]"
     assert sample.load_images()[0].size == (5, 7)

@@ -84,14 +84,11 @@ def test_placeholder_marks_where_the_image_goes(processor, make_image_bytes):
     assert out.pixel_values.shape[1] == 3 * s.temporal_patch_size * s.patch_size**2
     assert out.pixel_values.dtype == torch.float32
     text = processor.decode(out.input_ids, skip_special_tokens=False)
-    assert text.startswith(
-        "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\nLook at "
-    )
+    system = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n" if processor.arch == "qwen2_5_vl" else ""
+    assert text.startswith(system + "<|im_start|>user\nLook at ")  # Qwen3-VL's template adds no system prompt
     assert text.endswith("then find x.<|im_end|>\n<|im_start|>assistant\n")
-    assert (
-        processor.decode(out.input_ids)
-        == "system\nYou are a helpful assistant.\nuser\nLook at  then find x.\nassistant\n"
-    )
+    plain_system = "system\nYou are a helpful assistant.\n" if system else ""
+    assert processor.decode(out.input_ids) == plain_system + "user\nLook at  then find x.\nassistant\n"
 
 
 def test_no_placeholder_puts_images_first(processor, make_image_bytes):
@@ -211,12 +208,12 @@ def test_real_folder_layout_chat_template_file_wins(model_dir, make_image_bytes,
         if path.suffix == ".json":
             (folder / path.name).write_text(path.read_text())
     template = Processor.from_pretrained(model_dir).chat_template.replace(
-        "You are a helpful assistant.", "Custom."
+        "<|im_start|>assistant\n{% endif %}", "<|im_start|>assistant\nCustom.{% endif %}"
     )
     (folder / "chat_template.json").write_text(json.dumps({"chat_template": template}))
     processor = Processor.from_pretrained(folder)
     text = processor.decode(processor(Sample(prompt="Hi")).input_ids, skip_special_tokens=False)
-    assert text.startswith("<|im_start|>system\nCustom.<|im_end|>")
+    assert text.endswith("<|im_start|>assistant\nCustom.")
     assert processor.eos_token_ids[:2] == [processor.im_end_token_id, processor.tokenizer.pad_token_id]
 
 
@@ -292,3 +289,37 @@ def test_an_exif_rotated_photo_is_turned_as_transformers_loads_it(processor, tmp
     got = processor(sample)
     assert processor.prompt_length(sample) == got.input_ids.shape[0]
     assert got.image_grid_thw.tolist() == [[1, 6, 4]]  # 84 / 14 rows, 56 / 14 columns
+
+
+def test_each_architectures_tiny_folder_follows_its_own_template(tiny_qwen25_dir, tiny_qwen3_dir):
+    """Qwen2.5-VL's template adds a default system prompt; Qwen3-VL releases add none."""
+    sample = Sample("Hello?")
+    qwen25, qwen3 = Processor.from_pretrained(tiny_qwen25_dir), Processor.from_pretrained(tiny_qwen3_dir)
+    assert qwen25.decode(qwen25(sample).input_ids, skip_special_tokens=False).startswith("<|im_start|>system\n")
+    text = qwen3.decode(qwen3(sample).input_ids, skip_special_tokens=False)
+    assert text == "<|im_start|>user\nHello?<|im_end|>\n<|im_start|>assistant\n"
+    assert qwen25.assistant_prefix == qwen3.assistant_prefix == ""
+
+
+def test_a_thinking_template_opens_the_answer_and_the_format_reward_sees_it(tiny_qwen3_dir, tmp_path):
+    """A Qwen3-VL thinking template ends the prompt with "<think>\\n": the completion starts inside
+    the thought, and the default format pattern must judge prefix + completion (the completion
+    alone scored a well-formed answer 0 and pushed the policy to write a second <think>)."""
+    import shutil
+
+    from lensrl.config import RewardConfig
+    from lensrl.models.tokenizer import QWEN3_THINKING_CHAT_TEMPLATE
+    from lensrl.rewards import score_completion
+
+    folder = tmp_path / "thinking"
+    shutil.copytree(tiny_qwen3_dir, folder)
+    (folder / "chat_template.jinja").write_text(QWEN3_THINKING_CHAT_TEMPLATE)
+    processor = Processor.from_pretrained(folder)
+    assert processor.assistant_prefix == "<think>\n"
+    assert processor.decode(processor(Sample("2+1?")).input_ids, skip_special_tokens=False).endswith(
+        "<|im_start|>assistant\n<think>\n")
+    completion = "one plus two is three</think> \\boxed{3}"
+    cfg = RewardConfig()
+    assert score_completion(completion, {"answer": "3", "assistant_prefix": processor.assistant_prefix}, cfg) == (
+        1.0, {"accuracy": 1.0, "format": 1.0})
+    assert score_completion(completion, {"answer": "3"}, cfg)[1]["format"] == 0.0  # judged alone: not well formed
