@@ -49,8 +49,10 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    train_files: list[str] | None = None  # parquet files or folders; None: eval only
-    val_files: list[str] | None = None
+    # parquet / jsonl / json files or folders, or cached hub dataset ids (lensrl.data.sources); a list
+    # or a single string. val_files None: no validation; train_files None (SFT): evaluation only
+    train_files: list[str] | str | None = None
+    val_files: list[str] | str | None = None
     prompt_key: str = "problem"
     answer_key: str = "answer"
     choice_key: str | None = None  # set for multiple choice (Robo2VLM layout)
@@ -288,11 +290,22 @@ def check(config: Any, world_size: int | None = None) -> None:
 
     world = world_size if world_size is not None else int(os.environ.get("WORLD_SIZE", "1"))
     trainer = getattr(config, "trainer", None)
-    training = isinstance(config, (GRPOConfig, SFTConfig))
+    training = isinstance(config, GRPOConfig) or (isinstance(config, SFTConfig) and bool(config.data.train_files))
+    device = trainer.device if trainer is not None else getattr(config, "device", "auto")
+    if device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError("trainer.device=cuda but no CUDA device is available (use auto or cpu)")
     if trainer is not None:
         unknown = sorted(set(trainer.loggers) - set(LOGGERS))
         if unknown:
             raise ConfigError(f"trainer.loggers: unknown logger(s) {unknown}; choose from {', '.join(LOGGERS)}")
+        if "wandb" in trainer.loggers:
+            import importlib.util
+
+            if importlib.util.find_spec("wandb") is None:
+                raise ConfigError("trainer.loggers has 'wandb' but wandb is not installed: pip install 'lensrl[wandb]'")
         if world > 1 and trainer.fsdp.enable == "never":
             raise ConfigError(
                 f"trainer.fsdp.enable=never with {world} ranks: nothing would keep the ranks' models equal "
@@ -325,6 +338,8 @@ def check(config: Any, world_size: int | None = None) -> None:
         raise ConfigError("GRPO needs data.train_files (parquet files or folders)")
     if isinstance(config, SFTConfig) and not (config.data.train_files or config.data.val_files):
         raise ConfigError("set data.train_files (training) and/or data.val_files (evaluation)")
+    if isinstance(config, EvalConfig) and not config.data.val_files:
+        raise ConfigError("lensrl eval needs data: --data DIR (its test.parquet) or data.val_files=[...]")
     if training and config.model.dtype == "bfloat16":
         raise ConfigError(
             "model.dtype=bfloat16 trains bf16 weights with a plain AdamW: an update at RL learning rates "
@@ -337,9 +352,16 @@ def check(config: Any, world_size: int | None = None) -> None:
         for key, value in (("trainer.rollout_batch_size", t.rollout_batch_size), ("actor.mini_batch_size",
                            actor.mini_batch_size), ("rollout.n", n), ("actor.ppo_epochs", actor.ppo_epochs),
                            ("rollout.val_n", config.rollout.val_n),
-                           ("algorithm.max_num_gen_batches", config.algorithm.max_num_gen_batches)):
+                           ("algorithm.max_num_gen_batches", config.algorithm.max_num_gen_batches),
+                           ("trainer.total_steps", t.total_steps), ("actor.micro_batch_size", actor.micro_batch_size),
+                           ("actor.max_tokens_per_mbs", actor.max_tokens_per_mbs),
+                           ("actor.logprob_chunk_size", actor.logprob_chunk_size)):
             if value < 1:
                 raise ConfigError(f"{key} must be >= 1, got {value}")
+        if config.rollout.temperature <= 0:
+            raise ConfigError("rollout.temperature=0 samples one completion per prompt n times: no group has reward "
+                              "variance and nothing is learned; sample with rollout.temperature > 0 "
+                              "(rollout.val_temperature sets validation's)")
         if t.rollout_batch_size % actor.mini_batch_size:
             raise ConfigError(f"trainer.rollout_batch_size ({t.rollout_batch_size}) must be a multiple of "
                               f"actor.mini_batch_size ({actor.mini_batch_size})")
@@ -360,6 +382,12 @@ def check(config: Any, world_size: int | None = None) -> None:
             raise ConfigError(f"actor.importance_sampling_clip must be > 0, got {actor.importance_sampling_clip}")
     if isinstance(config, SFTConfig):
         t = config.trainer
+        for key, value in (("trainer.global_batch_size", t.global_batch_size), ("trainer.micro_batch_size",
+                           t.micro_batch_size), ("trainer.max_tokens_per_mbs", t.max_tokens_per_mbs)):
+            if value < 1:
+                raise ConfigError(f"{key} must be >= 1, got {value}")
+        if t.total_steps < 0:
+            raise ConfigError(f"trainer.total_steps must be >= 0 (0: from trainer.num_epochs), got {t.total_steps}")
         if t.global_batch_size % (t.micro_batch_size * world):
             raise ConfigError(f"trainer.global_batch_size ({t.global_batch_size}) must be a multiple of "
                               f"trainer.micro_batch_size x ranks ({t.micro_batch_size} x {world})")

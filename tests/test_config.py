@@ -374,7 +374,7 @@ def test_reinforce_plus_plus_baseline_trains_with_one_sample_per_prompt():
 def test_eval_may_run_a_bf16_model():
     from lensrl.config import EvalConfig
 
-    assert load_config(EvalConfig, None, ["model.dtype=bfloat16"]).model.dtype == "bfloat16"
+    assert load_config(EvalConfig, None, ["model.dtype=bfloat16", "data.val_files=[t.parquet]"]).model.dtype == "bfloat16"
 
 
 def test_the_cli_refuses_before_loading_anything(tmp_path):

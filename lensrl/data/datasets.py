@@ -1,4 +1,5 @@
-"""Parquet rows -> `Sample`s, validated before the first step, with images left encoded.
+"""Rows (parquet, jsonl, json, cached hub datasets: `sources.py`) -> `Sample`s, validated before
+the first step, with images left encoded.
 
     dataset = load_dataset(cfg.train_files, cfg, "train", length_fn=prompt_length)
     sampler = BatchSampler(len(dataset), batch_size=16, seed=cfg.seed)
@@ -28,6 +29,7 @@ import pyarrow.parquet as pq
 from lensrl.config import DataConfig
 from lensrl.data import prompts
 from lensrl.data.sample import DataError, ImageSource, Sample, _decode
+from lensrl.data.sources import Source, resolve_sources
 
 # How lensrl writes images: the Hugging Face `datasets` Image feature's storage type.
 IMAGE_TYPE = pa.struct([pa.field("bytes", pa.binary()), pa.field("path", pa.string())])
@@ -61,35 +63,14 @@ def image_struct(value: Any, base_dir: str | None = None, where: str = "") -> di
     )
 
 
-def parquet_files(paths: list[str] | str) -> list[str]:
-    """Expand files and folders (their `*.parquet`, sorted by name) into a list of parquet files."""
-    if isinstance(paths, (str, os.PathLike)):
-        paths = [paths]
-    files: list[str] = []
-    for path in map(str, paths):
-        if os.path.isdir(path):
-            found = sorted(str(p) for p in Path(path).glob("*.parquet"))
-            if not found:
-                raise DataError(f"folder {path} holds no *.parquet files")
-            files += found
-        elif os.path.isfile(path):
-            files.append(path)
-        else:
-            raise DataError(
-                f"data file or folder not found: {path}. Download the dataset and convert it, e.g. "
-                "`lensrl data geo3k --src RAW --out DIR` or `lensrl data robo2vlm --src RAW --out DIR`, "
-                "or make synthetic data with `lensrl data synth --task geo --n 1000 --out DIR`"
-            )
-    return files
-
-
 @dataclass
 class _Table:
     """One parquet file's image columns, kept as Arrow arrays (encoded bytes, not Python objects)."""
 
-    path: str
+    path: str  # the source's name: a file path, or `id@split (file)` for a hub dataset
     images: dict[str, pa.ChunkedArray]  # image key -> column, one image or a list of images per row
     is_list: dict[str, bool]
+    base_dir: str  # relative image paths resolve against this folder
 
 
 @dataclass
@@ -169,8 +150,10 @@ def load_dataset(
     cfg: DataConfig,
     split_name: str = "train",
     length_fn: Callable[[Sample], int] | None = None,
+    progress: bool = False,
 ) -> PromptDataset:
-    """Read parquet files or folders into a validated `PromptDataset`.
+    """Read files, folders or cached hub datasets (`sources.resolve_sources`) into a validated
+    `PromptDataset`.
 
     Checks, all before training starts: every configured column exists; multiple-choice columns
     parse; each prompt's `<image>` count matches its images (when it has any placeholder); with
@@ -180,12 +163,13 @@ def load_dataset(
     included), prompts over `cfg.max_prompt_length` are dropped and counted
     (`cfg.filter_overlong_prompts`) or raise an error naming the row.
     """
-    files = parquet_files(paths)
+    sources = resolve_sources(paths, split_name)
+    files = [source.name for source in sources]
     stats: dict[str, Any] = {"rows_read": 0, "skipped_bad": 0, "filtered_overlong": 0, "skipped_rows": []}
     tables: list[_Table] = []
     rows: list[_Row] = []
-    for file in files:
-        table, file_rows, read = _read_file(file, cfg, len(tables), stats["skipped_rows"])
+    for source in sources:
+        table, file_rows, read = _read_file(source, cfg, len(tables), stats["skipped_rows"])
         tables.append(table)
         stats["rows_read"] += read
         rows += file_rows
@@ -202,7 +186,7 @@ def load_dataset(
 
     if length_fn is not None:
         short, skipped_before = [], len(stats["skipped_rows"])
-        for entry in rows:
+        for entry in _scanning(rows, f"[{split_name}] measuring prompts", progress):
             try:
                 length = length_fn(dataset._sample(entry))
             except DataError as e:  # e.g. an image of an aspect ratio the processor rejects
@@ -228,14 +212,12 @@ def load_dataset(
     return dataset
 
 
-def _read_file(path: str, cfg: DataConfig, table_index: int,
+def _read_file(source: Source, cfg: DataConfig, table_index: int,
                skipped: list[tuple[str, int, str]]) -> tuple[_Table, list[_Row], int]:
-    """One file's validated rows (and the number read); with `cfg.skip_bad_rows` a row that fails
-    a check is appended to `skipped` as (path, row, reason) instead of raising."""
-    try:
-        schema = pq.read_schema(path)
-    except Exception as e:
-        raise DataError(f"{path}: not a readable parquet file ({type(e).__name__}: {e})") from None
+    """One source's validated rows (and the number read); with `cfg.skip_bad_rows` a row that
+    fails a check is appended to `skipped` as (name, row, reason) instead of raising."""
+    path = source.name
+    schema = source.schema()
     keys = {"data.prompt_key": cfg.prompt_key, "data.answer_key": cfg.answer_key}
     if cfg.choice_key:
         keys["data.choice_key"] = cfg.choice_key
@@ -249,7 +231,7 @@ def _read_file(path: str, cfg: DataConfig, table_index: int,
     columns = list(dict.fromkeys([*keys.values(), *(["id"] if "id" in schema.names else [])]))
     # every other column that holds no image bytes travels with the row, for reward functions
     extra = [f.name for f in schema if f.name not in columns and not _holds_binary(f.type)]
-    table = pq.read_table(path, columns=columns + extra)
+    table = source.read(columns + extra)
     extra_values = {name: table.column(name).to_pylist() for name in extra}
 
     images: dict[str, pa.ChunkedArray] = {}
@@ -304,7 +286,22 @@ def _read_file(path: str, cfg: DataConfig, table_index: int,
             )
         rows.append(_Row(table_index, row, prompt, answer_text, target, choices, ids[row] if ids else None,
                          {name: values[row] for name, values in extra_values.items()} or None))
-    return _Table(path, images, is_list), rows, table.num_rows
+    return _Table(path, images, is_list, source.base_dir), rows, table.num_rows
+
+
+def _scanning(rows: list, description: str, show: bool):
+    """`rows`, with a progress bar (rich, with ETA) when `show` and the scan is long."""
+    if not show or len(rows) < 2000:
+        return rows
+    from rich.progress import track
+
+    return track(rows, description=description, transient=True, console=_console())
+
+
+def _console():
+    from lensrl.logging import console
+
+    return console
 
 
 def _holds_binary(type_: pa.DataType) -> bool:
@@ -324,7 +321,7 @@ def _is_list_type(type_: pa.DataType) -> bool:
 
 def _row_images(table: _Table, row: int, image_keys: list[str]) -> list[ImageSource]:
     """The row's images in column order, converted from Arrow to Python only now."""
-    base_dir = os.path.dirname(os.path.abspath(table.path))
+    base_dir = table.base_dir
     sources = []
     for key in image_keys:
         value = table.images[key][row].as_py()

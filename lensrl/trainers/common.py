@@ -43,6 +43,16 @@ def model_dtypes(cfg: ModelConfig, device: torch.device) -> tuple[torch.dtype, t
     return torch.float32, (torch.bfloat16 if device.type == "cuda" else None)
 
 
+def check_data(cfg: DataConfig) -> None:
+    """Every data file, folder and hub id exists (locally), before any model loads: a DataError
+    that names the path and how to get it otherwise (lensrl.data.sources)."""
+    from lensrl.data.sources import resolve_sources
+
+    for files, split in ((cfg.train_files, "train"), (cfg.val_files, "test")):
+        if files:
+            resolve_sources(files, split)
+
+
 def setup_policy(trainer, cfg, with_ref: bool = False) -> None:
     """Device, process group, policy (+ frozen reference), FSDP and the model rollout generates
     with. Sets trainer.device, .amp_dtype, .policy, .processor, .ref, .rollout_model, .logprob_model,
@@ -189,7 +199,8 @@ def make_logger(run_dir: Path, trainer_cfg, config, total_steps: int, start_step
 def load_split(files: list[str] | None, cfg: DataConfig, split: str, processor) -> PromptDataset | None:
     if not files:
         return None
-    dataset = load_dataset(files, cfg, split_name=split, length_fn=processor.prompt_length)
+    files = [files] if isinstance(files, str) else list(files)
+    dataset = load_dataset(files, cfg, split_name=split, length_fn=processor.prompt_length, progress=dist.is_main())
     if dist.is_main():
         console.print(f"[{split}] {dataset.summary()}")
     if len(dataset) == 0:

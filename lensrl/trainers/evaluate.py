@@ -84,6 +84,7 @@ def run_eval(config_path: str | None, overrides: list[str]) -> dict[str, float]:
     from lensrl.trainers.common import (
         autocast,
         build_rollout,
+        check_data,
         load_split,
         model_dtypes,
         prepare_run_dir,
@@ -91,6 +92,7 @@ def run_eval(config_path: str | None, overrides: list[str]) -> dict[str, float]:
     )
 
     cfg = load_config(EvalConfig, config_path, overrides)
+    check_data(cfg.data)
     device = dist.resolve_device(cfg.device)
     dist.init_distributed(device)
     seed_everything(cfg.seed)

@@ -35,6 +35,7 @@ from lensrl.trainers.common import (
     StopFlag,
     autocast,
     build_rollout,
+    check_data,
     cpu_memory_gb,
     finish_step,
     headline,
@@ -57,6 +58,7 @@ H100_BF16_FLOPS = 989e12  # dense bf16 peak used for perf/mfu
 class GRPOTrainer:
     def __init__(self, cfg: GRPOConfig):
         check(cfg)  # the cross-key rules, before anything loads (load_config checked them too)
+        check_data(cfg.data)
         self.cfg = cfg
         t, actor = cfg.trainer, cfg.actor
         # the frozen reference exists only when a KL term needs it

@@ -19,6 +19,7 @@ from lensrl.trainers.common import (
     StopFlag,
     autocast,
     build_rollout,
+    check_data,
     cpu_memory_gb,
     finish_step,
     headline,
@@ -38,6 +39,7 @@ from lensrl.trainers.common import (
 class SFTTrainer:
     def __init__(self, cfg: SFTConfig):
         check(cfg)  # the cross-key rules, before anything loads (load_config checked them too)
+        check_data(cfg.data)
         self.cfg = cfg
         t = cfg.trainer
         setup_policy(self, cfg)

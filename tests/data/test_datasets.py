@@ -392,3 +392,78 @@ def test_a_digit_answer_among_numeric_choices_is_read_as_the_choice_text(tmp_pat
         load_dataset(path, CHOICE_CFG, "train")
     path = write(tmp_path / "ok.parquet", robo_rows(["['1', '2', '3', '4']"], ["2"]))
     assert load_dataset(path, CHOICE_CFG, "train")[0].answer == "B"
+
+
+# ----------------------------------------------------------------------------------------------
+# Sources: json, jsonl, folders by split, cached hub datasets
+# ----------------------------------------------------------------------------------------------
+
+
+def test_jsonl_and_json_files_with_image_paths(tmp_path):
+    import json as json_lib
+
+    (tmp_path / "img").mkdir()
+    (tmp_path / "img" / "a.png").write_bytes(png((0, 255, 0)))
+    rows = [{"problem": "<image>Find x.", "answer": "3", "images": ["img/a.png"], "level": 2},
+            {"problem": "Find y.", "answer": "4", "images": [], "level": 5}]
+    (tmp_path / "rows.jsonl").write_text("\n".join(json_lib.dumps(r) for r in rows) + "\n")
+    (tmp_path / "rows.json").write_text(json_lib.dumps(rows))
+    for name in ("rows.jsonl", "rows.json"):
+        dataset = load_dataset(str(tmp_path / name), DataConfig(), "train")  # a single string, not a list
+        assert [s.answer for s in dataset] == ["3", "4"]
+        assert dataset[0].load_images()[0].getpixel((0, 0)) == (0, 255, 0)  # relative to the file
+        assert dataset[1].meta["columns"] == {"level": 5}
+    (tmp_path / "bad.json").write_text('{"not": "rows"}')
+    with pytest.raises(DataError, match=r"bad.json: expected a JSON list of row objects"):
+        load_dataset(str(tmp_path / "bad.json"), DataConfig(), "train")
+
+
+def test_a_folder_named_by_split_gives_each_split_its_own_files(tmp_path):
+    from lensrl.data.synth import make_synth
+
+    make_synth("color", 10, 0, tmp_path, n_test=3)  # train.parquet + test.parquet
+    assert len(load_dataset(str(tmp_path), DataConfig(), "train")) == 10  # not 13: test rows stay out
+    assert len(load_dataset(str(tmp_path), DataConfig(), "test")) == 3
+
+
+def hub_cache(home, repo_id: str, files: dict[str, pa.Table]) -> None:
+    """The layout `hf download --repo-type dataset REPO` leaves in the Hugging Face hub cache."""
+    revision = "0123456789abcdef0123456789abcdef01234567"
+    repo = home / "hub" / ("datasets--" + repo_id.replace("/", "--"))
+    for name, table in files.items():
+        (repo / "snapshots" / revision / name).parent.mkdir(parents=True, exist_ok=True)
+        pq.write_table(table, repo / "snapshots" / revision / name)
+    (repo / "refs").mkdir(parents=True, exist_ok=True)
+    (repo / "refs" / "main").write_text(revision)
+
+
+def geo3k_table(answers):
+    return pa.table({
+        "images": pa.array([[{"bytes": png(), "path": None}] for _ in answers], pa.list_(IMAGE_STRUCT)),
+        "problem": ["<image>Find x."] * len(answers), "answer": answers})
+
+
+def test_a_cached_hub_dataset_loads_by_id_and_split_without_the_network(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
+    hub_cache(tmp_path / "hf", "someone/geometry3k", {
+        "data/train-00000-of-00001.parquet": geo3k_table(["1", "2", "3"]),
+        "data/validation-00000-of-00001.parquet": geo3k_table(["4"]),
+        "data/test-00000-of-00001.parquet": geo3k_table(["5", "6"])})
+    assert [s.answer for s in load_dataset("someone/geometry3k", DataConfig(), "train")] == ["1", "2", "3"]
+    assert [s.answer for s in load_dataset("someone/geometry3k", DataConfig(), "test")] == ["5", "6"]
+    dataset = load_dataset("someone/geometry3k@validation", DataConfig(), "test")
+    assert [s.answer for s in dataset] == ["4"] and dataset[0].meta["source"].startswith("someone/geometry3k@validation")
+    with pytest.raises(DataError, match=r"someone/other: dataset not found in the local Hugging Face cache.*"
+                                        r"hf download --repo-type dataset someone/other"):
+        load_dataset("someone/other", DataConfig(), "train")
+
+
+def test_a_dataset_saved_by_the_datasets_library(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    splits = datasets.DatasetDict({
+        "train": datasets.Dataset(geo3k_table(["1", "2"])), "validation": datasets.Dataset(geo3k_table(["3"]))})
+    splits.save_to_disk(str(tmp_path / "saved"))
+    assert [s.answer for s in load_dataset(str(tmp_path / "saved"), DataConfig(), "train")] == ["1", "2"]
+    val = load_dataset(str(tmp_path / "saved"), DataConfig(), "test")  # no "test" split: validation
+    assert [s.answer for s in val] == ["3"] and val[0].load_images()[0].size == (8, 6)

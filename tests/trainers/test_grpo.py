@@ -408,3 +408,25 @@ def test_a_reward_function_that_always_fails_stops_the_run_with_its_traceback(ti
     assert "failed on" in err and "row" in err  # the first failure, shown with its row
     assert "error: the reward function failed on every completion of step 1" in err
     assert "KeyError: 'no_such_column'" in err and "in score" in err and "broken.py" in err
+
+
+def test_the_geometry3k_hub_layout_trains_by_its_id(tiny_qwen25_dir, color_data, tmp_path, monkeypatch):
+    """A dataset in the hub's geometry3k layout (images, problem, answer), downloaded into the
+    Hugging Face cache: `data.train_files=ID` trains without `lensrl data geo3k`, offline."""
+    import pyarrow.parquet as pq
+
+    revision = "0123456789abcdef0123456789abcdef01234567"
+    snapshot = tmp_path / "hf" / "hub" / "datasets--someone--geometry3k" / "snapshots" / revision / "data"
+    snapshot.mkdir(parents=True)
+    pq.write_table(pq.read_table(color_data / "train.parquet"), snapshot / "train-00000-of-00001.parquet")
+    pq.write_table(pq.read_table(color_data / "test.parquet"), snapshot / "test-00000-of-00001.parquet")
+    (snapshot.parents[2] / "refs").mkdir()
+    (snapshot.parents[2] / "refs" / "main").write_text(revision)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    overrides = [o for o in grpo_overrides(tiny_qwen25_dir, color_data, tmp_path, "hub", "trainer.test_freq=2")
+                 if not o.startswith(("data.train_files", "data.val_files"))]
+    result = run_cli("grpo", *overrides, "data.train_files=someone/geometry3k", "data.val_files=someone/geometry3k")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "train: 64 rows" in result.stderr and "test: 16 rows" in result.stderr
+    assert "val/accuracy" in read_metrics(tmp_path / "hub")[-1]

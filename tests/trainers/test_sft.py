@@ -81,6 +81,8 @@ def test_missing_model_or_data_path_says_how_to_get_it(tiny_qwen25_dir, color_da
     result = run_cli("sft", f"model.path={tmp_path / 'nope'}", f"data.train_files=[{color_data / 'train.parquet'}]")
     assert result.returncode != 0 and "lensrl model tiny" in result.stderr
     result = run_cli("eval", "--model", str(tmp_path / "nope"), "--data", str(tmp_path / "nodata"))
+    assert result.returncode == 2 and "nodata" in result.stderr  # the data is checked before any model loads
+    result = run_cli("eval", "--model", str(tmp_path / "nope"), "--data", str(color_data))
     assert result.returncode != 0 and "nope" in result.stderr
     result = run_cli("sft", f"model.path={tiny_qwen25_dir}", f"data.train_files=[{tmp_path / 'geo3k' / 'train.parquet'}]")
     assert result.returncode != 0 and "geo3k" in result.stderr and "lensrl data" in result.stderr
