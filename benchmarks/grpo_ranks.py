@@ -147,6 +147,10 @@ def main() -> None:
     args = parser.parse_args()
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
+    import shutil
+
+    for stale in ("one", "one_split", "two", "resume", "converted"):  # an earlier run's would resume or be compared
+        shutil.rmtree(out / stale, ignore_errors=True)
     from lensrl.data.synth import make_synth
 
     data = out / "geo"

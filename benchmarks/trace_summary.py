@@ -70,8 +70,11 @@ def main() -> None:
     args = parser.parse_args()
     for path in args.traces:
         print(f"\n{path}")
+        rows = summarize(path)
+        if rows and rows[-1]["compute_ms"] == 0 and rows[-1]["nccl_ms"] == 0:
+            print("(no GPU kernels in this trace: a CPU run, so all its time shows as 'GPU idle')")
         print(f"{'phase':<14} {'wall ms':>9} {'compute':>9} {'nccl':>9} {'GPU idle':>9}")
-        for r in summarize(path):
+        for r in rows:
             print(f"{r['phase']:<14} {r['wall_ms']:>9.1f} {r['compute_ms']:>9.1f} {r['nccl_ms']:>9.1f} {r['idle_ms']:>9.1f}")
 
 

@@ -17,10 +17,12 @@ from rich.console import Console
 
 console = Console(stderr=True, highlight=False)
 
-# The two numbers the progress line shows, first found wins.
+# The numbers the progress line shows when the step logged them (first found wins).
 _PROGRESS_KEYS = {
-    "reward": ("reward/mean", "train/loss"),
-    "acc": ("reward/accuracy", "val/accuracy", "val/reward/mean"),
+    "loss": ("train/loss",),
+    "reward": ("reward/mean",),
+    "acc": ("reward/accuracy",),
+    "val": ("val/accuracy", "val/reward/mean"),
 }
 
 
@@ -72,7 +74,7 @@ class RunLogger:
         if not self.enabled:
             return
         clean = {k: float(v) for k, v in metrics.items() if v is not None}
-        self._last.update(clean)
+        self._last = clean
         if self._jsonl is not None:
             record = {"step": step, **{k: (v if math.isfinite(v) else str(v)) for k, v in clean.items()}}
             self._jsonl.write(json.dumps(record) + "\n")

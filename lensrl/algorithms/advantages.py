@@ -69,6 +69,8 @@ def compute_advantages(
         raise ValueError(
             f"response_mask must have shape (B, T) with B = {rewards.shape[0]}, got {tuple(response_mask.shape)}"
         )
+    if rewards.numel() == 0:
+        return torch.zeros_like(response_mask, dtype=torch.float32)
     with torch.no_grad():
         grouped = _grouped(rewards.float(), group_size)  # (G, n)
         mask = response_mask.float()  # (B, T)

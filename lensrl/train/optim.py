@@ -41,11 +41,13 @@ def build_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, cfg: Opt
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, total_steps, cfg))
 
 
-def follow_schedule(scheduler, cfg: OptimConfig) -> None:
+def follow_schedule(scheduler, cfg: OptimConfig, position: int) -> None:
     """After a resume: the schedule this run's config describes (its lr, warmup, total steps), at
-    the restored position. The checkpoint's scheduler and optimizer carry the old run's lr (at
-    the end of a finished cosine schedule: 0), which the next step would otherwise use while the
-    log showed the new schedule's value."""
+    `position` (optimizer steps the run has taken by this config's count: steps done x updates per
+    step). The checkpoint's scheduler and optimizer carry the old run's lr (at the end of a
+    finished cosine schedule: 0) and the old count of updates per step, which the next step would
+    otherwise use while the log showed the new schedule's value."""
+    scheduler.last_epoch = position
     scheduler.base_lrs = [cfg.lr] * len(scheduler.optimizer.param_groups)
     lrs = [base * fn(scheduler.last_epoch) for base, fn in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
     for group, lr in zip(scheduler.optimizer.param_groups, lrs):

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from lensrl.config import DataConfig, ModelConfig, RolloutConfig, save_config, to_dict, to_yaml
+from lensrl.config import ConfigError, DataConfig, ModelConfig, RolloutConfig, save_config, to_dict, to_yaml
 from lensrl.data.datasets import PromptDataset, load_dataset
 from lensrl.logging import RunLogger, console
 from lensrl.train import distributed as dist
@@ -163,15 +163,23 @@ def prepare_run_dir(output_dir: str, run_name: str, config) -> Path:
     if dist.is_main():
         run_dir.mkdir(parents=True, exist_ok=True)
         previous = run_dir / "config.yaml"
+        ckpts = list_checkpoints(run_dir / "checkpoints")
+        if ckpts and getattr(config.trainer, "resume", "auto") == "never":
+            raise ConfigError(f"{run_dir} holds checkpoints of an earlier run (newest {ckpts[-1].name}); "
+                              "continue it with trainer.resume=auto, or start afresh under another trainer.run_name")
         if previous.is_file() and previous.read_text() != to_yaml(config):
             changes = config_changes(previous, config)
-            ckpts = list_checkpoints(run_dir / "checkpoints")
             tag = ckpts[-1].name if ckpts else time.strftime("%Y%m%d-%H%M%S")
             kept = run_dir / f"config.{tag}.yaml"
+            for k in range(1, 1000):  # never over an earlier record
+                if not kept.exists():
+                    break
+                kept = run_dir / f"config.{tag}.{k}.yaml"
             os.replace(previous, kept)
-            console.print(f"[yellow]{run_dir}: config differs from the earlier run's (kept as {kept.name}):[/yellow]")
+            console.print(f"[yellow]{run_dir}: config differs from the earlier run's (kept as {kept.name}):[/yellow]",
+                          soft_wrap=True)
             for key, (old, new) in changes.items():
-                console.print(f"  {key}: {old!r} -> {new!r}")
+                console.print(f"  {key}: {old!r} -> {new!r}", soft_wrap=True)
         save_config(config, run_dir / "config.yaml")
     dist.barrier()
     return run_dir
@@ -311,9 +319,14 @@ def resume(trainer) -> None:
     if path is None:
         return
     state = load_checkpoint(path, trainer.policy, trainer.optimizer, trainer.scheduler)
-    follow_schedule(trainer.scheduler, trainer.cfg.actor.optim if hasattr(trainer.cfg, "actor") else trainer.cfg.optim)
     trainer.step = state["step"]
-    trainer.sampler.load_state_dict(state["sampler"])
+    optim = trainer.cfg.actor.optim if hasattr(trainer.cfg, "actor") else trainer.cfg.optim
+    follow_schedule(trainer.scheduler, optim, trainer.step * getattr(trainer, "updates_per_step", 1))
+    try:
+        trainer.sampler.load_state_dict(state["sampler"])
+    except ValueError as e:
+        raise ConfigError(f"cannot resume from {path}: {e} (keep the batch size, data and data.seed of the run, "
+                          "or start a new one under another trainer.run_name)") from None
     trainer.bad_steps_in_row = state.get("bad_steps_in_row", 0)
     if getattr(trainer, "rollout", None) is not None:
         sync_rollout(trainer)  # the backend's own copies (engine, FSDP's full-weight copy) are stale

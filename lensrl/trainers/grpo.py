@@ -159,6 +159,8 @@ class GRPOTrainer:
         local_minibatches = [[local[g] for g in mb if g in local] for mb in minibatches]
         with _timer(timing, "update"):
             update_metrics = self.update(seqs, data, local_minibatches, width)
+        while self.scheduler.last_epoch < step * self.updates_per_step:  # a short step keeps the schedule on time
+            self.scheduler.step()
 
         # 7. Weights into the rollout backend.
         with _timer(timing, "weight_sync"):
@@ -175,6 +177,9 @@ class GRPOTrainer:
         metrics.update(_group_stats(rollouts.generated, n, cfg.reward))
         metrics["advantage/filtered_groups"] = float(rollouts.num_filtered)
         metrics["batch/num_gen_batches"] = float(rollouts.num_rounds)
+        if not everyone and dist.is_main():
+            console.print(f"[yellow]step {step}: no group had reward variance in {rollouts.num_rounds} round(s) of "
+                          "generation; no update[/yellow]")
         self._log_samples(step, *rollouts.first)
         return metrics
 
@@ -305,8 +310,10 @@ class GRPOTrainer:
         actor = self.cfg.actor
         totals: dict[str, float] = {}
         num_updates = skipped = 0
+        lrs: list[float] = []  # the learning rate each optimizer step of this update used
         if not minibatches:
-            return {"actor/skipped_updates": 0.0, "actor/num_updates": 0.0}
+            return {"actor/lr": self.optimizer.param_groups[0]["lr"], "actor/skipped_updates": 0.0,
+                    "actor/num_updates": 0.0}
         step_bad = False
         for _ in range(actor.ppo_epochs):
             for mb in minibatches:
@@ -327,6 +334,7 @@ class GRPOTrainer:
                 grad_norm = clip_grad_norm(self.policy.parameters(), actor.optim.grad_clip)
                 finite = math.isfinite(float(grad_norm)) and math.isfinite(mb_metrics.get("actor/loss", 0.0))
                 if finite:
+                    lrs.append(self.optimizer.param_groups[0]["lr"])
                     self.optimizer.step()
                     num_updates += 1
                 else:  # skip, count, keep the weights as they were
@@ -340,7 +348,7 @@ class GRPOTrainer:
         self.bad_steps_in_row = self.bad_steps_in_row + 1 if step_bad else 0
         count = max(num_updates + skipped, 1)
         metrics = {k: v / count for k, v in totals.items()}
-        metrics["actor/lr"] = self.scheduler.get_last_lr()[0]
+        metrics["actor/lr"] = sum(lrs) / len(lrs) if lrs else self.optimizer.param_groups[0]["lr"]  # as used
         metrics["actor/skipped_updates"] = float(skipped)
         metrics["actor/num_updates"] = float(num_updates)
         return metrics
@@ -430,6 +438,8 @@ class Rollouts:
 def _group_stats(everyone: list[dict], n: int, reward_cfg) -> dict[str, float]:
     """advantage/all_correct_ratio, all_wrong_ratio (from the accuracy part when the reward has one:
     a group of well formatted wrong answers is all wrong) and zero_variance_ratio (the score)."""
+    if n == 1:  # a group of one is trivially "all equal": nothing to report
+        return {}
     rewards = torch.tensor([row["reward"] for row in everyone], dtype=torch.float32)
     stats = group_stats(rewards, n, reward_cfg.reward_max_val, reward_cfg.reward_min_val)
     if everyone and all("accuracy" in row["parts"] for row in everyone):

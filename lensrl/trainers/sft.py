@@ -124,6 +124,7 @@ class SFTTrainer:
             total_loss += loss.item()
         total_loss = dist.all_reduce_sum(torch.tensor(total_loss, device=self.device)).item()
         grad_norm = float(clip_grad_norm(self.policy.parameters(), self.cfg.optim.grad_clip))
+        lr = self.optimizer.param_groups[0]["lr"]  # what this step's update uses (logged as used)
         if math.isfinite(grad_norm) and math.isfinite(total_loss):
             self.optimizer.step()
             self.bad_steps_in_row = 0
@@ -134,7 +135,7 @@ class SFTTrainer:
         elapsed = time.time() - start
         tokens = dist.all_reduce_sum(torch.tensor(float(sum(s.num_tokens for s in seqs)))).item()
         return {
-            "train/loss": total_loss, "train/grad_norm": grad_norm, "train/lr": self.scheduler.get_last_lr()[0],
+            "train/loss": total_loss, "train/grad_norm": grad_norm, "train/lr": lr,
             "train/target_tokens": num_tokens, "train/skipped_updates": float(self.bad_steps_in_row > 0),
             "timing_s/step": elapsed, "perf/throughput": tokens / max(elapsed, 1e-9),
             "perf/throughput_per_gpu": tokens / max(elapsed, 1e-9) / dist.world_size(),

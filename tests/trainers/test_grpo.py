@@ -252,7 +252,7 @@ def test_a_resumed_run_follows_its_own_config_and_says_what_changed(tiny_qwen25_
     assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(expected) and expected > 1e-4
     trainer.fit()
     step3 = next(r for r in read_metrics(run) if r["step"] == 3)
-    assert step3["actor/lr"] == pytest.approx(2e-3 * lr_factor(3, 4, cfg.actor.optim))
+    assert step3["actor/lr"] == pytest.approx(expected)  # logged = used
     assert not (run / "checkpoints" / ".tmp_step_9").exists()
     before = load_file(run / "hf" / "model.safetensors")  # written at the end of each fit: step 4 now
     assert any(not torch.equal(before[k], load_file(tiny_qwen25_dir / "model.safetensors")[k]) for k in before)
@@ -303,7 +303,11 @@ def test_dynamic_sampling_refills_the_batch_with_groups_that_have_signal(tiny_qw
         assert r["batch/num_gen_batches"] > 1 and r["advantage/filtered_groups"] > 0
         assert r["actor/num_updates"] == 2  # 4 prompts / mini-batches of 2, both full
     assert batch_sizes == [[8, 8], [8, 8]]  # sequences per mini-batch: 2 groups x n=4, every step
-    assert records[-1]["actor/lr"] == pytest.approx(0.0, abs=1e-12)  # the schedule counted every update
+    from lensrl.train.optim import lr_factor
+
+    used = [lr_factor(k, 4, trainer.cfg.actor.optim) * 1e-3 for k in (2, 3)]  # the last step's two updates
+    assert records[-1]["actor/lr"] == pytest.approx(sum(used) / 2)
+    assert trainer.scheduler.get_last_lr()[0] == pytest.approx(0.0, abs=1e-12)  # the schedule ended on time
 
     short = grpo_overrides(tiny_qwen25_dir, color_data, tmp_path, "dapo_short", "algorithm.filter_zero_variance_groups=true",
                            "trainer.total_steps=1", "actor.mini_batch_size=2", "algorithm.max_num_gen_batches=1",
@@ -430,3 +434,22 @@ def test_the_geometry3k_hub_layout_trains_by_its_id(tiny_qwen25_dir, color_data,
     assert result.returncode == 0, result.stderr[-3000:]
     assert "train: 64 rows" in result.stderr and "test: 16 rows" in result.stderr
     assert "val/accuracy" in read_metrics(tmp_path / "hub")[-1]
+
+
+def test_a_run_folder_keeps_its_history(tiny_qwen25_dir, color_data, tmp_path):
+    """A resume that cannot continue (another batch size) says so in one line; the config that
+    produced the checkpoints is never overwritten, however many resumes follow; a fresh run
+    (resume=never) into a folder with checkpoints is refused."""
+    base = grpo_overrides(tiny_qwen25_dir, color_data, tmp_path, "h", "trainer.save_freq=1", "trainer.total_steps=1")
+    assert run_cli("grpo", *base).returncode == 0
+    run = tmp_path / "h"
+    first = (run / "config.yaml").read_text()
+    wrong = run_cli("grpo", *base, "trainer.rollout_batch_size=8", "actor.mini_batch_size=8", "trainer.total_steps=2")
+    assert wrong.returncode == 2
+    assert wrong.stderr.strip().splitlines()[-1].startswith("error: cannot resume from")
+    assert run_cli("grpo", *base, "trainer.total_steps=2").returncode == 0
+    kept = sorted(p.name for p in run.glob("config.*.yaml"))
+    assert kept == ["config.step_1.1.yaml", "config.step_1.yaml"]
+    assert (run / "config.step_1.yaml").read_text() == first  # the run's own record survives
+    fresh = run_cli("grpo", *base, "trainer.resume=never")
+    assert fresh.returncode == 2 and "holds checkpoints of an earlier run" in fresh.stderr
