@@ -52,8 +52,11 @@ def worker(overrides: list[str]) -> None:
                 out.append(RewardResult(share, {"accuracy": share}, "ok"))
             return out
 
+    from lensrl.train.distributed import shutdown
+
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     LetterShareGRPO(load_config(GRPOConfig, None, overrides)).fit()
+    shutdown()
 
 
 def compare_logits(ckpt: str, converted: str, final_hf: str, device: str) -> dict:

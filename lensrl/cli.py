@@ -97,11 +97,14 @@ def main(argv: list[str] | None = None) -> None:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # lensrl prints its own progress
+    from lensrl.train.distributed import shutdown
+
     try:
         _dispatch(args)
     except (ConfigError, DataError, ConvertError, RewardFunctionError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    shutdown()  # after a run that succeeded (a failing one exits without waiting on its peers)
 
 
 def _dispatch(args: argparse.Namespace) -> None:

@@ -37,6 +37,14 @@ def init_distributed(device: torch.device, timeout_s: float = 600, force: bool =
                             timeout=timeout)
 
 
+def shutdown() -> None:
+    """Leave the process group (when one was joined), so no communicator thread is torn down by
+    interpreter exit: without it a rank can abort at exit ("terminate called without an active
+    exception") after a run that succeeded."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
 

@@ -29,8 +29,11 @@ class LetterShareGRPO(GRPOTrainer):
 
 
 if __name__ == "__main__":
+    from lensrl.train.distributed import shutdown
+
     command, overrides = sys.argv[1], sys.argv[2:]
     if command == "grpo":
         LetterShareGRPO(load_config(GRPOConfig, None, overrides)).fit()
     else:
         SFTTrainer(load_config(SFTConfig, None, overrides)).fit()
+    shutdown()
