@@ -4,8 +4,8 @@ saved at 2 ranks resumed at 1, and that checkpoint converted to a Hugging Face f
     python benchmarks/grpo_ranks.py --out DIR                 # two GPUs: Qwen2.5-VL-3B shape, bf16 compute
     python benchmarks/grpo_ranks.py --out DIR --tiny          # CPU smoke test (gloo, tiny model)
 
-Runs (each `torchrun ... benchmarks/grpo_ranks.py --worker ...`, FSDP2 at every rank count, so the
-rank count is the only difference; the same global batch and `rollout.seed`):
+Runs (each `torchrun ... -m lensrl grpo ...`, FSDP2 at every rank count, so the rank count is the
+only difference; the same global batch and `rollout.seed`):
   one        1 rank (GPU 0)
   one_split  1 rank with another micro-batch split (actor.max_tokens_per_mbs; GPU 1, beside `one`)
   two        2 ranks, a checkpoint every 5 steps
@@ -14,8 +14,8 @@ and then `lensrl convert` of two's last checkpoint, whose logits are compared on
 policy loaded from the same checkpoint the way the trainer resumes it, and whose weights are
 compared with the folder the 2-rank run wrote at its end.
 
-The reward is the share of letters in the completion, which a random-weight model earns in varying
-amounts, so every step has a learning signal. The tolerance of each metric is derived from the
+The reward is configs/rewards/letter_share.py (`reward.function`): the share of letters in the
+completion, which a random-weight model earns in varying amounts, so every step has a signal. The tolerance of each metric is derived from the
 1-rank run against itself with another micro-batch split (the largest difference over the steps,
 at least float tolerance): in bf16 that split changes rounding, later weights and, through them, what is
 sampled, which is as much as 2 ranks may change. Prints the table, writes ranks.json and ranks.png.
@@ -35,28 +35,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 METRICS = ("reward/mean", "actor/pg_loss", "actor/grad_norm", "actor/entropy", "actor/ppo_kl")
-
-
-def worker(overrides: list[str]) -> None:
-    """One training run with the letter-share reward (inside torchrun)."""
-    from lensrl.config import GRPOConfig, load_config
-    from lensrl.rewards.pool import RewardResult
-    from lensrl.trainers.grpo import GRPOTrainer
-
-    class LetterShareGRPO(GRPOTrainer):
-        def score(self, samples, flat):
-            out = []
-            for _, completion in flat:
-                text = completion.text
-                share = sum(ch.isalpha() for ch in text) / max(len(text), 1)
-                out.append(RewardResult(share, {"accuracy": share}, "ok"))
-            return out
-
-    from lensrl.train.distributed import shutdown
-
-    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
-    LetterShareGRPO(load_config(GRPOConfig, None, overrides)).fit()
-    shutdown()
 
 
 def compare_logits(ckpt: str, converted: str, final_hf: str, device: str) -> dict:
@@ -107,7 +85,7 @@ def compare_logits(ckpt: str, converted: str, final_hf: str, device: str) -> dic
 
 def launch(name: str, nproc: int, overrides: list[str], gpus: str | None, out: Path) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-           str(Path(__file__).resolve()), "--worker", *overrides, f"trainer.run_name={name}"]
+           "-m", "lensrl", "grpo", *overrides, f"trainer.run_name={name}"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
            "NVSHMEM_DISABLE_NVLS": "1"}
     if gpus is not None:
@@ -179,6 +157,7 @@ def main() -> None:
         "trainer.val_before_train=false", f"trainer.save_freq={half}", "trainer.save_limit=0",
         "trainer.loggers=[jsonl]", "trainer.fsdp.enable=always", f"trainer.device={device}",
         f"trainer.output_dir={out}", "reward.num_workers=1",
+        f"reward.function={ROOT / 'configs' / 'rewards' / 'letter_share.py'}:letter_share",
     ]
     if args.tiny:
         common += ["rollout.backend=hf", "rollout.batch_size=8", "actor.max_tokens_per_mbs=256"]  # 1 prompt a call
@@ -266,7 +245,4 @@ def report(runs, steps, half, out: Path, logits: dict, rcs: dict, wall: float) -
 
 
 if __name__ == "__main__":
-    if len(sys.argv) > 1 and sys.argv[1] == "--worker":
-        worker(sys.argv[2:])
-    else:
-        main()
+    main()

@@ -24,7 +24,9 @@ from safetensors.torch import load_file
 from lensrl.logging import read_metrics
 
 HERE = Path(__file__).resolve().parent
-RUNNER = HERE / "dist_run_trainer.py"
+LENSRL = ["-m", "lensrl"]  # the command users run, under torchrun or alone
+# a reward a random tiny model earns in varying amounts: every step has a learning signal
+LETTER_SHARE = HERE.parents[1] / "configs" / "rewards" / "letter_share.py"
 COMPARED = ("actor/loss", "actor/pg_loss", "actor/entropy", "actor/grad_norm", "reward/mean",
             "response_length/mean", "train/loss", "train/grad_norm", "train/target_tokens")
 
@@ -32,10 +34,10 @@ COMPARED = ("actor/loss", "actor/pg_loss", "actor/entropy", "actor/grad_norm", "
 def launch(nproc: int, command: str, overrides: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
     """One process (plain python, no FSDP) or `torchrun --standalone` with `nproc` ranks."""
     if nproc == 1:
-        cmd = [sys.executable, str(RUNNER), command, *overrides]
+        cmd = [sys.executable, *LENSRL, command, *overrides]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-               str(RUNNER), command, *overrides]
+               *LENSRL, command, *overrides]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-6000:]
@@ -49,7 +51,8 @@ def grpo_args(model_dir: Path, data: Path, out: Path, name: str, *extra: str) ->
         f"model.path={model_dir}", f"data.train_files=[{data / 'train.parquet'}]", "data.max_prompt_length=64",
         "rollout.backend=hf", "rollout.n=4", "rollout.max_new_tokens=6", "rollout.batch_size=4", "rollout.seed=7",
         "trainer.rollout_batch_size=4", "actor.mini_batch_size=2", "actor.max_tokens_per_mbs=160",
-        "actor.optim.lr=1e-3", "reward.num_workers=1", "trainer.total_steps=3", "trainer.test_freq=0",
+        "actor.optim.lr=1e-3", "reward.num_workers=1", f"reward.function={LETTER_SHARE}:letter_share",
+        "trainer.total_steps=3", "trainer.test_freq=0",
         "trainer.val_before_train=false", "trainer.save_freq=1", "trainer.save_limit=3",
         f"trainer.output_dir={out}", f"trainer.run_name={name}", "trainer.loggers=[jsonl]", *extra,
     ]
@@ -154,8 +157,9 @@ def test_sft_two_ranks_equal_one_rank(tiny_qwen25_dir, mixed_sft_data, tmp_path,
 
 
 def _worker_pids(parent: int) -> dict[int, int]:
-    """{rank: pid} of the torchrun workers below `parent` (read from /proc)."""
-    found = {}
+    """{rank: pid} of the torchrun workers below `parent` (read from /proc); a rank's own children
+    (its reward workers inherit RANK) are not ranks."""
+    candidates: dict[int, tuple[int, int]] = {}  # pid -> (rank, parent pid)
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():
             continue
@@ -168,8 +172,8 @@ def _worker_pids(parent: int) -> dict[int, int]:
         if env.get(b"TORCHELASTIC_RUN_ID") and b"RANK" in env and b"LOCAL_RANK" in env:
             ppid = int(next(line.split()[1] for line in status.splitlines() if line.startswith("PPid:")))
             if ppid == parent or _is_descendant(ppid, parent):
-                found[int(env[b"RANK"])] = int(proc.name)
-    return found
+                candidates[int(proc.name)] = (int(env[b"RANK"]), ppid)
+    return {rank: pid for pid, (rank, ppid) in candidates.items() if ppid not in candidates}
 
 
 def _is_descendant(pid: int, ancestor: int) -> bool:
@@ -201,7 +205,7 @@ def test_a_rank_that_dies_stops_the_job_and_the_run_resumes_from_its_last_checkp
     args = grpo_args(tiny_qwen25_dir, color_data, tmp_path, "dies", "trainer.total_steps=1000",
                      "trainer.save_freq=1", "trainer.save_limit=2", "trainer.dist_timeout_s=30",
                      f"trainer.device={device}")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(RUNNER), "grpo",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", *LENSRL, "grpo",
            *args]
     process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env())
     try:
@@ -234,7 +238,7 @@ def test_a_rank_that_dies_stops_the_job_and_the_run_resumes_from_its_last_checkp
     done = [r["step"] for r in read_metrics(tmp_path / "dies")]
     resume_args = [a for a in args if not a.startswith("trainer.total_steps=")] + [
         f"trainer.total_steps={step + 1}", "trainer.resume=auto"]
-    result = subprocess.run([*cmd[:5], str(RUNNER), "grpo", *resume_args], capture_output=True, text=True,
+    result = subprocess.run([*cmd[:5], *LENSRL, "grpo", *resume_args], capture_output=True, text=True,
                             timeout=240, env=_env())
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     after = [r["step"] for r in read_metrics(tmp_path / "dies")][len(done):]
@@ -262,7 +266,7 @@ def test_two_nodes_train_what_one_node_trains(grpo_runs, tiny_qwen25_dir, color_
     for node in range(2):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
                "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "lensrl_nodes",
-               str(RUNNER), "grpo", *args]
+               *LENSRL, "grpo", *args]
         env = _env(**({"CUDA_VISIBLE_DEVICES": str(node)} if device == "cuda" else {}))
         agents.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env))
     outputs = [agent.communicate(timeout=300)[0] for agent in agents]
