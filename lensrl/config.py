@@ -322,12 +322,20 @@ def check(config: Any, world_size: int | None = None) -> None:
                               f"{rollout.top_p} and {rollout.temperature}")
     if reward is not None:
         if reward.function:
-            from lensrl.rewards.function import RewardFunctionError, load_function
+            from lensrl.rewards.function import RewardFunctionError, check_signature, load_function
 
             try:
-                load_function(reward.function)
+                check_signature(load_function(reward.function), reward.function_kwargs, reward.function)
             except RewardFunctionError as e:
                 raise ConfigError(str(e)) from None
+        elif reward.function_kwargs:
+            raise ConfigError("reward.function_kwargs is set but reward.function is not: the built-in rewards take "
+                              "their settings from reward.* keys")
+        if reward.type == "choice" and not reward.function and isinstance(config, (GRPOConfig, SFTConfig, EvalConfig)) \
+                and not config.data.choice_key:
+            raise ConfigError("reward.type=choice grades option letters: set data.choice_key to the column of "
+                              "choices (e.g. data.choice_key=choices data.prompt_key=question "
+                              "data.answer_key=correct_answer data.image_keys=[image])")
         if reward.num_workers < 0 or not reward.timeout_s > 0:
             raise ConfigError(f"reward.num_workers must be >= 0 (0: score inline) and reward.timeout_s > 0, got "
                               f"{reward.num_workers} and {reward.timeout_s}")

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import json
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -28,7 +29,7 @@ import pyarrow.parquet as pq
 
 from lensrl.config import DataConfig
 from lensrl.data import prompts
-from lensrl.data.sample import DataError, ImageSource, Sample, _decode
+from lensrl.data.sample import DataError, ImageSource, Sample
 from lensrl.data.sources import Source, resolve_sources
 
 # How lensrl writes images: the Hugging Face `datasets` Image feature's storage type.
@@ -175,7 +176,7 @@ def load_dataset(
         rows += file_rows
     dataset = PromptDataset(tables, rows, cfg, split_name, stats)
 
-    if cfg.skip_bad_rows:  # touches every image, so only when asked: a header read, no decoding
+    if cfg.skip_bad_rows:  # decodes every image, so only when asked
         good = []
         for entry in rows:
             if all(_decodes(image) for image in dataset._sample(entry).images):
@@ -271,7 +272,7 @@ def _read_file(source: Source, cfg: DataConfig, table_index: int,
         else:
             choices = None
             prompt = question
-            answer_text = prompts.unwrap_boxed(str(answer))
+            answer_text = prompts.unwrap_boxed(answer if isinstance(answer, str) else json.dumps(answer))
             target = cfg.answer_template.format(answer=answer_text)
         prompt = prompts.append_instruction(prompt, cfg.instruction)
         num_placeholders = prompts.count_placeholders(prompt)
@@ -333,12 +334,12 @@ def _row_images(table: _Table, row: int, image_keys: list[str]) -> list[ImageSou
 
 
 def _decodes(image: ImageSource) -> bool:
-    """A cheap check that an image will decode: read its header and verify, without decoding pixels."""
+    """Whether an image decodes, pixels and all (a header check passes a truncated JPEG). Run only
+    with data.skip_bad_rows, which asks for it."""
     try:
-        with _decode(image.data, image.base_dir) as opened:
-            opened.verify()
+        image.load()
         return True
-    except Exception:  # PIL raises many types for corrupt data
+    except DataError:
         return False
 
 

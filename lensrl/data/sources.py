@@ -164,19 +164,21 @@ def hub_sources(spec: str, split: str) -> list[Source]:
     split = chosen or split
     snapshot = _hub_snapshot(repo_id)
     if snapshot is not None:
-        files = _split_files(snapshot, split)
+        names = [split] if chosen else [split, *(w for w in SPLIT_WORDS.get(split, ()) if w != split)]
+        files = next((found for name in names if (found := _split_files(snapshot, name))), [])
         if not files:
+            present = sorted({p.stem.split("-")[0] for p in snapshot.rglob("*") if p.suffix in EXTENSIONS})
             raise DataError(f"{spec}: the cached download {snapshot} has no files for split '{split}' "
-                            f"(files named like {split}-*.parquet or {split}.jsonl); name the split as ID@split")
-        return [Source(f"{repo_id}@{split} ({f.relative_to(snapshot)})", str(snapshot), _file_source(str(f)).kind,
-                       path=str(f)) for f in files]
+                            f"(files there: {', '.join(present) or 'none'}); name the split as ID@split")
+        return [Source(f"{repo_id}@{split} ({f.relative_to(snapshot)})", str(f.parent), _file_source(str(f)).kind,
+                       path=str(f)) for f in files]  # relative image paths: from their own file's folder
     table = _datasets_cache(repo_id, split)
     if table is not None:
         return [Source(f"{repo_id}@{split}", os.getcwd(), "arrow", table=table)]
     raise DataError(
-        f"{spec}: dataset not found in the local Hugging Face cache and lensrl never downloads. Download it "
-        f"with `hf download --repo-type dataset {repo_id}` (or `datasets.load_dataset('{repo_id}')` once), "
-        "or point data.train_files / val_files at local files"
+        f"{spec}: not a local file or folder (from {os.getcwd()}), and not a dataset id in the local Hugging "
+        f"Face cache (lensrl never downloads). A dataset id: download it with `hf download --repo-type dataset "
+        f"{repo_id}` (or `datasets.load_dataset('{repo_id}')` once); a local path: check it"
     )
 
 

@@ -44,25 +44,40 @@ def extract_choice(text: str, num_choices: int = 5, choices: list[str] | None = 
         letter = _letter_at_start(boxed, letters) or _choice_by_text(boxed, choices, letters)
         if letter:
             return letter
-    stated = re.findall(rf"{_STATEMENT}\s*[:：-]?\s*[(\[]?\**([{letters}])\**[)\]]?(?![\w'])", text)
+    lower = letters.lower()
+    stated = []  # (position, letter) of every statement
+    for m in re.finditer(rf"{_STATEMENT}\s*[:：-]?\s*[(\[]?\**([{letters}{lower}])\**[)\]]?(?![\w'])", text):
+        letter, rest = m.group(1), text[m.end():]
+        if letter.islower() and not re.match(r"\s*(?:[.,;:!)]|$)", rest):
+            continue  # "the answer is a circle": an article
+        named = _choice_by_text(rest, choices, letters, at_start=True) if re.match(r" +[a-z]", rest) else None
+        stated.append((m.start(), named or letter.upper()))  # "the answer is A circle": the choice named
+    verdicts = rf"(?<![\w'])([{letters}])\s+is\s+(?:the\s+)?(?:correct|right|answer|best)\b" \
+               rf"|\bit(?:\s+is|'s)\s+(?:option\s+)?\(?([{letters}])\)?(?![\w'])"  # "C is correct", "it is C."
+    stated += [(m.start(), m.group(1) or m.group(2)) for m in re.finditer(verdicts, text)]
     if stated:
-        return stated[-1]
-    parenthesised = re.findall(rf"\(([{letters}])\)", text)
+        return max(stated)[1]
+    parenthesised = re.findall(rf"\(([{letters}{lower}])\)", text)
     if parenthesised:
-        return parenthesised[-1]
+        return parenthesised[-1].upper()
     for line in text.splitlines():
         match = re.match(rf"\s*(?:\*\*)?\(?([{letters}])(?:\*\*)?(?:[.):](?:\s|$)|\s*$)", line)
         if match:
             return match.group(1)
+    alone = re.fullmatch(rf"\s*\(?([{lower}])\)?\.?\s*", text)  # a response that is only "c" or "c."
+    if alone:
+        return alone.group(1).upper()
     return _choice_by_text(text, choices, letters)
 
 
-def _choice_by_text(text: str, choices: list[str] | None, letters: str) -> str | None:
-    """The letter of the one choice whose full text appears in `text` (None: none or several)."""
+def _choice_by_text(text: str, choices: list[str] | None, letters: str, at_start: bool = False) -> str | None:
+    """The letter of the one choice whose full text appears in `text` (`at_start`: where `text`
+    begins, after spaces); None: none or several."""
     if not choices:
         return None
+    lead = r"^\s*" if at_start else r"(?<!\w)"
     found = [i for i, choice in enumerate(choices[: len(letters)]) if choice.strip() and
-             re.search(rf"(?<!\w){re.escape(choice.strip())}(?!\w)", text, re.IGNORECASE)]
+             re.search(rf"{lead}{re.escape(choice.strip())}(?!\w)", text, re.IGNORECASE)]
     # "red cube" inside "the red cube on the left" beside "red": the longest match is meant
     found = [i for i in found if not any(j != i and choices[i].strip().lower() in choices[j].strip().lower()
                                          for j in found)]

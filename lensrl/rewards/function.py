@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import inspect
 import math
+import numbers
 import sys
 from collections.abc import Callable, Mapping
 from functools import lru_cache
@@ -71,16 +73,31 @@ def load_function(spec: str) -> Callable[..., Any]:
                 raise RewardFunctionError(f"reward.function {spec!r}: importing {path} failed: "
                                           f"{type(e).__name__}: {e}") from e
     else:
+        if "" not in sys.path and str(Path.cwd()) not in sys.path:
+            sys.path.append(str(Path.cwd()))  # as `python -m lensrl` would: a module in the working directory
         try:
             module = importlib.import_module(where)
         except ImportError as e:
-            raise RewardFunctionError(f"reward.function {spec!r}: cannot import module {where!r} ({e})") from e
+            raise RewardFunctionError(f"reward.function {spec!r}: cannot import module {where!r} ({e}; the "
+                                      f"working directory {Path.cwd()} is searched too)") from e
     fn = getattr(module, name, None)
     if not callable(fn):
         found = sorted(k for k, v in vars(module).items() if callable(v) and not k.startswith("_"))
         raise RewardFunctionError(f"reward.function {spec!r}: no function {name!r} in {where} "
                                   f"(functions there: {', '.join(found) or 'none'})")
     return fn
+
+
+def check_signature(fn: Callable[..., Any], kwargs: Mapping[str, Any], spec: str) -> None:
+    """Raise RewardFunctionError when `fn(completion, sample, **kwargs)` cannot be called that way
+    (a wrong signature, a misspelt keyword argument), before any model loads."""
+    try:
+        inspect.signature(fn).bind("completion", {}, **kwargs)
+    except TypeError as e:
+        raise RewardFunctionError(f"reward.function {spec!r} cannot be called as fn(completion, sample"
+                                  f"{''.join(', ' + k + '=...' for k in kwargs)}): {e}") from None
+    except ValueError:  # no signature to read (a builtin): it will tell at the first call
+        pass
 
 
 def reward_sample(sample, assistant_prefix: str = "") -> dict[str, Any]:
@@ -107,9 +124,29 @@ def call_reward(fn: Callable[..., Any], kwargs: Mapping[str, Any], completion: s
         score = result["score"]
     else:
         score, parts = result, {}
-    if isinstance(score, bool) or not isinstance(score, (int, float)) or not math.isfinite(score):
-        raise RewardFunctionError(f"the reward function returned score {score!r}; expected a finite number")
-    bad = {k: v for k, v in parts.items() if isinstance(v, bool) or not isinstance(v, (int, float))}
+    score = _number(score)
+    if score is None:
+        raise RewardFunctionError(f"the reward function returned score {result!r}; expected a finite number")
+    numbers = {str(k): _number(v) for k, v in parts.items()}
+    bad = {k: parts[k] for k, v in numbers.items() if v is None}
     if bad:
-        raise RewardFunctionError(f"the reward function returned non-numeric parts {bad!r}")
-    return float(score), {str(k): float(v) for k, v in parts.items()}
+        raise RewardFunctionError(f"the reward function returned parts that are not finite numbers: {bad!r}")
+    reserved = sorted(set(numbers) & RESERVED_PARTS)
+    if reserved:
+        raise RewardFunctionError(f"the reward function returned parts named {reserved}: those names are lensrl's "
+                                  f"own metrics (reward/{reserved[0]}); rename them")
+    return score, numbers
+
+
+RESERVED_PARTS = {"mean", "std", "errors", "timeouts", "score"}
+
+
+def _number(value: Any) -> float | None:
+    """A finite float from a Python, numpy or 0-d torch number; None for anything else (bools too)."""
+    if isinstance(value, bool) or getattr(value, "dtype", None) is not None and str(value.dtype) == "bool":
+        return None
+    try:
+        number = float(value) if isinstance(value, numbers.Real) or getattr(value, "ndim", 1) == 0 else None
+    except (TypeError, ValueError):
+        return None
+    return number if number is not None and math.isfinite(number) else None

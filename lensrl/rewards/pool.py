@@ -388,7 +388,7 @@ def _score_one(
         score, parts = score_completion(completion, sample, cfg)
     except AnswerRejected as e:
         return "rejected", 0.0, {}, str(e)
-    except Exception:  # a reward bug or a parser's RecursionError/MemoryError: score minimum
+    except (Exception, SystemExit):  # a reward bug, a parser's RecursionError/MemoryError, an exit: minimum
         return "error", 0.0, {}, traceback.format_exc()[-MAX_TRACEBACK_CHARS:]
     return "ok", float(score), {k: float(v) for k, v in parts.items()}, ""
 

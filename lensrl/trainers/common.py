@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from rich.markup import escape
 
 from lensrl.config import ConfigError, DataConfig, ModelConfig, RolloutConfig, save_config, to_dict, to_yaml
 from lensrl.data.datasets import PromptDataset, load_dataset
@@ -176,10 +177,10 @@ def prepare_run_dir(output_dir: str, run_name: str, config) -> Path:
                     break
                 kept = run_dir / f"config.{tag}.{k}.yaml"
             os.replace(previous, kept)
-            console.print(f"[yellow]{run_dir}: config differs from the earlier run's (kept as {kept.name}):[/yellow]",
-                          soft_wrap=True)
+            console.print(f"[yellow]{escape(str(run_dir))}: config differs from the earlier run's (kept as "
+                          f"{escape(kept.name)}):[/yellow]", soft_wrap=True)
             for key, (old, new) in changes.items():
-                console.print(f"  {key}: {old!r} -> {new!r}", soft_wrap=True)
+                console.print(escape(f"  {key}: {old!r} -> {new!r}"), soft_wrap=True)
         save_config(config, run_dir / "config.yaml")
     dist.barrier()
     return run_dir
@@ -210,7 +211,7 @@ def load_split(files: list[str] | None, cfg: DataConfig, split: str, processor) 
     files = [files] if isinstance(files, str) else list(files)
     dataset = load_dataset(files, cfg, split_name=split, length_fn=processor.prompt_length, progress=dist.is_main())
     if dist.is_main():
-        console.print(f"[{split}] {dataset.summary()}")
+        console.print(escape(f"[{split}] {dataset.summary()}"), soft_wrap=True)
     if len(dataset) == 0:
         raise ValueError(f"the {split} data ({', '.join(files)}) has no usable rows: {dataset.summary()}")
     return dataset
@@ -331,7 +332,7 @@ def resume(trainer) -> None:
     if getattr(trainer, "rollout", None) is not None:
         sync_rollout(trainer)  # the backend's own copies (engine, FSDP's full-weight copy) are stale
     if dist.is_main():
-        console.print(f"resumed from {path} at step {trainer.step}")
+        console.print(escape(f"resumed from {path} at step {trainer.step}"), soft_wrap=True)
 
 
 @contextlib.contextmanager

@@ -8,11 +8,12 @@ import time
 from pathlib import Path
 
 import torch
+from rich.markup import escape
 
 from lensrl.config import EvalConfig, load_config
 from lensrl.data.datasets import PromptDataset
 from lensrl.logging import console
-from lensrl.rewards.function import reward_sample
+from lensrl.rewards.function import RewardFunctionError, reward_sample
 from lensrl.rewards.pool import RewardPool
 from lensrl.rollout.base import SamplingParams
 from lensrl.train import distributed as dist
@@ -34,6 +35,7 @@ def evaluate(
     data source) and one record per completion (prompt, image reference, completion, reward).
     Each rank evaluates its own share; metrics cover the whole set.
     """
+    _shown_error: list[str] = []
     count = len(dataset) if max_samples is None else min(max_samples, len(dataset))
     indices = list(range(count))[dist.rank() :: dist.world_size()]
     records: list[dict] = []
@@ -44,6 +46,11 @@ def evaluate(
         flat = [(c, s) for s, group in zip(samples, completions) for c in group]
         results = pool.score_batch([(c.text, reward_sample(s, processor.assistant_prefix)) for c, s in flat])
         for (c, s), r in zip(flat, results):
+            if r.status == "error" and not _shown_error:  # the reward function's first failure, once
+                _shown_error.append(r.detail)
+                console.print(f"[red]the reward function failed on {escape(_where(s))} during {prefix}:[/red]",
+                              soft_wrap=True)
+                console.print(escape(r.detail), soft_wrap=True)
             records.append({
                 "source": s.meta.get("source", ""), "row": s.meta.get("row"), "prompt": s.prompt,
                 "images": [im.origin for im in s.images], "answer": s.answer, "completion": c.text,
@@ -51,7 +58,14 @@ def evaluate(
                 "finish_reason": c.finish_reason, "response_length": len(c.token_ids), "status": r.status,
             })
     records = [r for part in dist.all_gather_objects(records) for r in part]
+    if records and all(r["status"] in ("error", "timeout") for r in records):
+        raise RewardFunctionError(f"the reward function failed on every completion of {prefix} "
+                                  f"({len(records)}){': ' + _shown_error[0] if _shown_error else ''}")
     return summarize(records, params.n, prefix), records
+
+
+def _where(sample) -> str:
+    return f"{sample.meta.get('source', '')} row {sample.meta.get('row')}"
 
 
 def summarize(records: list[dict], n: int, prefix: str) -> dict[str, float]:
@@ -62,6 +76,8 @@ def summarize(records: list[dict], n: int, prefix: str) -> dict[str, float]:
     metrics = {
         f"{prefix}/reward/mean": mean([r["reward"] for r in records]),
         f"{prefix}/response_length/mean": mean([r["response_length"] for r in records]),
+        f"{prefix}/reward/errors": float(sum(r["status"] == "error" for r in records)),
+        f"{prefix}/reward/timeouts": float(sum(r["status"] == "timeout" for r in records)),
     }
     # every named part of the reward: {prefix}/accuracy, {prefix}/format, {prefix}/iou, ...
     parts = sorted({k[len("reward_"):] for r in records for k in r if k.startswith("reward_")})

@@ -12,6 +12,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
+from rich.markup import escape
 
 from lensrl.algorithms.advantages import compute_advantages, group_stats, zero_variance_groups
 from lensrl.algorithms.losses import (
@@ -245,15 +246,18 @@ class GRPOTrainer:
         """Print the reward function's first failure once per run, with its row; stop the run when
         it failed on every completion of a round (every rank sees the same rows)."""
         errors = [row["error"] for row in rows if "error" in row]
-        if errors and not self.reward_error_shown and dist.is_main():
-            where, detail = errors[0]
-            console.print(f"[red]the reward function failed on {where} (scored {self.cfg.reward.reward_min_val}, "
-                          f"counted in reward/errors; shown once):[/red]\n{detail}")
-        self.reward_error_shown = self.reward_error_shown or bool(errors)
-        if rows and len(errors) == len(rows):
-            where, detail = errors[0]
+        failed = [row for row in rows if row["status"] in ("error", "timeout")]
+        if rows and len(failed) == len(rows):  # nothing to learn from: stop, with the reason
+            where, detail = errors[0] if errors else ("every completion", f"each took longer than "
+                                                      f"reward.timeout_s={self.cfg.reward.timeout_s}s")
             raise RewardFunctionError(f"the reward function failed on every completion of step {step} "
                                       f"({len(rows)}); the first, on {where}:\n{detail}")
+        if errors and not self.reward_error_shown and dist.is_main():
+            where, detail = errors[0]
+            console.print(f"[red]the reward function failed on {escape(where)} (scored "
+                          f"{self.cfg.reward.reward_min_val}, counted in reward/errors; shown once):[/red]", soft_wrap=True)
+            console.print(escape(detail), soft_wrap=True)
+        self.reward_error_shown = self.reward_error_shown or bool(errors)
 
     def minibatch_plan(self, num_rows: int) -> list[list[int]]:
         """Global ids 0 .. num_rows - 1 in mini-batches of actor.mini_batch_size groups (the last
@@ -396,7 +400,7 @@ class GRPOTrainer:
             "reward/timeouts": float(sum(r["status"] == "timeout" for r in everyone)),
             "reward/errors": float(sum(r["status"] == "error" for r in everyone)),
         }
-        for part in everyone[0]["parts"] if everyone else []:
+        for part in sorted({part for r in everyone for part in r["parts"]}):  # every part any completion had
             metrics[f"reward/{part}"] = sum(r["parts"].get(part, 0.0) for r in everyone) / len(everyone)
         metrics.update({f"timing_s/{k}": v for k, v in timing.items()})
         if dist.world_size() > 1:  # where ranks wait for each other: the slowest rank's phases

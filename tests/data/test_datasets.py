@@ -399,6 +399,15 @@ def test_a_digit_answer_among_numeric_choices_is_read_as_the_choice_text(tmp_pat
 # ----------------------------------------------------------------------------------------------
 
 
+def test_structured_answers_reach_rewards_as_json(tmp_path):
+    import json as json_lib
+
+    (tmp_path / "rows.jsonl").write_text(json_lib.dumps({"problem": "Where?", "answer": {"box": [1, 2, 3, 4]},
+                                                         "images": []}) + "\n")
+    sample = load_dataset(str(tmp_path / "rows.jsonl"), DataConfig(), "train")[0]
+    assert json_lib.loads(sample.answer) == {"box": [1, 2, 3, 4]}
+
+
 def test_jsonl_and_json_files_with_image_paths(tmp_path):
     import json as json_lib
 
@@ -454,9 +463,11 @@ def test_a_cached_hub_dataset_loads_by_id_and_split_without_the_network(tmp_path
     assert [s.answer for s in load_dataset("someone/geometry3k", DataConfig(), "test")] == ["5", "6"]
     dataset = load_dataset("someone/geometry3k@validation", DataConfig(), "test")
     assert [s.answer for s in dataset] == ["4"] and dataset[0].meta["source"].startswith("someone/geometry3k@validation")
-    with pytest.raises(DataError, match=r"someone/other: dataset not found in the local Hugging Face cache.*"
-                                        r"hf download --repo-type dataset someone/other"):
+    with pytest.raises(DataError, match=r"someone/other: not a local file or folder.*not a dataset id in the local "
+                                        r"Hugging Face cache.*hf download --repo-type dataset someone/other"):
         load_dataset("someone/other", DataConfig(), "train")
+    hub_cache(tmp_path / "hf", "someone/valonly", {"data/validation-00000-of-00001.parquet": geo3k_table(["7"])})
+    assert [s.answer for s in load_dataset("someone/valonly", DataConfig(), "test")] == ["7"]  # test: validation
 
 
 def test_a_dataset_saved_by_the_datasets_library(tmp_path):

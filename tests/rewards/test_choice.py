@@ -97,7 +97,7 @@ LABELLED = [  # (response, the letter it picks or None); choices A-D are CHOICES
     ("Option A is tempting, but the answer is C.", "C"),
     ("(A) looks right at first; the answer is (B).", "B"),
     ("The answer is Apple.", None),  # a word, not a letter
-    ("I'd say B is wrong and D is right.", None),  # letters mentioned, none stated as the answer
+    ("I'd say B is wrong and D is right.", "D"),  # a verdict on D
     ("<think>A is likely. Or I?</think> The answer is B.", "B"),
     ("<think>The answer is A</think> I choose D", "D"),
     ("<think>Hmm.</think>\nC. yellow? no, C is the green sphere", "C"),
@@ -108,6 +108,14 @@ LABELLED = [  # (response, the letter it picks or None); choices A-D are CHOICES
     ("", None),
     ("no letter here", None),
     ("I like CATS and DOGS", None),
+    ("The answer is A green sphere.", "C"),  # "A" is the article: the choice is named
+    ("The answer is c", "C"),
+    ("(b)", "B"),
+    ("d", "D"),
+    ("C is correct.", "C"),
+    ("B is the answer.", "B"),
+    ("I think it is C.", "C"),
+    ("The answer is a blue cylinder.", "B"),
 ]
 
 

@@ -10,7 +10,7 @@ import pytest
 
 from lensrl.config import ConfigError, GRPOConfig, RewardConfig, load_config
 from lensrl.rewards import RewardPool
-from lensrl.rewards.function import load_function
+from lensrl.rewards.function import RewardFunctionError, load_function
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -102,3 +102,37 @@ def test_the_box_iou_recipe_reward():
     half = box("The box is [10, 10, 19, 14].", {"answer": "[10, 10, 19, 19]"})
     assert half["iou"] == pytest.approx(0.5) and half["score"] == pytest.approx(0.9 * 0.5 + 0.1)
     assert box("somewhere", {"answer": "[0, 0, 5, 5]"})["score"] == 0.0
+
+
+def test_numpy_and_torch_numbers_are_scores_and_bad_parts_are_refused():
+    import numpy as np
+    import torch
+
+    from lensrl.rewards.function import call_reward
+
+    for value in (np.float32(0.5), np.int64(1), torch.tensor(0.25), 1):
+        score, _ = call_reward(lambda c, s, v=value: {"score": v, "part": v}, {}, "x", {})
+        assert score == float(value)
+    with pytest.raises(RewardFunctionError, match="not finite numbers"):
+        call_reward(lambda c, s: {"score": 1.0, "x": float("nan")}, {}, "x", {})
+    with pytest.raises(RewardFunctionError, match=r"parts named \['errors', 'mean'\]: those names are lensrl's"):
+        call_reward(lambda c, s: {"score": 1.0, "mean": 0.0, "errors": 0.0}, {}, "x", {})
+
+
+def test_a_function_that_cannot_be_called_so_fails_with_the_config(rewards_file):
+    with pytest.raises(ConfigError, match=r"cannot be called as fn\(completion, sample, bonuss=...\)"):
+        load_config(GRPOConfig, None, ["data.train_files=[t.parquet]", f"reward.function={rewards_file}:length_and_answer",
+                                       "reward.function_kwargs={bonuss: 1}"])
+    with pytest.raises(ConfigError, match="reward.function_kwargs is set but reward.function is not"):
+        load_config(GRPOConfig, None, ["data.train_files=[t.parquet]", "reward.function_kwargs={bonus: 1}"])
+    with pytest.raises(ConfigError, match="reward.type=choice grades option letters: set data.choice_key"):
+        load_config(GRPOConfig, None, ["data.train_files=[t.parquet]", "reward.type=choice"])
+
+
+def test_a_module_in_the_working_directory_loads_however_lensrl_was_started(tmp_path, monkeypatch):
+    import sys
+
+    (tmp_path / "cwd_rewards_mod.py").write_text("def r(completion, sample):\n    return 1.0\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
+    assert load_function("cwd_rewards_mod:r")("x", {}) == 1.0

@@ -453,3 +453,40 @@ def test_a_run_folder_keeps_its_history(tiny_qwen25_dir, color_data, tmp_path):
     assert (run / "config.step_1.yaml").read_text() == first  # the run's own record survives
     fresh = run_cli("grpo", *base, "trainer.resume=never")
     assert fresh.returncode == 2 and "holds checkpoints of an earlier run" in fresh.stderr
+
+
+REWARDS_THAT_MISBEHAVE = '''
+def sometimes(completion, sample):
+    if len(completion) % 2 == 0:  # a message that looks like console markup must print as it is
+        raise ValueError("could not parse [/answer] tag in " + repr(completion[:10]))
+    return {"score": 1.0, "odd": 1.0}
+
+def hangs(completion, sample):
+    while True:
+        pass
+'''
+
+
+def test_a_reward_that_fails_sometimes_or_hangs_always(tiny_qwen25_dir, color_data, tmp_path):
+    """Failures that look like markup print verbatim and the run goes on, logging every part any
+    completion returned; a function that only ever times out stops the run instead of training
+    on nothing; `lensrl eval` counts and shows reward failures too."""
+    rewards = tmp_path / "misbehave.py"
+    rewards.write_text(REWARDS_THAT_MISBEHAVE)
+    result = run_cli("grpo", *grpo_overrides(tiny_qwen25_dir, color_data, tmp_path, "some",
+                                             f"reward.function={rewards}:sometimes", "trainer.total_steps=1",
+                                             "rollout.max_new_tokens=5"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    (record,) = read_metrics(tmp_path / "some")
+    assert 0 < record["reward/errors"] < 16 and "reward/odd" in record
+    assert "could not parse [/answer] tag" in result.stderr
+    hang = run_cli("grpo", *grpo_overrides(tiny_qwen25_dir, color_data, tmp_path, "hang", "reward.timeout_s=0.3",
+                                           f"reward.function={rewards}:hangs"))
+    assert hang.returncode == 2 and "failed on every completion of step 1" in hang.stderr
+    assert "reward.timeout_s=0.3" in hang.stderr
+    ev = run_cli("eval", "--model", str(tiny_qwen25_dir), "--data", str(color_data), "data.val_size=6",
+                 f"reward.function={rewards}:sometimes", "data.max_prompt_length=64", "rollout.max_new_tokens=5",
+                 f"output_dir={tmp_path}", "run_name=ev")
+    assert ev.returncode == 0, ev.stderr[-2000:]
+    metrics = json.loads((tmp_path / "ev" / "eval_metrics.json").read_text())
+    assert metrics["eval/reward/errors"] >= 1 or metrics["eval/reward/mean"] == 1.0
