@@ -108,3 +108,14 @@ class Sample:
 
     def load_images(self) -> list[Image.Image]:
         return [image.load() for image in self.images]
+
+    def where(self) -> str:
+        """'train.parquet row 17 (id q17)'-style location of this sample, from whatever its meta holds."""
+        meta = self.meta or {}
+        source = next((meta[k] for k in ("file", "source", "path", "split") if meta.get(k) is not None), None)
+        row = next((meta[k] for k in ("row", "index", "row_index", "idx") if meta.get(k) is not None), None)
+        parts = [str(source) if source is not None else None, f"row {row}" if row is not None else None]
+        if meta.get("id") is not None:
+            parts.append(f"(id {meta['id']})")
+        text = " ".join(p for p in parts if p)
+        return text or ", ".join(f"{k}={v!r}" for k, v in meta.items()) or "sample (no meta)"

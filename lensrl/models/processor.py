@@ -289,7 +289,7 @@ class Processor:
         """
         prompt_ids = self._prompt_ids(sample)
         if add_target and sample.target is None:
-            raise DataError(f"{_where(sample)}: no target text for SFT (sample.target is None)")
+            raise DataError(f"{sample.where()}: no target text for SFT (sample.target is None)")
         images = sample.load_images()
         pixel_values, image_grid_thw = None, None
         if images:
@@ -363,7 +363,7 @@ class Processor:
             content = [{"type": "image"}] * num_images + [{"type": "text", "text": sample.prompt}]
         elif num_placeholders != num_images:
             raise DataError(
-                f"{_where(sample)}: the prompt has {num_placeholders} {IMAGE_PLACEHOLDER} "
+                f"{sample.where()}: the prompt has {num_placeholders} {IMAGE_PLACEHOLDER} "
                 f"placeholder(s) but the row has {num_images} image(s); each image needs one "
                 "placeholder, or none at all (images then go before the text)"
             )
@@ -391,7 +391,7 @@ class Processor:
         num_pads = ids.count(self.image_token_id)
         if num_pads != len(sample.images):
             raise DataError(
-                f"{_where(sample)}: the templated prompt has {num_pads} image tokens for "
+                f"{sample.where()}: the templated prompt has {num_pads} image tokens for "
                 f"{len(sample.images)} image(s); does the prompt text contain a literal <|image_pad|>?"
             )
         return ids
@@ -484,20 +484,6 @@ def _turned(image) -> bool:
         return False
 
 
-def _where(sample: Sample) -> str:
-    """'train.parquet row 17'-style location of a sample, from whatever its meta holds."""
-    meta = sample.meta or {}
-    source = next((meta[k] for k in ("file", "source", "path", "split") if meta.get(k) is not None), None)
-    row = next((meta[k] for k in ("row", "index", "row_index", "idx") if meta.get(k) is not None), None)
-    parts = [str(source) if source is not None else None, f"row {row}" if row is not None else None]
-    if meta.get("id") is not None:
-        parts.append(f"(id {meta['id']})")
-    text = " ".join(p for p in parts if p)
-    if not text:
-        text = ", ".join(f"{k}={v!r}" for k, v in meta.items()) or "sample (no meta)"
-    return text
-
-
 def _image_origin(sample: Sample, index: int) -> str:
     origin = sample.images[index].origin if index < len(sample.images) else ""
-    return origin or f"{_where(sample)} image {index}"
+    return origin or f"{sample.where()} image {index}"

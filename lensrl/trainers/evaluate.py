@@ -48,7 +48,7 @@ def evaluate(
         for (c, s), r in zip(flat, results):
             if r.status == "error" and not _shown_error:  # the reward function's first failure, once
                 _shown_error.append(r.detail)
-                console.print(f"[red]the reward function failed on {escape(_where(s))} during {prefix}:[/red]",
+                console.print(f"[red]the reward function failed on {escape(s.where())} during {prefix}:[/red]",
                               soft_wrap=True)
                 console.print(escape(r.detail), soft_wrap=True)
             records.append({
@@ -62,10 +62,6 @@ def evaluate(
         raise RewardFunctionError(f"the reward function failed on every completion of {prefix} "
                                   f"({len(records)}){': ' + _shown_error[0] if _shown_error else ''}")
     return summarize(records, params.n, prefix), records
-
-
-def _where(sample) -> str:
-    return f"{sample.meta.get('source', '')} row {sample.meta.get('row')}"
 
 
 def summarize(records: list[dict], n: int, prefix: str) -> dict[str, float]:

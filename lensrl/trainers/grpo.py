@@ -218,7 +218,7 @@ class GRPOTrainer:
                        "parts": r.parts, "status": r.status, "length": len(c.token_ids),
                        "truncated": c.finish_reason == "length", "prompt_length": int(prompts[i].input_ids.shape[0])}
                 if r.status == "error":  # what the reward function raised, and where
-                    row["error"] = (f"{samples[i].meta.get('source', '')} row {samples[i].meta.get('row')}", r.detail)
+                    row["error"] = (samples[i].where(), r.detail)
                 local.append((row["gid"], prompts[i], c, row))
             with _timer(timing, "adv"):
                 rows = sorted((row for part in dist.all_gather_objects([x[3] for x in local]) for row in part),
