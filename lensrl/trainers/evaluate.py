@@ -35,7 +35,6 @@ def evaluate(
     data source) and one record per completion (prompt, image reference, completion, reward).
     Each rank evaluates its own share; metrics cover the whole set.
     """
-    _shown_error: list[str] = []
     count = len(dataset) if max_samples is None else min(max_samples, len(dataset))
     indices = list(range(count))[dist.rank() :: dist.world_size()]
     records: list[dict] = []
@@ -46,22 +45,36 @@ def evaluate(
         flat = [(c, s) for s, group in zip(samples, completions) for c in group]
         results = pool.score_batch([(c.text, reward_sample(s, processor.assistant_prefix)) for c, s in flat])
         for (c, s), r in zip(flat, results):
-            if r.status == "error" and not _shown_error:  # the reward function's first failure, once
-                _shown_error.append(r.detail)
-                console.print(f"[red]the reward function failed on {escape(s.where())} during {prefix}:[/red]",
-                              soft_wrap=True)
-                console.print(escape(r.detail), soft_wrap=True)
             records.append({
                 "source": s.meta.get("source", ""), "row": s.meta.get("row"), "prompt": s.prompt,
                 "images": [im.origin for im in s.images], "answer": s.answer, "completion": c.text,
                 "reward": r.score, **{f"reward_{k}": v for k, v in r.parts.items()},
                 "finish_reason": c.finish_reason, "response_length": len(c.token_ids), "status": r.status,
+                **({"error": (s.where(), r.detail)} if r.status == "error" else {}),
             })
     records = [r for part in dist.all_gather_objects(records) for r in part]
-    if records and all(r["status"] in ("error", "timeout") for r in records):
-        raise RewardFunctionError(f"the reward function failed on every completion of {prefix} "
-                                  f"({len(records)}){': ' + _shown_error[0] if _shown_error else ''}")
+    report_reward_failures(records, prefix, pool.cfg.timeout_s)
     return summarize(records, params.n, prefix), records
+
+
+def report_reward_failures(rows: list[dict], what: str, timeout_s: float, shown: bool = False) -> bool:
+    """rows: one per completion (every rank's), with "status" and, for an error, "error":
+    (where, traceback). Raises RewardFunctionError when every completion failed or timed out
+    (nothing to learn or measure from); otherwise the main rank prints the first error unless one
+    was `shown` already. Returns whether an error has been shown now."""
+    errors = [row["error"] for row in rows if "error" in row]
+    if rows and all(row["status"] in ("error", "timeout") for row in rows):
+        where, detail = errors[0] if errors else ("every completion", f"each took longer than "
+                                                  f"reward.timeout_s={timeout_s}s")
+        raise RewardFunctionError(f"the reward function failed on every completion of {what} ({len(rows)}); "
+                                  f"the first, on {where}:\n{detail}")
+    if errors and not shown and dist.is_main():
+        where, detail = errors[0]
+        console.print(f"[red]the reward function failed on {escape(where)} during {escape(what)} (scored "
+                      "reward.reward_min_val, counted in reward/errors; the first failure, shown once):[/red]",
+                      soft_wrap=True)
+        console.print(escape(detail), soft_wrap=True)
+    return shown or bool(errors)
 
 
 def summarize(records: list[dict], n: int, prefix: str) -> dict[str, float]:

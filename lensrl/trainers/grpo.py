@@ -12,7 +12,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
-from rich.markup import escape
 
 from lensrl.algorithms.advantages import compute_advantages, group_stats, zero_variance_groups
 from lensrl.algorithms.losses import (
@@ -25,7 +24,7 @@ from lensrl.algorithms.losses import (
 from lensrl.config import GRPOConfig, check
 from lensrl.data.datasets import BatchSampler
 from lensrl.logging import console
-from lensrl.rewards.function import RewardFunctionError, reward_sample
+from lensrl.rewards.function import reward_sample
 from lensrl.rewards.pool import RewardPool
 from lensrl.rollout.base import SamplingParams
 from lensrl.train import distributed as dist
@@ -52,6 +51,7 @@ from lensrl.trainers.common import (
     sync_rollout,
     validate,
 )
+from lensrl.trainers.evaluate import report_reward_failures
 
 H100_BF16_FLOPS = 989e12  # dense bf16 peak used for perf/mfu
 
@@ -224,7 +224,8 @@ class GRPOTrainer:
                 rows = sorted((row for part in dist.all_gather_objects([x[3] for x in local]) for row in part),
                               key=lambda row: row["gid"])
             generated += rows
-            self.check_reward_errors(rows, step)
+            self.reward_error_shown = report_reward_failures(rows, f"step {step}", cfg.reward.timeout_s,
+                                                             self.reward_error_shown)
             no_signal = zero_variance_groups(torch.tensor([row["reward"] for row in rows]), n).tolist()
             keep = {rows[g * n]["gid"] // n for g, flat_group in enumerate(no_signal) if not (filtering and flat_group)}
             num_filtered += len(no_signal) - len(keep)
@@ -241,23 +242,6 @@ class GRPOTrainer:
         local = [(renumber(g), prompt, c, {**row, "gid": renumber(g)}) for g, prompt, c, row in kept_local
                  if g // n in chosen]
         return Rollouts(local, everyone, generated, num_rounds, num_filtered, first)
-
-    def check_reward_errors(self, rows: list[dict], step: int) -> None:
-        """Print the reward function's first failure once per run, with its row; stop the run when
-        it failed on every completion of a round (every rank sees the same rows)."""
-        errors = [row["error"] for row in rows if "error" in row]
-        failed = [row for row in rows if row["status"] in ("error", "timeout")]
-        if rows and len(failed) == len(rows):  # nothing to learn from: stop, with the reason
-            where, detail = errors[0] if errors else ("every completion", f"each took longer than "
-                                                      f"reward.timeout_s={self.cfg.reward.timeout_s}s")
-            raise RewardFunctionError(f"the reward function failed on every completion of step {step} "
-                                      f"({len(rows)}); the first, on {where}:\n{detail}")
-        if errors and not self.reward_error_shown and dist.is_main():
-            where, detail = errors[0]
-            console.print(f"[red]the reward function failed on {escape(where)} (scored "
-                          f"{self.cfg.reward.reward_min_val}, counted in reward/errors; shown once):[/red]", soft_wrap=True)
-            console.print(escape(detail), soft_wrap=True)
-        self.reward_error_shown = self.reward_error_shown or bool(errors)
 
     def minibatch_plan(self, num_rows: int) -> list[list[int]]:
         """Global ids 0 .. num_rows - 1 in mini-batches of actor.mini_batch_size groups (the last
