@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,6 +44,7 @@ class Source:
     kind: str  # "parquet" | "jsonl" | "json" | "arrow"
     path: str | None = None
     table: pa.Table | None = None
+    loader: Callable[[], pa.Table] | None = None  # "arrow": opens the table when first read
 
     def schema(self) -> pa.Schema:
         if self.kind == "parquet":
@@ -59,7 +61,7 @@ class Source:
 
     def _whole(self) -> pa.Table:
         if self.table is None:
-            self.table = _read_json(self.path, self.kind, self.name)
+            self.table = self.loader() if self.loader is not None else _read_json(self.path, self.kind, self.name)
         return self.table
 
 
@@ -118,19 +120,21 @@ def _saved_by_datasets(folder: str) -> bool:
 
 
 def _from_disk(folder: str, split: str) -> Source:
+    """A save_to_disk folder's split, opened when first read (resolving only checks it is there)."""
     try:
         import datasets
     except ImportError:
         raise DataError(f"{folder} was written by the `datasets` library (save_to_disk): pip install datasets "
                         "to read it") from None
-    loaded = datasets.load_from_disk(folder)
-    if isinstance(loaded, datasets.DatasetDict):
+    where = Path(folder)
+    if (where / "dataset_dict.json").is_file():  # a DatasetDict: one sub-folder per split
+        splits = json.loads((where / "dataset_dict.json").read_text()).get("splits", [])
         names = [split] + [w for w in SPLIT_WORDS.get(split, ()) if w != split]
-        chosen = next((n for n in names if n in loaded), None)
+        chosen = next((n for n in names if n in splits), None)
         if chosen is None:
-            raise DataError(f"{folder}: no split '{split}' (splits: {', '.join(loaded)})")
-        loaded, split = loaded[chosen], chosen
-    return Source(f"{folder}@{split}", folder, "arrow", table=loaded.data.table)
+            raise DataError(f"{folder}: no split '{split}' (splits: {', '.join(splits)})")
+        where, split = where / chosen, chosen
+    return Source(f"{folder}@{split}", folder, "arrow", loader=lambda: datasets.load_from_disk(str(where)).data.table)
 
 
 def _file_source(path: str) -> Source:
@@ -172,9 +176,9 @@ def hub_sources(spec: str, split: str) -> list[Source]:
                             f"(files there: {', '.join(present) or 'none'}); name the split as ID@split")
         return [Source(f"{repo_id}@{split} ({f.relative_to(snapshot)})", str(f.parent), _file_source(str(f)).kind,
                        path=str(f)) for f in files]  # relative image paths: from their own file's folder
-    table = _datasets_cache(repo_id, split)
-    if table is not None:
-        return [Source(f"{repo_id}@{split}", os.getcwd(), "arrow", table=table)]
+    loader = _datasets_cache(repo_id, split)
+    if loader is not None:
+        return [Source(f"{repo_id}@{split}", os.getcwd(), "arrow", loader=loader)]
     raise DataError(
         f"{spec}: not a local file or folder (from {os.getcwd()}), and not a dataset id in the local Hugging "
         f"Face cache (lensrl never downloads). A dataset id: download it with `hf download --repo-type dataset "
@@ -211,19 +215,30 @@ def _split_files(snapshot: Path, split: str) -> list[Path]:
     return found
 
 
-def _datasets_cache(repo_id: str, split: str) -> pa.Table | None:
-    """The split from the `datasets` library's own cache, opened offline (None: not cached)."""
+def _datasets_cache(repo_id: str, split: str) -> Callable[[], pa.Table] | None:
+    """A loader of the split from the `datasets` library's own cache, opened offline when first
+    read (None: the dataset is not in that cache)."""
     try:
         import datasets
         import datasets.config
     except ImportError:
         return None
-    offline = datasets.config.HF_HUB_OFFLINE
-    datasets.config.HF_HUB_OFFLINE = True  # never the network, whatever the environment says
-    try:
-        dataset = datasets.load_dataset(repo_id, split=split)
-    except Exception:  # not cached (ConnectionError in offline mode), or no such split
+    # the cache folder as the environment names it now (datasets reads it once, at import)
+    cache = os.environ.get("HF_DATASETS_CACHE") or (os.path.join(os.environ["HF_HOME"], "datasets")
+                                                    if os.environ.get("HF_HOME") else datasets.config.HF_DATASETS_CACHE)
+    if not (Path(cache) / repo_id.replace("/", "___")).is_dir():
         return None
-    finally:
-        datasets.config.HF_HUB_OFFLINE = offline
-    return dataset.data.table  # Arrow: images stay {bytes, path} structs (no decoding)
+
+    def load() -> pa.Table:
+        offline = datasets.config.HF_HUB_OFFLINE
+        datasets.config.HF_HUB_OFFLINE = True  # never the network, whatever the environment says
+        try:
+            dataset = datasets.load_dataset(repo_id, split=split, cache_dir=cache)
+        except Exception as e:  # cached, but not this split (or not readable offline)
+            raise DataError(f"{repo_id}@{split}: cannot open it from the datasets cache {cache} offline "
+                            f"({type(e).__name__}: {str(e)[:200]})") from None
+        finally:
+            datasets.config.HF_HUB_OFFLINE = offline
+        return dataset.data.table  # Arrow: images stay {bytes, path} structs (no decoding)
+
+    return load
