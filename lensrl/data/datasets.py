@@ -296,13 +296,9 @@ def _scanning(rows: list, description: str, show: bool):
         return rows
     from rich.progress import track
 
-    return track(rows, description=description, transient=True, console=_console())
-
-
-def _console():
     from lensrl.logging import console
 
-    return console
+    return track(rows, description=description, transient=True, console=console)
 
 
 def _holds_binary(type_: pa.DataType) -> bool:
