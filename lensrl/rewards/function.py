@@ -10,9 +10,10 @@ memory cap):
     fn(completion: str, sample: dict, **function_kwargs) -> float | {"score": float, <part>: float, ...}
 
 `sample` holds the row's ground truth and context as plain values: `answer`, `choices` (or None),
-`prompt`, `data_source` (the file), `row`, `id`, `assistant_prefix` (what the chat template already
-wrote of the answer: "<think>\\n" for thinking templates), and every other non-image column of the row by
-its own name (a column named like one of those keys is shadowed by it). Named parts are logged as `reward/<part>` (and `val/<part>` in validation). Without
+`prompt`, `data_source` (the file), `row`, `id`, `assistant_prefix` (what the chat template
+already wrote of the answer: "<think>\\n" for thinking templates), and every other non-image
+column of the row by its own name (a column named like one of those keys is shadowed by it).
+Named parts are logged as `reward/<part>` (and `val/<part>` in validation). Without
 `reward.function`, `reward.type` picks a built-in: `math` (`lensrl.rewards.math:math_reward`) or
 `choice` (`lensrl.rewards.choice:choice_reward`), called the same way with `cfg=` the reward config.
 """
