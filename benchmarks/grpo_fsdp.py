@@ -15,6 +15,7 @@ logprob / update / weight sync), tokens/s per GPU and MFU.
 Cases (--cases):
   3b        Qwen2.5-VL-3B shape, fp32 master weights, bf16 compute (FSDP mixed precision)
   3b-gc     the same with gradient checkpointing
+  3b-gc-step  3b-gc with trainer.fsdp.reduce_grads=per_step and reshard_after_forward=false
   7b-fp32   Qwen2.5-VL-7B shape, fp32 master weights, gradient checkpointing (does it fit?)
   7b-offload  fp32 master weights with parameters, gradients and AdamW state in host memory
 """
@@ -43,6 +44,9 @@ COMMON = [
 CASES = {
     "3b": ["model.path=qwen2_5_vl_3b"],
     "3b-gc": ["model.path=qwen2_5_vl_3b", "model.gradient_checkpointing=true"],
+    # each FSDP unit gathered and its gradients reduced once per optimizer step, not per micro-batch
+    "3b-gc-step": ["model.path=qwen2_5_vl_3b", "model.gradient_checkpointing=true", "trainer.fsdp.reduce_grads=per_step",
+                   "trainer.fsdp.reshard_after_forward=false"],
     "7b-fp32": ["model.path=qwen2_5_vl_7b", "model.gradient_checkpointing=true"],
     "7b-offload": ["model.path=qwen2_5_vl_7b", "model.gradient_checkpointing=true", "trainer.fsdp.offload_params=true"],
     "tiny": ["rollout.backend=hf", "rollout.max_new_tokens=16"],

@@ -158,6 +158,10 @@ class FSDPConfig:
     enable: Literal["auto", "always", "never"] = "auto"  # auto: shard when launched on more than one rank
     param_dtype: Literal["bfloat16", "float32"] = "bfloat16"  # all-gather/compute dtype on GPU (fp32 on CPU)
     reshard_after_forward: bool = True  # False: keep gathered weights from forward to backward (faster, more memory)
+    # per_micro_batch: reduce-scatter gradients after every micro-batch's backward (least memory);
+    # per_step: accumulate them unsharded (fp32, full size on every rank) and reduce once per
+    # optimizer step; with reshard_after_forward=false the weights are also gathered once per step
+    reduce_grads: Literal["per_micro_batch", "per_step"] = "per_micro_batch"
     offload_params: bool = False  # CPUOffloadPolicy: parameters, gradients and optimizer state in host memory
 
 
@@ -180,6 +184,7 @@ class TrainerConfig:
     num_logged_samples: int = 4  # samples written to samples/ per step
     max_bad_steps: int = 3  # consecutive NaN/inf steps before the run stops
     fsdp: FSDPConfig = field(default_factory=FSDPConfig)
+    cpu_threads: int = 0  # torch CPU threads per rank; 0: this machine's cores shared among its ranks
     dist_timeout_s: float = 600.0  # a collective that waits longer (a rank died or hung) fails the run
     profile_steps: list[int] = field(default_factory=list)  # torch.profiler traces of these steps -> runs/<name>/profile/
 

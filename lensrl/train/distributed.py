@@ -37,6 +37,23 @@ def init_distributed(device: torch.device, timeout_s: float = 600, force: bool =
                             timeout=timeout)
 
 
+def set_cpu_threads(threads: int = 0) -> int:
+    """Set torch's CPU threads for this rank and return the count. `threads` > 0 is used as given.
+    0 (auto): when torchrun started several ranks on this machine with OMP_NUM_THREADS=1, which it
+    sets itself when the user has not, the machine's cores (those this process may run on) are
+    shared evenly among them (LOCAL_WORLD_SIZE), at least 1 each; otherwise torch's choice is kept.
+    torchrun's 1 made every CPU part of a step (image preprocessing, packing, reward bookkeeping)
+    single-threaded at 2 ranks but not at 1. To keep 1 thread per rank, pass 1."""
+    if threads <= 0:
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        if local <= 1 or os.environ.get("OMP_NUM_THREADS", "1") != "1":
+            return torch.get_num_threads()
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        threads = max(1, cores // local)
+    torch.set_num_threads(threads)
+    return threads
+
+
 def shutdown() -> None:
     """Leave the process group (when one was joined), so no communicator thread is torn down by
     interpreter exit: without it a rank can abort at exit ("terminate called without an active

@@ -76,6 +76,23 @@ def shard_model(model: torch.nn.Module, cfg, device: torch.device, train: bool =
                 module.set_force_sum_reduction_for_comms(True)  # a plain SUM (gloo has no PREMUL_SUM)
 
 
+def prepare_micro_batch(model: torch.nn.Module, cfg, last: bool) -> None:
+    """Call before each micro-batch's forward; `last`: the mini-batch's last micro-batch, whose
+    backward ends the gradient accumulation (every rank has the same count, so all agree).
+
+    With `cfg.reduce_grads == "per_step"` gradients stay unsharded on each rank until the last
+    micro-batch, which reduce-scatters their sum once (FSDP2 `set_requires_gradient_sync`, the
+    `no_sync` of DDP); with `reshard_after_forward=false` too, the gathered weights also stay until
+    then (`set_reshard_after_backward`), so each unit is all-gathered once per optimizer step rather
+    than once per micro-batch. The sum is the same; the cost is a full-size fp32 gradient (and bf16
+    weight) copy per rank. Nothing to do when the model is not sharded or reduce_grads is per_micro_batch."""
+    if not is_sharded(model) or cfg.reduce_grads != "per_step":
+        return
+    model.set_requires_gradient_sync(last)
+    if not cfg.reshard_after_forward:
+        model.set_reshard_after_backward(last)
+
+
 def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The whole model's state on CPU, full tensors (a collective; every rank must call it)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict

@@ -69,6 +69,7 @@ def setup_policy(trainer, cfg, with_ref: bool = False) -> None:
     trainer.device = device = dist.resolve_device(t.device)
     sharded = fsdp.fsdp_enabled(t.fsdp)
     dist.init_distributed(device, t.dist_timeout_s, force=sharded)
+    dist.set_cpu_threads(t.cpu_threads)
     seed_everything(t.seed + dist.rank())
     param_dtype, trainer.amp_dtype = model_dtypes(cfg.model, device)
     policy, trainer.processor = load_policy(cfg.model.path, dtype=param_dtype, device=device,

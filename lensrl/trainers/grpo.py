@@ -28,7 +28,7 @@ from lensrl.rewards.function import reward_sample
 from lensrl.rewards.pool import RewardPool
 from lensrl.rollout.base import SamplingParams
 from lensrl.train import distributed as dist
-from lensrl.train.fsdp import forward_with_anchor
+from lensrl.train.fsdp import forward_with_anchor, prepare_micro_batch
 from lensrl.train.optim import build_optimizer, build_scheduler, clip_grad_norm
 from lensrl.train.sequences import Sequence, forward_response_logprobs, make_sequence
 from lensrl.trainers.common import (
@@ -313,7 +313,9 @@ class GRPOTrainer:
                 num_tokens, num_seqs = max(counts[0].item(), 1.0), max(counts[1].item(), 1.0)
                 self.optimizer.zero_grad(set_to_none=True)
                 mb_metrics: dict[str, float] = {}
-                for micro in self.micro_batches(mb, seqs):
+                micros = self.micro_batches(mb, seqs)
+                for i, micro in enumerate(micros):
+                    prepare_micro_batch(self.policy, self.cfg.trainer.fsdp, last=i == len(micros) - 1)
                     loss, micro_metrics = self._micro_loss(seqs, batch, micro, width, num_tokens, num_seqs)
                     loss.backward()
                     for k, v in micro_metrics.items():

@@ -12,7 +12,7 @@ from lensrl.config import SFTConfig, check, load_config
 from lensrl.data.datasets import BatchSampler
 from lensrl.rewards.pool import RewardPool
 from lensrl.train import distributed as dist
-from lensrl.train.fsdp import forward_with_anchor
+from lensrl.train.fsdp import forward_with_anchor, prepare_micro_batch
 from lensrl.train.optim import build_optimizer, build_scheduler, clip_grad_norm
 from lensrl.train.sequences import forward_response_logprobs, sft_sequence
 from lensrl.trainers.common import (
@@ -111,8 +111,10 @@ class SFTTrainer:
         num_tokens = dist.all_reduce_sum(torch.tensor(float(target_mask.sum()), device=self.device)).item()
         self.optimizer.zero_grad(set_to_none=True)
         total_loss = 0.0
-        for micro in micro_batches(list(range(len(seqs))), seqs, t.use_dynamic_bsz, t.max_tokens_per_mbs,
-                                   t.micro_batch_size, same_count_on_all_ranks=self.anchor is not None):
+        micros = micro_batches(list(range(len(seqs))), seqs, t.use_dynamic_bsz, t.max_tokens_per_mbs,
+                               t.micro_batch_size, same_count_on_all_ranks=self.anchor is not None)
+        for i, micro in enumerate(micros):
+            prepare_micro_batch(self.policy, t.fsdp, last=i == len(micros) - 1)
             mask = target_mask[micro].to(self.device)
             with autocast(self.device, self.amp_dtype):
                 logp, _, _ = forward_with_anchor([seqs[i] for i in micro], self.anchor, lambda run: (

@@ -1,5 +1,6 @@
-"""The pure planning helpers behind several ranks: who generates which prompts, who trains which
-sequences. Every rank computes the same plan from the same inputs, so these must be exact."""
+"""The helpers behind several ranks: who generates which prompts, who trains which sequences
+(every rank computes the same plan from the same inputs, so these must be exact), and how many
+CPU threads each rank uses."""
 
 from __future__ import annotations
 
@@ -7,6 +8,9 @@ import random
 
 import pytest
 
+import torch
+
+from lensrl.train import distributed as dist
 from lensrl.train.distributed import balanced_assignment, share
 
 
@@ -81,3 +85,24 @@ def test_per_token_means_over_ranks_weigh_each_rank_by_its_tokens():
     for p in procs:
         p.join(timeout=60)
     assert results == {0: pytest.approx(2.0), 1: pytest.approx(2.0)}
+
+
+def test_cpu_threads_are_shared_among_the_ranks_torchrun_started(monkeypatch):
+    """torchrun sets OMP_NUM_THREADS=1 for several ranks: auto shares the cores among them instead;
+    a user's own OMP_NUM_THREADS, a single rank and an explicit count are left as given."""
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.setattr(dist.os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+        monkeypatch.setenv("OMP_NUM_THREADS", "1")
+        assert dist.set_cpu_threads(0) == 8 and torch.get_num_threads() == 8
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", "32")
+        assert dist.set_cpu_threads(0) == 1
+        assert dist.set_cpu_threads(3) == 3 and torch.get_num_threads() == 3
+        monkeypatch.setenv("OMP_NUM_THREADS", "5")
+        assert dist.set_cpu_threads(0) == 3  # the user's setting (here torch's current count) stays
+        monkeypatch.setenv("OMP_NUM_THREADS", "1")
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+        assert dist.set_cpu_threads(0) == 3
+    finally:
+        torch.set_num_threads(before)

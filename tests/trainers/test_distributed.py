@@ -108,6 +108,17 @@ def test_fsdp_on_one_rank_with_compiled_blocks_equals_the_plain_model(grpo_runs,
     assert not (out / "fsdp_one" / "checkpoints").exists()  # save_last=false, save_freq=0
 
 
+def test_gradients_reduced_once_per_step_train_what_per_micro_batch_trains(grpo_runs, tiny_qwen25_dir, color_data):
+    """`trainer.fsdp.reduce_grads=per_step` with `reshard_after_forward=false`: at 2 ranks each
+    unit is gathered and its gradients reduced once per optimizer step (2 micro-batches per rank
+    per mini-batch here), and the run equals the 1-rank run that reduces nothing."""
+    out, _ = grpo_runs
+    launch(2, "grpo", grpo_args(tiny_qwen25_dir, color_data, out, "per_step", "trainer.fsdp.reduce_grads=per_step",
+                                "trainer.fsdp.reshard_after_forward=false", "trainer.save_freq=0"))
+    assert_same_steps(read_metrics(out / "one"), read_metrics(out / "per_step"))
+    assert_same_weights(out / "one" / "hf", out / "per_step" / "hf")
+
+
 @pytest.mark.parametrize("saved, resumed", [("two", 1), ("one", 2)])
 def test_resume_at_another_rank_count_continues_the_run(grpo_runs, tiny_qwen25_dir, color_data, saved, resumed):
     out, _ = grpo_runs
@@ -136,9 +147,13 @@ def mixed_sft_data(color_data, tmp_path_factory) -> Path:
     return out
 
 
-@pytest.mark.parametrize("packed, frozen_vision", [(True, False), (False, True)])
-def test_sft_two_ranks_equal_one_rank(tiny_qwen25_dir, mixed_sft_data, tmp_path, packed, frozen_vision):
-    args = [f"model.freeze_vision_tower={str(frozen_vision).lower()}",f"model.path={tiny_qwen25_dir}", f"data.train_files=[{mixed_sft_data / 'train.parquet'}]",
+@pytest.mark.parametrize("packed, frozen_vision, reduce_grads", [(True, False, "per_micro_batch"),
+                                                                 (False, True, "per_micro_batch"),
+                                                                 (True, False, "per_step")])
+def test_sft_two_ranks_equal_one_rank(tiny_qwen25_dir, mixed_sft_data, tmp_path, packed, frozen_vision, reduce_grads):
+    args = [f"model.freeze_vision_tower={str(frozen_vision).lower()}", f"model.path={tiny_qwen25_dir}",
+            f"data.train_files=[{mixed_sft_data / 'train.parquet'}]", f"trainer.fsdp.reduce_grads={reduce_grads}",
+            f"trainer.fsdp.reshard_after_forward={str(reduce_grads == 'per_micro_batch').lower()}",
             "data.max_prompt_length=160", "trainer.total_steps=2", "trainer.global_batch_size=8",
             "trainer.micro_batch_size=2", f"trainer.use_dynamic_bsz={str(packed).lower()}",
             "trainer.max_tokens_per_mbs=120", "optim.lr=1e-3", "optim.warmup_ratio=0", "trainer.val_before_train=false",
