@@ -38,17 +38,27 @@ def _barrier() -> None:
 
 
 def rng_state() -> dict[str, Any]:
+    """This rank's random streams: Python's, torch's CPU generator and its own GPU's (the current
+    device's only: the other visible GPUs are other ranks', and a resume may see fewer of them)."""
     state = {"python": random.getstate(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore `rng_state()`'s streams; the GPU one onto the current device. Checkpoints written
+    before 2026-11-30 hold a list (every device the rank could see): the entry of the current
+    device is used, else the first. Restoring that whole list failed with `IndexError: tuple index
+    out of range` when a run saved at 2 ranks (each seeing 2 GPUs) resumed on 1 visible GPU."""
     random.setstate(state["python"])
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = state.get("cuda")
+    if cuda is not None and torch.cuda.is_available():
+        if isinstance(cuda, (list, tuple)):
+            device = torch.cuda.current_device()
+            cuda = cuda[device] if device < len(cuda) else cuda[0]
+        torch.cuda.set_rng_state(cuda)
 
 
 def seed_new_rank(state: dict[str, Any], rank: int) -> None:

@@ -8,6 +8,7 @@ uninterrupted run takes. A rank that dies takes the job down within a bounded ti
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -31,14 +32,16 @@ COMPARED = ("actor/loss", "actor/pg_loss", "actor/entropy", "actor/grad_norm", "
             "response_length/mean", "train/loss", "train/grad_norm", "train/target_tokens")
 
 
-def launch(nproc: int, command: str, overrides: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
-    """One process (plain python, no FSDP) or `torchrun --standalone` with `nproc` ranks."""
+def launch(nproc: int, command: str, overrides: list[str], timeout: float = 300,
+           env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """One process (plain python, no FSDP) or `torchrun --standalone` with `nproc` ranks; `env`:
+    more environment variables."""
     if nproc == 1:
         cmd = [sys.executable, *LENSRL, command, *overrides]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
                *LENSRL, command, *overrides]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(env or {})}
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-6000:]
     return result
@@ -129,6 +132,23 @@ def test_resume_at_another_rank_count_continues_the_run(grpo_runs, tiny_qwen25_d
     assert [r["step"] for r in resumed_steps] == [3]
     assert_same_steps(read_metrics(out / saved)[2:], resumed_steps)
     assert_same_weights(out / saved / "hf", out / name / "hf")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+def test_saved_at_two_gpus_resumes_on_one_visible_gpu(tiny_qwen25_dir, color_data, tmp_path):
+    """Each rank of a 2-GPU run sees both GPUs; resumed where only one is visible
+    (CUDA_VISIBLE_DEVICES=0), the checkpoint's random state still loads (it once held every
+    visible device's state, and restoring it failed with IndexError) and the run continues."""
+    args = grpo_args(tiny_qwen25_dir, color_data, tmp_path, "two", "trainer.device=cuda")
+    launch(2, "grpo", args)
+    ckpt = tmp_path / "two" / "checkpoints" / "step_2"
+    resumed = grpo_args(tiny_qwen25_dir, color_data, tmp_path, "one_gpu", "trainer.device=cuda", f"trainer.resume={ckpt}")
+    launch(1, "grpo", resumed, env={"CUDA_VISIBLE_DEVICES": "0"})
+    resumed_steps = read_metrics(tmp_path / "one_gpu")
+    assert [r["step"] for r in resumed_steps] == [3]  # bf16 compute: 1 vs 2 ranks round differently
+    assert all(math.isfinite(resumed_steps[0][k]) for k in ("actor/loss", "actor/grad_norm", "reward/mean"))
+    assert (tmp_path / "one_gpu" / "hf" / "model.safetensors").exists()
 
 
 @pytest.fixture(scope="module")
