@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -57,11 +58,14 @@ class RunLogger:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if "jsonl" in self.loggers:
+            settle_metrics(self.run_dir / "metrics.jsonl", start_step)
             self._jsonl = open(self.run_dir / "metrics.jsonl", "a")
         if "tensorboard" in self.loggers:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._tb = SummaryWriter(log_dir=str(self.run_dir / "tensorboard"))
+            # purge_step: events a crashed run logged after the step this one resumes from are
+            # dropped, so no step is plotted twice (TensorBoard's own mechanism for resumes)
+            self._tb = SummaryWriter(log_dir=str(self.run_dir / "tensorboard"), purge_step=start_step + 1)
         if "wandb" in self.loggers:
             try:
                 import wandb
@@ -77,7 +81,7 @@ class RunLogger:
         self._last = clean
         if self._jsonl is not None:
             record = {"step": step, **{k: (v if math.isfinite(v) else str(v)) for k, v in clean.items()}}
-            self._jsonl.write(json.dumps(record) + "\n")
+            self._jsonl.write(json.dumps(record) + "\n")  # one whole line per write
             self._jsonl.flush()
         if self._tb is not None:
             for key, value in clean.items():
@@ -131,6 +135,39 @@ class RunLogger:
 def _clock(seconds: float) -> str:
     seconds = int(seconds)
     return f"{seconds // 60:02d}:{seconds % 60:02d}" if seconds < 3600 else f"{seconds // 3600}h{seconds % 3600 // 60:02d}"
+
+
+def settle_metrics(path: Path, start_step: int) -> int:
+    """Make `path` (a run's metrics.jsonl) the record of steps 1..`start_step` only, before a run
+    that starts (or resumes) at `start_step` appends to it: records of later steps (logged by a
+    run that crashed before its next checkpoint, which this run will log again) and lines that are
+    not whole JSON records (a crash mid-write) move, in order, to metrics.after_step_N.jsonl beside
+    it, never deleted. Returns the number of lines moved."""
+    if not path.is_file():
+        return 0
+    keep, aside = [], []
+    for line in path.read_text(errors="replace").splitlines(keepends=True):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            whole = line.endswith("\n") and isinstance(record, dict) and isinstance(record.get("step"), int)
+        except ValueError:
+            whole = False
+        (keep if whole and record["step"] <= start_step else aside).append(line)
+    if not aside:
+        return 0
+    with open(path.with_name(f"metrics.after_step_{start_step}.jsonl"), "a") as f:
+        f.writelines(line if line.endswith("\n") else line + "\n" for line in aside)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(keep))
+    os.replace(tmp, path)
+    from rich.markup import escape
+
+    console.print(f"[yellow]{escape(str(path))}: {len(aside)} line(s) after step {start_step} (a run that stopped "
+                  f"before its next checkpoint, or a cut line) moved to metrics.after_step_{start_step}.jsonl"
+                  "[/yellow]", soft_wrap=True)
+    return len(aside)
 
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:

@@ -4,12 +4,18 @@ A checkpoint is `checkpoints/step_N/`:
     model + optimizer   torch.distributed.checkpoint (DCP) shards: any number of ranks can load them
     extra_rank{r}.pt    scheduler, RNG states, trainer state (step, data position), one per rank
     meta.json           step, world size, wall time
-It is written to `checkpoints/.tmp_step_N/` and renamed when complete, so a crash never leaves a
-half-written `step_N`; `latest_checkpoint` only ever sees complete ones.
+    checksums.json      size and CRC-32 of every other file, verified before anything is loaded
+It is written to `checkpoints/.tmp_step_N/`, fsynced, and renamed when complete, so a crash never
+leaves a half-written `step_N`; pruning renames a checkpoint out of the `step_N` pattern before
+deleting it, so a half-deleted one never looks complete either. A write that fails (a full disk)
+removes the partial folder and says how much space the checkpoint needs. `trainer.resume=auto`
+verifies the newest checkpoint and falls back to the newest intact one, saying what was wrong.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 import random
@@ -17,15 +23,23 @@ import re
 import shutil
 import time
 import warnings
+import zlib
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
+CHECKSUMS = "checksums.json"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be written (full disk) or must not be loaded (damaged, incomplete);
+    the message names the file and what is wrong."""
 
 
 def _rank() -> int:
@@ -80,34 +94,189 @@ def save_checkpoint(
     trainer_state: dict[str, Any],
     save_limit: int = 0,
 ) -> Path:
-    """Write `ckpt_root/step_{step}` atomically; keep the newest `save_limit` (0: all)."""
+    """Write `ckpt_root/step_{step}` atomically; keep the newest `save_limit` (0: all).
+
+    Every rank writes its DCP shard and `extra_rank{r}.pt`, records their size and CRC-32, and
+    fsyncs them; rank 0 writes checksums.json and meta.json, fsyncs the folder and renames it into
+    place. Raises CheckpointError (on every rank) when any rank's write failed, after removing the
+    partial folder; a full disk is named as such with the space the checkpoint needs."""
     ckpt_root = Path(ckpt_root)
     final = ckpt_root / f"step_{step}"
     tmp = ckpt_root / f".tmp_step_{step}"
     if _rank() == 0:
-        # a crash mid-save leaves a .tmp_step_*: a full checkpoint's worth of disk, never loadable
-        for stale in ckpt_root.glob(".tmp_step_*") if ckpt_root.is_dir() else []:
+        # a crash mid-save leaves a .tmp_step_* (or mid-prune a .del_step_*): a checkpoint's worth
+        # of disk, never loadable
+        for stale in [*ckpt_root.glob(".tmp_step_*"), *ckpt_root.glob(".del_step_*")] if ckpt_root.is_dir() else []:
             shutil.rmtree(stale, ignore_errors=True)
         tmp.mkdir(parents=True)
     _barrier()
     model_sd, optim_sd = get_state_dict(model, optimizer)
-    with warnings.catch_warnings():  # "assuming the intent is to save in a single process": it is
-        warnings.filterwarnings("ignore", message=".*single process.*")
-        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
-    extra = {"scheduler": scheduler.state_dict(), "rng": rng_state(), "trainer": trainer_state}
-    torch.save(extra, tmp / f"extra_rank{_rank()}.pt")
-    _barrier()
+    error: BaseException | None = None
+    sums: dict[str, dict] = {}
+    try:
+        with warnings.catch_warnings():  # "assuming the intent is to save in a single process": it is
+            warnings.filterwarnings("ignore", message=".*single process.*")
+            dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
+        extra = {"scheduler": scheduler.state_dict(), "rng": rng_state(), "trainer": trainer_state}
+        torch.save(extra, tmp / f"extra_rank{_rank()}.pt")
+        mine = [tmp / f"extra_rank{_rank()}.pt", *sorted(tmp.glob(f"__{_rank()}_*.distcp"))]
+        if _rank() == 0:
+            mine.append(tmp / ".metadata")
+        sums = {f.name: _file_sum(f, sync=True) for f in mine if f.exists()}
+    except (Exception, CheckpointException) as e:  # noqa: BLE001 - every rank must reach the gather below
+        error = e
+    failures = _gather([(_rank(), _describe_write_error(error, tmp, model_sd, optim_sd)) if error else None])
+    all_sums = _gather([sums])
+    failures = [f for f in failures if f]
+    if failures:
+        if _rank() == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        _barrier()
+        rank, message = failures[0]
+        raise CheckpointError(f"checkpoint step_{step} was not written (rank {rank}): {message}; the partial "
+                              f"folder was removed and the previous checkpoints are untouched") from error
     if _rank() == 0:
+        merged = {name: entry for part in all_sums for name, entry in part.items()}
         world = dist.get_world_size() if dist.is_initialized() else 1
-        (tmp / "meta.json").write_text(json.dumps({"step": step, "world_size": world, "time": time.time()}))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        try:
+            _write_synced(tmp / CHECKSUMS, json.dumps(merged, indent=1, sort_keys=True))
+            _write_synced(tmp / "meta.json", json.dumps({"step": step, "world_size": world, "time": time.time()}))
+            _fsync_dir(tmp)
+            if final.exists():
+                _delete(final)
+            os.replace(tmp, final)
+            _fsync_dir(ckpt_root)
+        except OSError as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise CheckpointError(f"checkpoint step_{step} was not written: {_describe_write_error(e, tmp, {}, {})}") from e
         if save_limit > 0:
             for old in list_checkpoints(ckpt_root)[:-save_limit]:
-                shutil.rmtree(old, ignore_errors=True)
+                _delete(old)
     _barrier()
     return final
+
+
+def _gather(item: list) -> list:
+    """Every rank's `item` list concatenated (a collective), or `item` in one process."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return list(item)
+    out: list = [None] * dist.get_world_size()
+    dist.all_gather_object(out, item)
+    return [x for part in out for x in part]
+
+
+def _state_bytes(*states: dict) -> int:
+    """Bytes of the tensors in nested state dicts (this rank's shards)."""
+    total = 0
+    for state in states:
+        for value in state.values():
+            if isinstance(value, dict):
+                total += _state_bytes(value)
+            elif isinstance(value, torch.Tensor):
+                local = value.to_local() if hasattr(value, "to_local") else value
+                total += local.numel() * local.element_size()
+    return total
+
+
+def _describe_write_error(error: BaseException, where: Path, *states: dict) -> str:
+    """What went wrong writing under `where`, in words: a full disk says so, with free and needed space."""
+    if isinstance(error, CheckpointException) and error.failures:  # DCP wraps each rank's own error
+        error = next(iter(error.failures.values()))[0]
+    text = str(error)
+    full = isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT)
+    full = full or "No space left" in text or "unexpected pos" in text or "file write failed" in text
+    if not full:
+        return f"{type(error).__name__}: {text}"
+    try:
+        free = shutil.disk_usage(where.parent if where.parent.exists() else where).free
+    except OSError:
+        free = 0
+    need = _state_bytes(*states)
+    return (f"the disk is full at {where.parent} ({free / 2**30:.2f} GiB free; this rank's part of the checkpoint "
+            f"needs about {need / 2**30:.2f} GiB): free space or set trainer.output_dir elsewhere")
+
+
+def _file_sum(path: Path, sync: bool = False) -> dict[str, int]:
+    """{"size": bytes, "crc32": CRC-32} of a file, read in 16 MiB blocks; `sync` fsyncs it first."""
+    crc = 0
+    with open(path, "rb") as f:
+        if sync:
+            os.fsync(f.fileno())
+        while block := f.read(16 << 20):
+            crc = zlib.crc32(block, crc)
+    return {"size": path.stat().st_size, "crc32": crc}
+
+
+def _write_synced(path: Path, text: str) -> None:
+    with open(path, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    with contextlib.suppress(OSError):  # not every filesystem lets a directory be fsynced
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _delete(path: Path) -> None:
+    """Remove a checkpoint so it never looks complete while half-deleted: rename it out of the
+    `step_N` pattern first (atomic), then delete."""
+    doomed = path.with_name(f".del_{path.name}")
+    shutil.rmtree(doomed, ignore_errors=True)
+    os.replace(path, doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
+
+
+def verify_checkpoint(path: str | Path, files: list[str] | None = None) -> str | None:
+    """What is wrong with checkpoint folder `path`, in one sentence naming the file, or None when
+    it is intact: meta.json, .metadata and extra_rank0.pt present, and every file checksums.json
+    lists present with its recorded size and CRC-32 (`files`: only these of them). A checkpoint
+    written before checksums existed is checked for its files only."""
+    path = Path(path)
+    if not (path / "meta.json").is_file():
+        return f"{path}/meta.json is missing (the checkpoint was never completed)"
+    try:
+        json.loads((path / "meta.json").read_text())
+    except (OSError, ValueError) as e:
+        return f"{path}/meta.json is unreadable ({e})"
+    for needed in (".metadata", "extra_rank0.pt"):
+        if not (path / needed).is_file():
+            return f"{path}/{needed} is missing"
+    if not (path / CHECKSUMS).is_file():
+        return None
+    try:
+        recorded = json.loads((path / CHECKSUMS).read_text())
+    except (OSError, ValueError) as e:
+        return f"{path}/{CHECKSUMS} is unreadable ({e})"
+    for name in files if files is not None else sorted(recorded):
+        entry, file = recorded[name], path / name
+        if not file.is_file():
+            return f"{file} is missing"
+        size = file.stat().st_size
+        if size != entry["size"]:
+            return f"{file} is {size} bytes, {entry['size']} were written (truncated or replaced)"
+        if _file_sum(file)["crc32"] != entry["crc32"]:
+            return f"{file} does not match the checksum written with it (its bytes changed since)"
+    return None
+
+
+def verify_everywhere(path: str | Path) -> str | None:
+    """`verify_checkpoint` with the files shared among the ranks (a collective): the first problem
+    any rank found, the same on every rank."""
+    path = Path(path)
+    names = None
+    if (path / CHECKSUMS).is_file():
+        with contextlib.suppress(OSError, ValueError):
+            names = sorted(json.loads((path / CHECKSUMS).read_text()))
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    mine = None if names is None else names[_rank()::world]
+    problems = [p for p in _gather([verify_checkpoint(path, mine)]) if p]
+    return problems[0] if problems else None
 
 
 def list_checkpoints(ckpt_root: str | Path) -> list[Path]:
@@ -128,13 +297,35 @@ def latest_checkpoint(ckpt_root: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
+def find_resumable(ckpt_root: str | Path) -> tuple[Path | None, list[str]]:
+    """The newest intact checkpoint under `ckpt_root` (verified on every rank, a collective) and
+    one note per newer folder passed over: a damaged or incomplete checkpoint (which file, what is
+    wrong) or a `step_N` without meta.json (never completed). (None, notes) when none is intact."""
+    ckpt_root = Path(ckpt_root)
+    notes = []
+    complete = list_checkpoints(ckpt_root)
+    newest = int(_STEP_DIR.match(complete[-1].name).group(1)) if complete else -1
+    for child in sorted(ckpt_root.iterdir()) if ckpt_root.is_dir() else []:
+        match = _STEP_DIR.match(child.name)
+        if match and child.is_dir() and not (child / "meta.json").is_file() and int(match.group(1)) > newest:
+            notes.append(f"skipped {child}: no meta.json, the checkpoint was never completed")
+    for path in reversed(complete):
+        problem = verify_everywhere(path)
+        if problem is None:
+            return path, notes
+        notes.append(f"skipped {path}: {problem}")
+    return None, notes
+
+
 def load_checkpoint(
     path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any
 ) -> dict[str, Any]:
-    """Restore model, optimizer, scheduler and RNG from `path`; return the trainer state."""
+    """Restore model, optimizer, scheduler and RNG from `path`; return the trainer state. Verifies
+    the checkpoint first (`verify_everywhere`); CheckpointError names the damaged file."""
     path = Path(path)
-    if not (path / "meta.json").is_file():
-        raise FileNotFoundError(f"{path} is not a complete lensrl checkpoint (no meta.json)")
+    problem = verify_everywhere(path)
+    if problem:
+        raise CheckpointError(f"cannot resume from {path}: {problem}")
     model_sd, optim_sd = get_state_dict(model, optimizer)
     state = {"model": model_sd, "optim": optim_sd}
     with warnings.catch_warnings():

@@ -46,7 +46,10 @@ def follow_schedule(scheduler, cfg: OptimConfig, position: int) -> None:
     `position` (optimizer steps the run has taken by this config's count: steps done x updates per
     step). The checkpoint's scheduler and optimizer carry the old run's lr (at the end of a
     finished cosine schedule: 0) and the old count of updates per step, which the next step would
-    otherwise use while the log showed the new schedule's value."""
+    otherwise use while the log showed the new schedule's value. The loaded param groups also
+    carry the old run's betas, eps and weight decay: this config's replace them too."""
+    for group in scheduler.optimizer.param_groups:
+        group.update(betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay)
     scheduler.last_epoch = position
     scheduler.base_lrs = [cfg.lr] * len(scheduler.optimizer.param_groups)
     lrs = [base * fn(scheduler.last_epoch) for base, fn in zip(scheduler.base_lrs, scheduler.lr_lambdas)]

@@ -18,6 +18,7 @@ from lensrl.data.datasets import PromptDataset, load_dataset
 from lensrl.logging import RunLogger, console
 from lensrl.train import distributed as dist
 from lensrl.train.checkpoint import (
+    find_resumable,
     latest_checkpoint,
     list_checkpoints,
     load_checkpoint,
@@ -238,8 +239,11 @@ def auto_backend(device: torch.device) -> str:
 
 @dataclass
 class StopFlag:
-    """Ctrl-C asks the loop to stop after the current step (which then saves a checkpoint); a
-    second Ctrl-C interrupts at once."""
+    """Ctrl-C (SIGINT), SIGTERM (Slurm, Kubernetes and most schedulers before they kill) and
+    SIGUSR1 (Slurm's advance warning, `--signal=USR1@120`) ask the loop to stop after the current
+    step, which then saves a checkpoint; the run says so and exits 0. A second Ctrl-C interrupts at
+    once; a repeated SIGTERM does not (torchrun forwards SIGTERM to ranks that already got the
+    terminal's SIGINT). Under torchrun every rank stops after the same step (`finish_step`)."""
 
     requested: bool = False
 
@@ -248,14 +252,16 @@ class StopFlag:
             return
 
         def handler(signum, frame):
-            if self.requested:
+            if self.requested and signum == signal.SIGINT:
                 raise KeyboardInterrupt
+            if not self.requested:
+                console.print(f"[yellow]{signal.Signals(signum).name}: finishing this step, saving a checkpoint, "
+                              "then exiting (Ctrl-C again to abort now)[/yellow]")
             self.requested = True
-            console.print("[yellow]interrupt: finishing this step, saving a checkpoint, then exiting "
-                          "(Ctrl-C again to abort now)[/yellow]")
 
-        with contextlib.suppress(ValueError):  # not the main thread (e.g. inside a test runner thread)
-            signal.signal(signal.SIGINT, handler)
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
+            with contextlib.suppress(ValueError):  # not the main thread (e.g. inside a test runner thread)
+                signal.signal(sig, handler)
 
 
 def micro_batches(rows: list[int], seqs, use_dynamic_bsz: bool, max_tokens: int, micro_batch_size: int,
@@ -306,8 +312,11 @@ def headline(metrics: dict[str, float]) -> str:
 
 def save(trainer) -> Path:
     """Checkpoint the trainer at its current step (model, optimizer, scheduler, RNG, data position)."""
+    # the optimizer's hyperparameters as trained with, readable without loading the DCP shards
+    groups = [{k: v for k, v in g.items() if k in ("lr", "betas", "eps", "weight_decay")}
+              for g in trainer.optimizer.param_groups]
     state = {"step": trainer.step, "sampler": trainer.sampler.state_dict(),
-             "bad_steps_in_row": trainer.bad_steps_in_row}
+             "bad_steps_in_row": trainer.bad_steps_in_row, "optim_groups": groups}
     return save_checkpoint(trainer.ckpt_dir, trainer.step, trainer.policy, trainer.optimizer, trainer.scheduler,
                            state, trainer.cfg.trainer.save_limit)
 
@@ -317,7 +326,16 @@ def resume(trainer) -> None:
     setting = trainer.cfg.trainer.resume
     if setting == "never":
         return
-    path = latest_checkpoint(trainer.ckpt_dir) if setting == "auto" else Path(setting)
+    if setting == "auto":
+        path, notes = find_resumable(trainer.ckpt_dir)
+        if dist.is_main():
+            for note in notes:
+                console.print(f"[yellow]{escape(note)}[/yellow]", soft_wrap=True)
+            if notes and path is not None:
+                console.print(f"[yellow]falling back to {escape(str(path))}, the newest intact checkpoint[/yellow]",
+                              soft_wrap=True)
+    else:
+        path = Path(setting)
     if path is None:
         return
     state = load_checkpoint(path, trainer.policy, trainer.optimizer, trainer.scheduler)

@@ -280,6 +280,41 @@ def test_a_rank_that_dies_stops_the_job_and_the_run_resumes_from_its_last_checkp
     assert after == [step + 1]
 
 
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="needs /proc")
+@pytest.mark.parametrize("target", ["ranks", "torchrun"])
+def test_sigterm_under_torchrun_saves_on_every_rank(tiny_qwen25_dir, color_data, tmp_path, target):
+    """SIGTERM to every rank (what `scancel` and `srun` do) or to torchrun itself (what a container
+    runtime does to its first process; torchrun forwards it): the ranks finish the same step,
+    save one complete checkpoint of it and exit 0; signalled ranks make the job exit 0."""
+    args = grpo_args(tiny_qwen25_dir, color_data, tmp_path, "run", "trainer.total_steps=1000", "trainer.save_freq=0",
+                     "trainer.save_hf=false", "trainer.device=cpu")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", *LENSRL, "grpo", *args]
+    process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env())
+    try:
+        metrics = tmp_path / "run" / "metrics.jsonl"
+        deadline = time.time() + 240
+        while time.time() < deadline and not (metrics.is_file() and metrics.read_text().strip()):
+            assert process.poll() is None, process.stdout.read()[-3000:]
+            time.sleep(0.1)
+        if target == "torchrun":
+            process.send_signal(signal.SIGTERM)
+        else:
+            for pid in _worker_pids(process.pid).values():
+                os.kill(pid, signal.SIGTERM)
+        output, _ = process.communicate(timeout=60)  # torchrun gives its ranks 30 s before SIGKILL
+    finally:
+        if process.poll() is None:
+            process.kill()
+    from lensrl.train.checkpoint import latest_checkpoint, verify_checkpoint
+
+    last = latest_checkpoint(tmp_path / "run" / "checkpoints")
+    assert last is not None and verify_checkpoint(last) is None, output[-3000:]
+    assert json.loads((last / "meta.json").read_text())["step"] == read_metrics(tmp_path / "run")[-1]["step"]
+    assert "checkpoint saved" in output
+    if target == "ranks":
+        assert process.returncode == 0, output[-3000:]
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_two_nodes_train_what_one_node_trains(grpo_runs, tiny_qwen25_dir, color_data, tmp_path, device):
     """The README's multi-node launch, two torchrun agents with a c10d rendezvous (here both on
