@@ -139,7 +139,7 @@ def call_reward(fn: Callable[..., Any], kwargs: Mapping[str, Any], completion: s
     return score, numbers
 
 
-RESERVED_PARTS = {"mean", "std", "errors", "timeouts", "score"}
+RESERVED_PARTS = {"mean", "std", "errors", "timeouts", "score", "worker_restarts", "grader_timeouts", "worker_deaths"}
 
 
 def _number(value: Any) -> float | None:

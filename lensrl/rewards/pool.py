@@ -10,11 +10,19 @@ nested, control characters) -- it scores `reward_min_val` with all parts 0, and 
     results = pool.score_batch([(completion, sample.answer), ...])  # list[RewardResult]
     pool.last_batch_stats  # {"items": 64, "ok": 63, "timeout": 1, "error": 0, "rejected": 0, ...}
     pool.stats             # the same counts, summed over all batches
+    pool.take_metrics()    # {"reward/worker_restarts": 1.0, "reward/grader_timeouts": 1.0,
+                           #  "reward/worker_deaths": 0.0}: since the last call (per step)
 
 Each item gets at most `timeout_s` of a worker's time; a batch takes its normal work divided over
 the workers plus `timeout_s` for each round of stuck items (one round when they are no more than
-the workers). An answer that timed out against a ground truth is remembered, so the same answer
-again (a GRPO group often repeats itself) scores a timeout at once instead of costing another one.
+the workers). An answer that timed out against a ground truth scores a timeout at once for the
+rest of the same batch (a GRPO group often repeats itself), and is graded afresh in any later
+batch: one hang (a loaded machine, a grader that was slow once) does not mark the answer for the
+rest of the run.
+
+A worker that dies (killed from outside, the out-of-memory killer, a crash in C code) is replaced
+and its item handed to another worker once; the warning says how it died ("killed by signal 9
+(SIGKILL)", "exited with code 1").
 
 Workers start lazily on the first batch and are reused. On Linux they are forked from the trainer
 (milliseconds, and unlike forkserver/spawn a fork never re-runs the user's script); they run only
@@ -40,7 +48,7 @@ import threading
 import time
 import traceback
 import weakref
-from collections import OrderedDict, deque
+from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from multiprocessing.connection import wait
@@ -57,7 +65,7 @@ STATUSES: tuple[Status, ...] = ("ok", "timeout", "error", "rejected")
 STARTUP_TIMEOUT_S = 120.0  # a worker that is not ready by then means something is broken
 MAX_FAILED_STARTS = 3  # workers dying before they are ready, in a row, before we give up
 WORKER_MEMORY_HEADROOM = 4 << 30  # bytes of address space a worker may add to what it started with
-_REMEMBERED_TIMEOUTS = 1024
+EXIT_WAIT_S = 1.0  # how long a worker whose pipe closed gets to exit on its own before it is killed
 
 
 @dataclass
@@ -92,7 +100,8 @@ class RewardPool:
         self.stats: dict[str, int] = _zero_counts()
         self.last_batch_stats: dict[str, int] = _zero_counts()
         self._workers: list[_Worker] = []  # never rebound: the finalizer holds this list
-        self._timed_out: OrderedDict[tuple[str, str], None] = OrderedDict()
+        self._timed_out: set[tuple[str | None, str]] = set()  # this batch's answers that timed out
+        self._taken = _zero_counts()  # self.stats at the last take_metrics()
         self._closed = False
         self._failed_starts = 0  # consecutive workers that died before they were ready
         self._finalizer = weakref.finalize(self, _stop_workers, self._workers)
@@ -129,26 +138,48 @@ class RewardPool:
                 continue
             todo.append(index)
 
-        restarts_before = self.stats["restarts"]
-        if self.cfg.num_workers == 0:
-            for index in todo:
-                results[index] = self._score_inline(items[index], keys[index])
-        elif todo:
-            try:
-                self._score_in_workers(items, todo, keys, results)
-            except BaseException:
-                _stop_workers(self._workers)  # busy workers hold items of this batch: start afresh
-                raise
+        before = {name: self.stats[name] for name in _EVENTS}
+        self._timed_out.clear()  # an answer's timeout holds for this batch only
+        try:
+            if self.cfg.num_workers == 0:
+                for index in todo:
+                    results[index] = self._score_inline(items[index], keys[index])
+            elif todo:
+                try:
+                    self._score_in_workers(items, todo, keys, results)
+                except BaseException:
+                    _stop_workers(self._workers)  # busy workers hold items of this batch: start afresh
+                    raise
+        finally:
+            self._timed_out.clear()
 
         counts = _zero_counts()
         counts["items"] = len(items)
         for result in results:
             counts[result.status] += 1
-        counts["restarts"] = self.stats["restarts"] - restarts_before
+        for name in _EVENTS:
+            counts[name] = self.stats[name] - before[name]
         for name in ("items", *STATUSES):
             self.stats[name] += counts[name]
         self.last_batch_stats = counts
         return results
+
+    def take_metrics(self) -> dict[str, float]:
+        """What happened to the workers since the last call (since the pool was made, the first
+        time), as metrics of this process's pool; the same keys every call:
+
+            reward/worker_restarts  workers replaced, for either reason below (or a failed start)
+            reward/grader_timeouts  gradings stopped for running past reward.timeout_s (in a
+                                    worker: killed and replaced; with num_workers=0: the timer)
+            reward/worker_deaths    workers that died on their own or were killed from outside
+                                    (the out-of-memory killer, `kill -9`), each replaced
+
+        Counts of this process's pool: with several ranks, sum them over ranks. A grader timeout
+        counts grader runs cut off; the items that scored a timeout (`stats["timeout"]`) include
+        repeats of a timed-out answer later in the same batch, which are not run again."""
+        metrics = {key: float(self.stats[name] - self._taken[name]) for name, key in _EVENTS.items()}
+        self._taken = dict(self.stats)
+        return metrics
 
     def close(self) -> None:
         """Stop the workers. The pool cannot be used afterwards."""
@@ -173,15 +204,15 @@ class RewardPool:
         return RewardResult(score, parts, status) if status == "ok" else self._failure(status, detail)
 
     def _remember_timeout(self, key: tuple[str | None, str]) -> None:
-        if key[0] is None:
-            return
-        self._timed_out[key] = None
-        while len(self._timed_out) > _REMEMBERED_TIMEOUTS:
-            self._timed_out.popitem(last=False)
+        """A grading of `key` ran out of time: counted, and its repeats in this batch are not run."""
+        self.stats["grader_timeouts"] += 1
+        if key[0] is not None:
+            self._timed_out.add(key)
 
     def _known_timeout(self, key: tuple[str | None, str]) -> RewardResult | None:
         if key[0] is not None and key in self._timed_out:
-            return self._failure("timeout", "this answer timed out before against the same ground truth")
+            return self._failure("timeout", "this answer timed out earlier in the same batch against the "
+                                            "same ground truth")
         return None
 
     def _score_inline(self, item: tuple[str, Mapping], key: tuple[str | None, str]) -> RewardResult:
@@ -217,7 +248,7 @@ class RewardPool:
                         continue
                     if not worker.send(index, items[index]):  # died while idle
                         pending.appendleft(index)
-                        self._replace(slot)
+                        self._on_death(slot, results, pending, retried)
                         break
                     worker.deadline = time.monotonic() + self.cfg.timeout_s
             busy = [worker for worker in self._workers if worker.item is not None]
@@ -258,23 +289,39 @@ class RewardPool:
     def _on_death(
         self, slot: int, results: list[RewardResult | None], pending: deque[int], retried: set[int]
     ) -> None:
-        """A worker exited on its own: crashed on an item (retried once elsewhere) or while idle."""
+        """A worker exited on its own, or was killed from outside: while starting, on an item
+        (retried once elsewhere) or while idle. Replaced, counted and reported by how it ended."""
         worker = self._workers[slot]
+        worker.process.join(timeout=EXIT_WAIT_S)  # its pipe may close just before it exits: let it
+        code, pid = worker.process.exitcode, worker.process.pid
+        how = describe_exit(code)
+        if code is not None and code < 0:
+            how += " from outside this process (the out-of-memory killer, a job scheduler or a user)"
         worker.stop(kill=True)
+        self.stats["deaths"] += 1
         if not worker.ready:
             self._failed_starts += 1
             if self._failed_starts >= MAX_FAILED_STARTS:
-                raise RuntimeError(
-                    f"reward workers failed to start {self._failed_starts} times in a row (last exit "
-                    f"code {worker.process.exitcode}); run with reward.num_workers=0 to see the error"
-                )
+                advice = ("" if code is not None and code < 0 else  # a signal: no error of its own to show
+                          " (its traceback, if any, is above); run with reward.num_workers=0 to see the error "
+                          "in this process")
+                raise RuntimeError(f"reward workers failed to start {self._failed_starts} times in a row; the "
+                                   f"last (pid {pid}) {how} before it was ready{advice}")
         if worker.item is not None:
             if worker.item in retried:
-                detail = f"reward worker died twice on this item (exit code {worker.process.exitcode})"
-                results[worker.item] = self._failure("error", detail)
+                results[worker.item] = self._failure(
+                    "error", f"the reward worker grading this item died twice; the second (pid {pid}) {how}"
+                )
+                logger.warning("reward worker (pid %d) %s while grading an item, the second death on that "
+                               "item: it scores as an error; a new worker replaces it", pid, how)
             else:
                 retried.add(worker.item)
                 pending.appendleft(worker.item)
+                logger.warning("reward worker (pid %d) %s while grading an item; a new worker replaces it "
+                               "and the item is graded again", pid, how)
+        else:
+            logger.warning("reward worker (pid %d) %s %s; a new worker replaces it", pid, how,
+                           "while idle" if worker.ready else "before it was ready")
         self._replace(slot)
 
     def _replace(self, slot: int) -> None:
@@ -283,8 +330,33 @@ class RewardPool:
         self.stats["restarts"] += 1
 
 
+# Worker events, counted in `stats` as they happen, and the metric each is reported as.
+_EVENTS = {
+    "restarts": "reward/worker_restarts",
+    "grader_timeouts": "reward/grader_timeouts",
+    "deaths": "reward/worker_deaths",
+}
+
+
 def _zero_counts() -> dict[str, int]:
-    return {"items": 0, **dict.fromkeys(STATUSES, 0), "restarts": 0}
+    return {"items": 0, **dict.fromkeys(STATUSES, 0), **dict.fromkeys(_EVENTS, 0)}
+
+
+def describe_exit(exitcode: int | None) -> str:
+    """How a process ended, from its `multiprocessing` exit code, as words that finish "the worker
+    ...": "was killed by signal 9 (SIGKILL)" (negative codes), "exited with code 1", "exited
+    normally" (0), or "closed its connection but had not exited" (None: still running)."""
+    if exitcode is None:
+        return "closed its connection but had not exited"
+    if exitcode < 0:
+        try:
+            name = f" ({signal.Signals(-exitcode).name})"
+        except ValueError:
+            name = ""
+        return f"was killed by signal {-exitcode}{name}"
+    if exitcode == 0:
+        return "exited normally"
+    return f"exited with code {exitcode}"
 
 
 # ----------------------------------------------------------------------------------------------

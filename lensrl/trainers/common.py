@@ -26,6 +26,7 @@ from lensrl.train.checkpoint import (
     save_hf,
 )
 from lensrl.train.optim import follow_schedule
+from lensrl.train.runlock import acquire_run_lock
 from lensrl.train.packing import plan_micro_batches
 from lensrl.train.sequences import Sequence, make_sequence
 
@@ -158,13 +159,14 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
 
 
 def prepare_run_dir(output_dir: str, run_name: str, config) -> Path:
-    """runs/<name>/ with the resolved config.yaml. A folder that already holds a different
+    """runs/<name>/ with the resolved config.yaml, locked for this run (`lensrl.train.runlock`). A folder that already holds a different
     config.yaml (a resumed run with changed settings) keeps it as config.step_N.yaml (N: its newest
     checkpoint) and the changed keys are printed before anything runs; nothing is overwritten
     silently."""
     run_dir = Path(output_dir) / run_name
     if dist.is_main():
         run_dir.mkdir(parents=True, exist_ok=True)
+        acquire_run_lock(run_dir)  # one run per folder: a second is refused, naming the holder
         previous = run_dir / "config.yaml"
         ckpts = list_checkpoints(run_dir / "checkpoints")
         if ckpts and getattr(config.trainer, "resume", "auto") == "never":

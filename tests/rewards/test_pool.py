@@ -1,9 +1,11 @@
 """RewardPool with real worker processes and real math-verify; timeouts of 2 s keep this quick."""
 
 import os
+import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -11,7 +13,8 @@ import pytest
 
 from lensrl.config import RewardConfig
 from lensrl.rewards import RewardPool, RewardResult
-from lensrl.rewards.pool import _Worker
+from lensrl.rewards import pool as pool_module
+from lensrl.rewards.pool import _Worker, describe_exit
 
 TIMEOUT_S = 2.0
 CFG = RewardConfig(num_workers=2, timeout_s=TIMEOUT_S)
@@ -85,13 +88,18 @@ def test_adversarial_batch_is_bounded_and_counted(pool):
     assert all(worker.process.is_alive() for worker in pool._workers)
 
 
-def test_known_timeout_is_not_run_again(pool):
-    pool.score_batch([(HANGS, "35")])
+def test_known_timeout_holds_for_its_batch(pool):
+    pool.take_metrics()
     start = time.monotonic()
     results = pool.score_batch([(HANGS, "35")] * 4 + [(NORMAL[0][0], "3")])
-    assert time.monotonic() - start < 1.0
+    assert time.monotonic() - start < TIMEOUT_S * 2 + 3  # one round of stuck workers, not four
     assert [r.status for r in results] == ["timeout"] * 4 + ["ok"]
     assert pool.last_batch_stats["timeout"] == 4
+    metrics = pool.take_metrics()
+    assert 1 <= metrics["reward/grader_timeouts"] <= 2  # the copies that found a worker free ran
+    assert metrics["reward/worker_restarts"] == metrics["reward/grader_timeouts"]
+    assert metrics["reward/worker_deaths"] == 0
+    assert pool.take_metrics() == dict.fromkeys(metrics, 0.0)  # since the last call
 
 
 def test_more_stuck_items_than_workers(pool):
@@ -109,11 +117,16 @@ def test_bad_items_are_errors(pool):
     assert pool.last_batch_stats["error"] == 3
 
 
-def test_worker_killed_between_batches(pool):
+def test_worker_killed_between_batches(pool, caplog):
+    pool.take_metrics()
     os.kill(pool._workers[0].process.pid, 9)
     pool._workers[0].process.join(5)
     results = pool.score_batch([(c, a) for c, a, _ in NORMAL] * 2)
     assert [r.score for r in results] == pytest.approx([s for _, _, s in NORMAL] * 2)
+    assert "was killed by signal 9 (SIGKILL) from outside this process" in caplog.text
+    assert "while idle" in caplog.text
+    metrics = pool.take_metrics()
+    assert metrics["reward/worker_deaths"] == 1 and metrics["reward/worker_restarts"] == 1
 
 
 def test_worker_killed_before_ready():
@@ -141,6 +154,8 @@ def test_inline_mode_with_timeout():
     assert [r.status for r in results] == ["ok", "timeout", "rejected"]
     assert [r.score for r in results] == [1.0, -1.0, -1.0]
     assert pool.stats["timeout"] == 1
+    assert pool.take_metrics() == {"reward/worker_restarts": 0.0, "reward/grader_timeouts": 1.0,
+                                   "reward/worker_deaths": 0.0}
 
 
 def test_close():
@@ -198,3 +213,121 @@ def test_workers_die_with_a_killed_parent(tmp_path):
     while not all(_dead(pid) for pid in pids) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert all(_dead(pid) for pid in pids)
+
+
+# ----------------------------------------------------------------------------------------------
+# Graders that hang once, workers killed from outside, workers that cannot start
+# ----------------------------------------------------------------------------------------------
+
+GRADERS = """
+import os, time
+from pathlib import Path
+
+
+def hang_once(completion, sample, marker_dir):
+    # Hangs the first time it sees an answer, then grades it at once.
+    marker = Path(marker_dir) / ("seen_" + sample["answer"])
+    if not marker.exists():
+        marker.write_text("")
+        time.sleep(60)
+    return 1.0 if completion == sample["answer"] else 0.0
+
+
+def killed_while_grading(completion, sample, marker_dir, kills):
+    # The first `kills` tries write try_N (this worker's pid) and wait to be killed.
+    tries = len(list(Path(marker_dir).glob("try_*")))
+    if tries < kills:
+        tmp = Path(marker_dir) / "partial"
+        tmp.write_text(str(os.getpid()))
+        tmp.rename(Path(marker_dir) / f"try_{tries}")
+        time.sleep(60)
+    return 1.0
+"""
+
+
+def _grader(tmp_path: Path, name: str, **kwargs) -> RewardConfig:
+    path = tmp_path / "graders.py"
+    path.write_text(GRADERS)
+    markers = tmp_path / "markers"
+    markers.mkdir(exist_ok=True)
+    return RewardConfig(function=f"{path}:{name}", function_kwargs={"marker_dir": str(markers), **kwargs},
+                        num_workers=1, timeout_s=TIMEOUT_S)
+
+
+def test_an_answer_that_hung_once_is_graded_again(tmp_path):
+    with RewardPool(_grader(tmp_path, "hang_once")) as pool:
+        first = pool.score_batch([("7", "7")])
+        assert first[0].status == "timeout"
+        assert pool.take_metrics() == {"reward/worker_restarts": 1.0, "reward/grader_timeouts": 1.0,
+                                       "reward/worker_deaths": 0.0}
+        again = pool.score_batch([("7", "7"), ("8", "7")])  # graded afresh, not a remembered timeout
+        assert [(r.status, r.score) for r in again] == [("ok", 1.0), ("ok", 0.0)]
+        assert pool.take_metrics()["reward/grader_timeouts"] == 0
+
+
+def _kill_tries(markers: Path, kills: int, killed: list[int]) -> None:
+    deadline = time.monotonic() + 30
+    while len(killed) < kills and time.monotonic() < deadline:
+        marker = markers / f"try_{len(killed)}"
+        if marker.exists():
+            killed.append(int(marker.read_text()))
+            os.kill(killed[-1], signal.SIGKILL)
+        time.sleep(0.02)
+
+
+@pytest.mark.parametrize("kills", [1, 2])
+def test_worker_killed_while_grading(tmp_path, caplog, kills):
+    cfg = _grader(tmp_path, "killed_while_grading", kills=kills)
+    cfg.timeout_s = 30.0  # the kill comes first
+    killed: list[int] = []
+    killer = threading.Thread(target=_kill_tries, args=(tmp_path / "markers", kills, killed))
+    with RewardPool(cfg) as pool:
+        killer.start()
+        start = time.monotonic()
+        results = pool.score_batch([("a", "a")])
+        killer.join()
+        assert time.monotonic() - start < 15
+        assert len(killed) == kills
+        metrics = pool.take_metrics()
+    assert metrics == {"reward/worker_restarts": float(kills), "reward/grader_timeouts": 0.0,
+                       "reward/worker_deaths": float(kills)}
+    assert f"reward worker (pid {killed[0]}) was killed by signal 9 (SIGKILL)" in caplog.text
+    assert "num_workers=0" not in caplog.text
+    if kills == 1:  # graded again by the new worker
+        assert (results[0].status, results[0].score) == ("ok", 1.0)
+        assert "the item is graded again" in caplog.text
+    else:  # a second death on the same item: an error that says how the worker died
+        assert results[0].status == "error"
+        assert f"died twice; the second (pid {killed[1]}) was killed by signal 9 (SIGKILL)" in results[0].detail
+        assert "num_workers=0" not in results[0].detail
+
+
+def _killed_at_start(conn, cfg, start_method):
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _broken_at_start(conn, cfg, start_method):
+    sys.stderr = open(os.devnull, "w")  # keep the test's output clean of the expected traceback
+    raise ImportError("no module named 'grader_dependency'")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the fake worker travels by fork")
+def test_workers_that_cannot_start(monkeypatch):
+    monkeypatch.setattr(pool_module, "_worker_main", _killed_at_start)
+    with RewardPool(RewardConfig(num_workers=1, timeout_s=TIMEOUT_S)) as pool:
+        with pytest.raises(RuntimeError, match=r"3 times in a row.*was killed by signal 9 \(SIGKILL\)") as e:
+            pool.score_batch([("\\boxed{1}", "1")])
+        assert "num_workers=0" not in str(e.value)  # killed from outside: no error of its own to show
+
+    monkeypatch.setattr(pool_module, "_worker_main", _broken_at_start)
+    with RewardPool(RewardConfig(num_workers=1, timeout_s=TIMEOUT_S)) as pool:
+        with pytest.raises(RuntimeError, match=r"exited with code 1.*reward.num_workers=0 to see the error"):
+            pool.score_batch([("\\boxed{1}", "1")])
+
+
+def test_describe_exit():
+    assert describe_exit(-9) == "was killed by signal 9 (SIGKILL)"
+    assert describe_exit(-15) == "was killed by signal 15 (SIGTERM)"
+    assert describe_exit(1) == "exited with code 1"
+    assert describe_exit(0) == "exited normally"
+    assert describe_exit(None) == "closed its connection but had not exited"
