@@ -12,7 +12,7 @@ from PIL import Image
 
 from lensrl.config import DataConfig
 from lensrl.data import prompts
-from lensrl.data.datasets import BatchSampler, load_dataset
+from lensrl.data.datasets import BatchSampler, load_dataset, process_rows
 from lensrl.data.sample import DataError, ImageSource
 
 IMAGE_STRUCT = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
@@ -203,6 +203,78 @@ def test_skip_bad_rows_drops_and_counts_undecodable_images(tmp_path):
     assert "1 skipped" in dataset.summary()
 
 
+def truncated_png() -> bytes:
+    """A PNG whose header is intact and whose pixel data stops a third of the way in: the size
+    reads from the header, the pixels do not decode."""
+    import numpy as np
+
+    noise = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(noise).save(buffer, format="PNG")
+    data = buffer.getvalue()
+    start = data.index(b"IDAT")
+    return data[: start + (len(data) - start) // 3]
+
+
+def test_rows_keep_stable_ids_whichever_rows_are_skipped(tmp_path):
+    """Row ids count every row read, file after file; skipping a row does not shift the others."""
+    a = write(tmp_path / "a.parquet", {"problem": ["<image>a", "<image>b", "<image>c"], "answer": ["1", "2", "3"],
+                                       "images": pa.array([[png()], [truncated_png()], [png()]],
+                                                          pa.list_(pa.binary()))})
+    b = write(tmp_path / "b.parquet", {"problem": ["<image>d", "<image>e"], "answer": ["4", "5"],
+                                       "images": pa.array([[png()], [png()]], pa.list_(pa.binary()))})
+    everything = load_dataset([a, b], DataConfig(), "train")
+    assert everything.row_ids.tolist() == [0, 1, 2, 3, 4] and everything.num_ids == 5
+    assert everything.bad_row_ids == set()
+    skipping = load_dataset([a, b], DataConfig(skip_bad_rows=True), "train")
+    assert skipping.row_ids.tolist() == [0, 2, 3, 4] and skipping.num_ids == 5
+    assert [skipping.row_id(i) for i in range(4)] == [0, 2, 3, 4]
+    assert skipping.bad_row_ids == {1}
+    assert BatchSampler.from_dataset(skipping, 2, seed=0).num_skipped == 1
+
+
+def test_a_row_that_fails_in_a_step_is_skipped_counted_and_replaced(tmp_path):
+    """A truncated PNG passes loading (only headers are read) and fails when a step decodes it:
+    without skip_bad_rows the error names the file, the row and what is wrong; with it the row is
+    left out, counted, and the next row of the order takes its place, so the batch stays full.
+    The skipped row stays out after a resume, counted once."""
+    rows = 8
+    images = [[png((i, 0, 0))] for i in range(rows)]
+    images[5] = [truncated_png()]
+    path = write(tmp_path / "t.parquet", {"problem": [f"<image>{i}" for i in range(rows)],
+                                          "answer": [str(i) for i in range(rows)],
+                                          "images": pa.array(images, pa.list_(pa.binary()))})
+    dataset = load_dataset(path, DataConfig(), "train", length_fn=length_fn)
+    assert len(dataset) == rows  # the header is fine
+
+    def load(sample):
+        return [image.size for image in sample.load_images()]
+
+    sampler = BatchSampler(rows, 4, seed=0, shuffle=False)
+    with pytest.raises(DataError, match=rf"{path} row 5 column 'images'\[0\]: cannot decode image .*truncated"
+                                        r".*data.skip_bad_rows=true"):
+        sampler.next_batch()
+        process_rows(dataset, sampler, sampler.next_batch(), range(4), load)
+
+    sampler = BatchSampler(rows, 4, seed=0, shuffle=False)
+    first = sampler.next_batch()
+    assert first == [0, 1, 2, 3]
+    batch = sampler.next_batch()
+    assert batch == [4, 5, 6, 7]
+    samples, sizes = process_rows(dataset, sampler, batch, range(4), load, skip_bad_rows=True)
+    assert [s.meta["row"] for s in samples] == [4, 0, 6, 7]  # row 5's place: the next epoch's first row
+    assert batch == [4, 0, 6, 7] and sizes == [[(8, 6)]] * 4
+    assert sampler.skipped == [5] and sampler.num_skipped == 1
+    assert 5 not in [i for _ in range(4) for i in sampler.next_batch()]  # gone from later epochs
+
+    state = sampler.state_dict()
+    assert state["skipped"] == [5]
+    resumed = BatchSampler(rows, 4, seed=0, shuffle=False, bad_ids={5})  # this run's loader skips it too
+    resumed.load_state_dict(state)
+    assert resumed.num_skipped == 1 and resumed.num_items == rows - 1
+    assert resumed.next_batch() == sampler.next_batch()
+
+
 def test_overlong_prompts_filtered_and_counted(tmp_path):
     path = write(
         tmp_path / "x.parquet",
@@ -346,8 +418,63 @@ def test_sampler_resume_continues_with_the_same_batches():
     resumed = BatchSampler(11, 4, seed=3)
     resumed.load_state_dict(state)
     assert [resumed.next_batch() for _ in range(5)] == expected[4:]
-    with pytest.raises(ValueError, match="num_items"):
+    with pytest.raises(ValueError, match="num_ids=11"):  # other data files: 12 rows read, not 11
         BatchSampler(12, 4, seed=3).load_state_dict(state)
+
+
+def test_sampler_orders_by_row_id_as_earlier_versions_did_when_every_row_is_present():
+    """With no row skipped, the batches are those of the positional sampler lensrl had before
+    (a permutation of 0 .. n-1 seeded by seed + epoch, full batches only)."""
+    import numpy as np
+
+    expected, epoch = [], 0
+    while len(expected) < 9:
+        order = np.random.default_rng(3 + epoch).permutation(11)
+        expected += [order[b * 4 : (b + 1) * 4].tolist() for b in range(2)]
+        epoch += 1
+    sampler = BatchSampler(11, 4, seed=3)
+    assert [sampler.next_batch() for _ in range(9)] == expected[:9]
+
+
+def test_sampler_resumes_at_the_same_place_when_a_row_is_skipped_now():
+    """Saved with 64 rows after one batch; resumed with row 44 skipped (63 rows, ids 0..63 less 44):
+    the rest of the epoch is the saved run's remaining row ids without 44, in the same order, and
+    one line says so. The state of lensrl before row ids (positions) resumes the same way."""
+    saved = BatchSampler(64, 8, seed=1)
+    first = saved.next_batch()
+    state = saved.state_dict()
+    rest = [row for _ in range(7) for row in saved.next_batch()]  # the epoch as the saved run goes on
+    assert 44 in rest and 44 not in first
+    ids = [i for i in range(64) if i != 44]
+    legacy = {key: state[key] for key in ("epoch", "position", "num_items", "batch_size", "seed")}
+    for saved_state in (state, legacy):
+        resumed = BatchSampler(63, 8, seed=1, row_ids=ids, num_ids=64)
+        resumed.load_state_dict(saved_state)
+        assert "1 of the 56 rows left in epoch 0" in resumed.resume_note
+        continued = [ids[i] for _ in range(6) for i in resumed.next_batch()]  # indices -> row ids
+        assert continued == [row for row in rest if row != 44][:48]
+        assert resumed.epoch == 0
+        resumed.next_batch()  # 7 rows were left: too few for a batch, so a new epoch starts
+        assert resumed.epoch == 1 and resumed.position == 1
+
+
+def test_sampler_state_from_before_row_ids_with_rows_skipped_then_continues_exactly():
+    """An older state saved by a run that had rows skipped (its positions are not row ids) resumes
+    exactly when this run has the same rows; a new save in that epoch keeps its order."""
+    import numpy as np
+
+    ids = [0, 1, 2, 4, 5, 7, 8, 9, 10, 11]  # 12 rows read, 3 and 6 skipped: 10 rows
+    order = np.random.default_rng(5).permutation(10)  # what that run drew for epoch 0 (seed 5)
+    legacy = {"epoch": 0, "position": 1, "num_items": 10, "batch_size": 3, "seed": 5}
+    sampler = BatchSampler(10, 3, seed=5, row_ids=ids, num_ids=12)
+    sampler.load_state_dict(legacy)
+    assert sampler.resume_note is None
+    assert sampler.next_batch() == order[3:6].tolist()
+    again = BatchSampler(10, 3, seed=5, row_ids=ids, num_ids=12)
+    again.load_state_dict(sampler.state_dict())
+    assert again.next_batch() == order[6:9].tolist()
+    with pytest.raises(ValueError, match="cannot tell which rows"):  # 11 of 12: which one is gone?
+        BatchSampler(9, 3, seed=5, row_ids=ids[:9], num_ids=12).load_state_dict({**legacy, "num_items": 11})
 
 
 def test_sampler_one_pass_in_order_and_edge_cases():
