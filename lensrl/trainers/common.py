@@ -17,6 +17,7 @@ from lensrl.config import ConfigError, DataConfig, ModelConfig, RolloutConfig, s
 from lensrl.data.datasets import PromptDataset, load_dataset
 from lensrl.logging import RunLogger, console
 from lensrl.train import distributed as dist
+from lensrl.train import heartbeat
 from lensrl.train.checkpoint import (
     find_resumable,
     latest_checkpoint,
@@ -25,9 +26,10 @@ from lensrl.train.checkpoint import (
     save_checkpoint,
     save_hf,
 )
+from lensrl.train.heartbeat import RankHungError
 from lensrl.train.optim import follow_schedule
-from lensrl.train.runlock import acquire_run_lock
 from lensrl.train.packing import plan_micro_batches
+from lensrl.train.runlock import acquire_run_lock
 from lensrl.train.sequences import Sequence, make_sequence
 
 
@@ -187,6 +189,7 @@ def prepare_run_dir(output_dir: str, run_name: str, config) -> Path:
                 console.print(escape(f"  {key}: {old!r} -> {new!r}"), soft_wrap=True)
         save_config(config, run_dir / "config.yaml")
     dist.barrier()
+    heartbeat.start(run_dir, dist.rank())
     return run_dir
 
 
@@ -354,6 +357,22 @@ def resume(trainer) -> None:
         sync_rollout(trainer)  # the backend's own copies (engine, FSDP's full-weight copy) are stale
     if dist.is_main():
         console.print(escape(f"resumed from {path} at step {trainer.step}"), soft_wrap=True)
+
+
+@contextlib.contextmanager
+def step_scope(trainer, step: int):
+    """Around one training step: notes the step for the hang diagnosis (`lensrl.train.heartbeat`),
+    turns a collective that timed out into RankHungError naming the rank that stopped (not only
+    the rank that waited), and profiles the steps listed in `trainer.profile_steps`."""
+    heartbeat.mark("step", step)
+    try:
+        with profile_step(trainer, step):
+            yield
+    except Exception as e:
+        if dist.world_size() > 1 and heartbeat.is_timeout(e):
+            raise RankHungError(heartbeat.diagnose(dist.rank(), dist.world_size(),
+                                                   trainer.cfg.trainer.dist_timeout_s)) from e
+        raise
 
 
 @contextlib.contextmanager

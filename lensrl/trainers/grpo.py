@@ -22,14 +22,16 @@ from lensrl.algorithms.losses import (
     truncated_is_weights,
 )
 from lensrl.config import GRPOConfig, check
-from lensrl.data.datasets import BatchSampler
+from lensrl.data.datasets import BatchSampler, process_rows
 from lensrl.logging import console
 from lensrl.rewards.function import reward_sample
 from lensrl.rewards.pool import RewardPool
 from lensrl.rollout.base import SamplingParams
 from lensrl.train import distributed as dist
+from lensrl.train import heartbeat
 from lensrl.train.fsdp import forward_with_anchor, prepare_micro_batch
 from lensrl.train.optim import build_optimizer, build_scheduler, clip_grad_norm
+from lensrl.train.runlock import release_run_lock
 from lensrl.train.sequences import Sequence, forward_response_logprobs, make_sequence
 from lensrl.trainers.common import (
     StopFlag,
@@ -43,11 +45,11 @@ from lensrl.trainers.common import (
     make_logger,
     micro_batches,
     prepare_run_dir,
-    profile_step,
     resume,
     save_final_hf,
     setup_policy,
     spread,
+    step_scope,
     sync_rollout,
     validate,
 )
@@ -66,7 +68,8 @@ class GRPOTrainer:
         setup_policy(self, cfg, with_ref=cfg.algorithm.use_kl_loss)
         self.train_data = load_split(cfg.data.train_files, cfg.data, "train", self.processor)
         self.val_data = load_split(cfg.data.val_files, cfg.data, "test", self.processor)
-        self.sampler = BatchSampler(len(self.train_data), t.rollout_batch_size, cfg.data.seed, cfg.data.shuffle)
+        self.sampler = BatchSampler.from_dataset(self.train_data, t.rollout_batch_size, cfg.data.seed,
+                                                 cfg.data.shuffle)
         self.rollout = build_rollout(cfg.rollout, self.rollout_model, self.processor, self.device)
         self.pool = RewardPool(cfg.reward)
         self.updates_per_step = actor.ppo_epochs * (t.rollout_batch_size // actor.mini_batch_size)
@@ -94,7 +97,7 @@ class GRPOTrainer:
                 self.logger.info(f"before training: {headline(metrics)}")
             while self.step < self.total_steps:
                 self.step += 1
-                with profile_step(self, self.step):
+                with step_scope(self, self.step):
                     metrics = self.train_step(self.step)
                 if finish_step(self, metrics, stop):
                     return metrics
@@ -103,6 +106,7 @@ class GRPOTrainer:
         finally:
             self.pool.close()
             self.logger.close()
+            release_run_lock(self.run_dir)
 
     def train_step(self, step: int) -> dict[str, float]:
         cfg, actor = self.cfg, self.cfg.actor
@@ -178,6 +182,8 @@ class GRPOTrainer:
         metrics.update(_group_stats(rollouts.generated, n, cfg.reward))
         metrics["advantage/filtered_groups"] = float(rollouts.num_filtered)
         metrics["batch/num_gen_batches"] = float(rollouts.num_rounds)
+        if cfg.data.skip_bad_rows:  # rows skipped as bad so far, at load or in a step (earlier runs included)
+            metrics["data/skipped_rows"] = float(self.sampler.num_skipped)
         if not everyone and dist.is_main():
             console.print(f"[yellow]step {step}: no group had reward variance in {rollouts.num_rounds} round(s) of "
                           "generation; no update[/yellow]")
@@ -202,8 +208,8 @@ class GRPOTrainer:
             with _timer(timing, "data"):
                 batch = self.sampler.next_batch()
                 positions = dist.shard(list(range(len(batch))), block_size=actor.mini_batch_size)
-                samples = [self.train_data[batch[i]] for i in positions]
-                prompts = [self.processor(s) for s in samples]
+                samples, prompts = process_rows(self.train_data, self.sampler, batch, positions, self.processor,
+                                                cfg.data.skip_bad_rows)
             with _timer(timing, "gen"), torch.no_grad(), autocast(self.device, self.amp_dtype):
                 groups = self.rollout.generate(prompts, self.sampling_params(step),
                                                positions=[offset + p for p in positions])
@@ -389,6 +395,7 @@ class GRPOTrainer:
         for part in sorted({part for r in everyone for part in r["parts"]}):  # every part any completion had
             metrics[f"reward/{part}"] = sum(r["parts"].get(part, 0.0) for r in everyone) / len(everyone)
         metrics.update({f"timing_s/{k}": v for k, v in timing.items()})
+        metrics.update(dist.sum_metrics(self.pool.take_metrics()))  # reward worker restarts, deaths, grader timeouts
         if dist.world_size() > 1:  # where ranks wait for each other: the slowest rank's phases
             slowest = dist.all_gather_objects(timing)
             metrics.update({f"timing_s/slowest/{k}": max(t.get(k, 0.0) for t in slowest) for k in timing})
@@ -449,7 +456,9 @@ def _pad(rows: list[list[float]], width: int) -> torch.Tensor:
 
 @contextmanager
 def _timer(timing: dict[str, float], name: str):
-    """Wall time of a phase into timing[name] (GPU work included); a named range in a profile."""
+    """Wall time of a phase into timing[name] (GPU work included); a named range in a profile; the
+    phase noted for the hang diagnosis."""
+    heartbeat.mark(name)
     start = time.time()
     try:
         with torch.profiler.record_function(f"lensrl/{name}"):

@@ -9,11 +9,12 @@ import time
 import torch
 
 from lensrl.config import SFTConfig, check, load_config
-from lensrl.data.datasets import BatchSampler
+from lensrl.data.datasets import BatchSampler, process_rows
 from lensrl.rewards.pool import RewardPool
 from lensrl.train import distributed as dist
 from lensrl.train.fsdp import forward_with_anchor, prepare_micro_batch
 from lensrl.train.optim import build_optimizer, build_scheduler, clip_grad_norm
+from lensrl.train.runlock import release_run_lock
 from lensrl.train.sequences import forward_response_logprobs, sft_sequence
 from lensrl.trainers.common import (
     StopFlag,
@@ -27,11 +28,11 @@ from lensrl.trainers.common import (
     make_logger,
     micro_batches,
     prepare_run_dir,
-    profile_step,
     resume,
     save_final_hf,
     setup_policy,
     spread,
+    step_scope,
     validate,
 )
 
@@ -49,8 +50,9 @@ class SFTTrainer:
         self.total_steps = t.total_steps or max(1, t.num_epochs * num_train // t.global_batch_size)
         if self.train_data is None:
             self.total_steps = 0  # data.train_files: null means evaluation only
-        self.sampler = BatchSampler(max(num_train, 1), min(t.global_batch_size, max(num_train, 1)),
-                                    cfg.data.seed, cfg.data.shuffle)
+        size = min(t.global_batch_size, max(num_train, 1))
+        self.sampler = (BatchSampler.from_dataset(self.train_data, size, cfg.data.seed, cfg.data.shuffle)
+                        if self.train_data is not None else BatchSampler(1, 1, cfg.data.seed))
         self.optimizer = build_optimizer(self.policy.parameters(), cfg.optim)
         self.scheduler = build_scheduler(self.optimizer, max(self.total_steps, 1), cfg.optim)
         self.rollout = build_rollout(cfg.rollout, self.rollout_model, self.processor, self.device)
@@ -76,7 +78,7 @@ class SFTTrainer:
                 self.logger.info(f"step {self.step}: {headline(metrics)}")
             while self.step < self.total_steps:
                 self.step += 1
-                with profile_step(self, self.step):
+                with step_scope(self, self.step):
                     metrics = self.train_step()
                 recent_losses = (recent_losses + [metrics["train/loss"]])[-5:]
                 if t.stop_at_loss is not None and len(recent_losses) == 5 and sum(recent_losses) / 5 < t.stop_at_loss:
@@ -89,14 +91,16 @@ class SFTTrainer:
         finally:
             self.pool.close()
             self.logger.close()
+            release_run_lock(self.run_dir)
 
     def train_step(self) -> dict[str, float]:
         t, start = self.cfg.trainer, time.time()
         batch = self.sampler.next_batch()
         positions = dist.shard(list(range(len(batch))))
         items = {}
-        for pos in positions:
-            p = self.processor(self.train_data[batch[pos]], add_target=True)
+        _, processed = process_rows(self.train_data, self.sampler, batch, positions,
+                                    lambda s: self.processor(s, add_target=True), self.cfg.data.skip_bad_rows)
+        for pos, p in zip(positions, processed):
             m = p.loss_mask[p.prompt_length :]
             items[pos] = {"seq": sft_sequence(p), "target": m}
         # ranks trade sequences so each carries a similar number of tokens
@@ -136,8 +140,9 @@ class SFTTrainer:
         self.scheduler.step()
         elapsed = time.time() - start
         tokens = dist.all_reduce_sum(torch.tensor(float(sum(s.num_tokens for s in seqs)))).item()
+        skipped = {"data/skipped_rows": float(self.sampler.num_skipped)} if self.cfg.data.skip_bad_rows else {}
         return {
-            "train/loss": total_loss, "train/grad_norm": grad_norm, "train/lr": lr,
+            **skipped, "train/loss": total_loss, "train/grad_norm": grad_norm, "train/lr": lr,
             "train/target_tokens": num_tokens, "train/skipped_updates": float(self.bad_steps_in_row > 0),
             "timing_s/step": elapsed, "perf/throughput": tokens / max(elapsed, 1e-9),
             "perf/throughput_per_gpu": tokens / max(elapsed, 1e-9) / dist.world_size(),

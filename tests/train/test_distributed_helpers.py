@@ -7,7 +7,6 @@ from __future__ import annotations
 import random
 
 import pytest
-
 import torch
 
 from lensrl.train import distributed as dist
