@@ -14,11 +14,10 @@ import time
 from pathlib import Path
 
 import pytest
+from trainer_helpers import grpo_overrides, run_cli
 
 from lensrl.logging import read_metrics
 from lensrl.train.checkpoint import list_checkpoints, verify_checkpoint
-
-from trainer_helpers import grpo_overrides, run_cli
 
 
 def _grpo(tiny_qwen25_dir, color_data, out, name, *extra):
