@@ -90,7 +90,9 @@ def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     from lensrl.config import ConfigError
     from lensrl.data.sample import DataError
+    from lensrl.models.errors import ModelError
     from lensrl.rewards.function import RewardFunctionError
+    from lensrl.train.checkpoint import CheckpointError
     from lensrl.train.convert import ConvertError
 
     args = build_parser().parse_args(argv)
@@ -101,7 +103,8 @@ def main(argv: list[str] | None = None) -> None:
 
     try:
         _dispatch(args)
-    except (ConfigError, DataError, ConvertError, RewardFunctionError, FileNotFoundError) as e:
+    except (ConfigError, DataError, ModelError, ConvertError, RewardFunctionError, CheckpointError,
+            FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     shutdown()  # after a run that succeeded (a failing one exits without waiting on its peers)

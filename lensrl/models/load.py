@@ -6,12 +6,18 @@
 Folders load with transformers' own classes (safetensors only, no remote code). Shapes are
 built on the meta device and materialised directly on the target device in the target dtype,
 so a 3B model appears on a GPU in about a second with no fp32 copy on the host.
+
+A damaged folder fails with `ModelError` (exit status 2 from the CLI) naming the folder, the file
+and what is wrong: invalid JSON, an unsupported model_type, a truncated or non-safetensors weight
+file, a shard the index lists but the folder lacks, weights missing or of the wrong shape.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import math
+import struct
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,6 +25,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
+from lensrl.models.errors import ModelError
 from lensrl.models.processor import Processor
 from lensrl.models.shapes import ARCHITECTURES, SHAPES, model_class, shape_config, shape_dir
 
@@ -32,7 +39,9 @@ _HOW_TO_GET_ONE = (
 def detect_arch(path: str | Path) -> str:
     """The model_type ("qwen2_5_vl" or "qwen3_vl") of a model folder, from its config.json.
 
-    Raises FileNotFoundError (saying how to get a model) or ValueError naming what was found.
+    Raises FileNotFoundError (saying how to get a model), or ModelError (a ValueError) for a
+    config.json that is not a JSON object or names an unsupported architecture (saying what was
+    found and what is supported).
     """
     path = Path(path)
     config_path = path / "config.json"
@@ -42,8 +51,10 @@ def detect_arch(path: str | Path) -> str:
         raise FileNotFoundError(
             f"{path} has no config.json, so it is not a Hugging Face model folder; {_HOW_TO_GET_ONE}"
         )
-    with open(config_path) as f:
-        config = json.load(f)
+    config = read_json(config_path, "the model's Hugging Face config (a JSON object with model_type)")
+    if not isinstance(config, dict):
+        raise ModelError(f"model folder {path}: config.json holds a JSON {type(config).__name__}, "
+                         "expected an object with model_type")
     model_type = config.get("model_type")
     architectures = config.get("architectures") or []
     if model_type in ARCHITECTURES:
@@ -52,10 +63,24 @@ def detect_arch(path: str | Path) -> str:
         if class_name in architectures:
             return arch
     supported = ", ".join(f"{arch} ({name})" for arch, name in ARCHITECTURES.items())
-    raise ValueError(
-        f"{config_path}: unsupported architecture: model_type={model_type!r}, architectures={architectures}; "
-        f"lensrl supports {supported}"
+    raise ModelError(
+        f"model folder {path}: config.json: unsupported architecture: model_type={model_type!r}, "
+        f"architectures={architectures}; lensrl supports {supported}"
     )
+
+
+def read_json(path: Path, expected: str) -> object:
+    """The parsed JSON file at `path`; ModelError naming the file, where the JSON breaks and
+    `expected` (what the file should hold) when it is not valid JSON text."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise ModelError(f"model folder {path.parent}: {path.name} is not valid JSON ({e.msg}: line "
+                         f"{e.lineno} column {e.colno}); expected {expected}") from None
+    except UnicodeDecodeError as e:
+        raise ModelError(f"model folder {path.parent}: {path.name} is not UTF-8 text (byte {e.start} is "
+                         f"{e.object[e.start:e.start + 1]!r}); expected {expected}") from None
 
 
 def load_policy(
@@ -69,19 +94,183 @@ def load_policy(
 
     The model is in eval mode on `device` with parameters in `dtype`; `min_pixels`/`max_pixels`
     override the folder's image-resize bounds.
+
+    A folder is checked before transformers reads it (`check_model_folder`), and what transformers
+    reports after loading is checked too, so a damaged folder raises ModelError naming the folder,
+    the file and what is wrong (never a bare traceback, never randomly initialised weights): an
+    invalid JSON file, an unsupported model_type, a truncated or garbage *.safetensors, a shard
+    the index lists but the folder lacks, a weight missing from the files or of the wrong shape.
+    A missing folder or missing weights raise FileNotFoundError saying how to get a model.
     """
     name = str(path_or_shape)
     pixels = {"min_pixels": min_pixels, "max_pixels": max_pixels}
     if name in SHAPES and not Path(name).exists():
         model = build_random_model(shape_config(name), dtype, device)
         return model, Processor.from_pretrained(shape_dir(name), **pixels)
-    arch = detect_arch(name)
-    _require_safetensors(Path(name))
-    model = model_class(arch).from_pretrained(
-        name, dtype=dtype, trust_remote_code=False, use_safetensors=True
-    )
+    folder = Path(name)
+    arch = check_model_folder(folder)
+    from safetensors import SafetensorError
+
+    try:
+        model, info = model_class(arch).from_pretrained(
+            name, dtype=dtype, trust_remote_code=False, use_safetensors=True,
+            output_loading_info=True, ignore_mismatched_sizes=True,  # reported below, with the folder named
+        )
+    except SafetensorError as e:  # damage check_model_folder's header check does not see
+        raise ModelError(f"model folder {folder}: a *.safetensors weight file cannot be read: {e}") from None
+    _check_loading_info(folder, info)
     model = model.to(device).eval()
     return model, Processor.from_pretrained(name, **pixels)
+
+
+# JSON files a model folder may hold, read by transformers or by lensrl's Processor
+_JSON_FILES = {
+    "generation_config.json": "transformers' generation settings (a JSON object)",
+    "preprocessor_config.json": "the image processor's settings (a JSON object)",
+    "tokenizer_config.json": "the tokenizer's settings (a JSON object)",
+    "tokenizer.json": "a tokenizers tokenizer (a JSON object)",
+    "chat_template.json": 'a JSON object with "chat_template"',
+    "special_tokens_map.json": "a JSON object",
+}
+
+# bytes per element of each safetensors dtype (sub-byte float types are left out: not checked)
+_SAFETENSORS_ITEMSIZE = {
+    "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1, "I16": 2, "U16": 2, "F16": 2,
+    "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8, "C64": 8,
+}
+
+
+def check_model_folder(path: str | Path) -> str:
+    """Check a model folder's files without loading any weight; return its architecture.
+
+    config.json (`detect_arch`) and the other JSON files must parse; the weights must be
+    safetensors: `model.safetensors`, or the shards `model.safetensors.index.json` lists (each
+    present), each with a readable header whose tensors the file holds in full. Raises
+    FileNotFoundError for a missing folder, config.json or weights, ModelError for damage; each
+    message names the folder and the file.
+    """
+    path = Path(path)
+    arch = detect_arch(path)
+    for file_name, expected in _JSON_FILES.items():
+        if (path / file_name).is_file():
+            read_json(path / file_name, expected)
+    for weights in _weight_files(path):
+        check_safetensors(weights)
+    return arch
+
+
+def _weight_files(path: Path) -> list[Path]:
+    """The safetensors files transformers loads for `path`: model.safetensors, else every shard
+    model.safetensors.index.json names (all of which must exist)."""
+    single, index_path = path / "model.safetensors", path / "model.safetensors.index.json"
+    if single.is_file():
+        return [single]
+    if not index_path.is_file():
+        _require_safetensors(path)  # no *.safetensors at all: say how to get a model
+        found = ", ".join(sorted(p.name for p in path.glob("*.safetensors")))
+        raise ModelError(f"model folder {path}: has no model.safetensors or model.safetensors.index.json "
+                         f"(found {found}); expected the weights of a Hugging Face model folder")
+    index = read_json(index_path, 'a JSON object whose "weight_map" maps each weight to its shard file')
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise ModelError(f"model folder {path}: model.safetensors.index.json has no \"weight_map\"; expected "
+                         "a JSON object whose weight_map maps each weight to its shard file")
+    shards: dict[str, int] = {}
+    for shard in weight_map.values():
+        shards[str(shard)] = shards.get(str(shard), 0) + 1
+    missing = [name for name in shards if not (path / name).is_file()]
+    if missing:
+        listed = ", ".join(f"{name} ({shards[name]} weights)" for name in missing)
+        raise ModelError(
+            f"model folder {path}: model.safetensors.index.json lists {len(shards)} shard files, "
+            f"{len(missing)} of them missing: {listed}; copy or download the complete folder"
+        )
+    return [path / name for name in shards]
+
+
+def check_safetensors(file: Path) -> None:
+    """ModelError unless `file` is a complete safetensors file: an 8-byte header length, a JSON
+    header of tensors (dtype, shape, data_offsets) whose byte ranges match their shapes, and exactly
+    the tensor data the header describes (a truncated download or copy holds less)."""
+    where = f"model folder {file.parent}: {file.name}"
+    size = file.stat().st_size
+    with open(file, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise ModelError(f"{where} is {size} bytes, too short for a safetensors file (an 8-byte header "
+                             "length, a JSON header, then the tensor data); re-download or re-convert it")
+        (header_len,) = struct.unpack("<Q", head)
+        if header_len > size - 8 or header_len > 100_000_000:
+            raise ModelError(
+                f"{where} is not a safetensors file: its first 8 bytes give a header of {header_len:,} "
+                f"bytes but the file has {size:,} (damaged, truncated or not safetensors); re-download or "
+                "re-convert it"
+            )
+        raw = f.read(header_len)
+    try:
+        header = json.loads(raw.decode("utf-8"))
+        if not isinstance(header, dict):
+            raise ValueError(f"a JSON {type(header).__name__}")
+    except (UnicodeDecodeError, ValueError) as e:
+        raise ModelError(f"{where} is not a safetensors file: its {header_len:,}-byte header is not a JSON "
+                         f"object ({e}); damaged or not safetensors: re-download or re-convert it") from None
+    data_len = size - 8 - header_len
+    end_of_data = 0
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            begin, end = (int(x) for x in entry["data_offsets"])
+            shape = [int(d) for d in entry["shape"]]
+            dtype = str(entry["dtype"])
+        except (KeyError, TypeError, ValueError):
+            raise ModelError(f"{where}: the header entry of {name!r} is not a tensor (dtype, shape, "
+                             f"data_offsets): {entry!r}; damaged: re-download or re-convert it") from None
+        itemsize = _SAFETENSORS_ITEMSIZE.get(dtype)
+        if begin > end or (itemsize is not None and end - begin != math.prod(shape) * itemsize):
+            raise ModelError(f"{where}: tensor {name!r} ({dtype}, shape {shape}) has data_offsets "
+                             f"[{begin}, {end}], which do not hold its {math.prod(shape)} elements; damaged: "
+                             "re-download or re-convert it")
+        end_of_data = max(end_of_data, end)
+    if end_of_data > data_len:
+        raise ModelError(
+            f"{where} is truncated: its header describes {end_of_data:,} bytes of tensor data, the file "
+            f"holds {data_len:,} (the file is {size:,} bytes, expected {8 + header_len + end_of_data:,}); "
+            "re-download or re-convert it"
+        )
+    if end_of_data < data_len:
+        raise ModelError(f"{where} has {data_len - end_of_data:,} bytes after the tensor data its header "
+                         "describes (damaged or not safetensors); re-download or re-convert it")
+
+
+def _check_loading_info(folder: Path, info: dict) -> None:
+    """ModelError for weights transformers would leave randomly initialised: missing from the
+    folder's weight files, or stored with another shape than config.json gives."""
+    missing = sorted(info.get("missing_keys") or [])
+    mismatched = sorted(info.get("mismatched_keys") or [])
+    files = ", ".join(p.name for p in _weight_files(folder))
+
+    def first_five(items: list[str]) -> str:
+        return ", ".join(items[:5]) + (f" and {len(items) - 5} more" if len(items) > 5 else "")
+
+    if missing:
+        raise ModelError(
+            f"model folder {folder}: {_count(len(missing), 'weight')} that config.json's architecture needs "
+            f"{'is' if len(missing) == 1 else 'are'} in none of its weight files ({files}): "
+            f"{first_five(missing)}; the files are incomplete or belong to another config"
+        )
+    if mismatched:
+        shown = [f"{name} (stored {tuple(stored)}, config.json gives {tuple(wanted)})"
+                 for name, stored, wanted in mismatched]
+        raise ModelError(
+            f"model folder {folder}: {_count(len(mismatched), 'weight')} in its weight files ({files}) "
+            f"{'has' if len(mismatched) == 1 else 'have'} another shape than config.json gives: "
+            f"{first_five(shown)}; the files belong to another config"
+        )
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
 def language_model(model: nn.Module) -> nn.Module:

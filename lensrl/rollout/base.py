@@ -40,7 +40,9 @@ class RolloutBackend(Protocol):
         self, prompts: list[ProcessedSample], params: SamplingParams, positions: list[int] | None = None
     ) -> list[list[Completion]]:
         """Return `params.n` completions for each prompt, in prompt order. `positions`: each
-        prompt's position in the global batch (default 0, 1, ...); seeding is per global position."""
+        prompt's position in the global batch (default 0, 1, ...). With `params.seed`, token t of
+        sample j of the prompt at position p is drawn from the random stream of (seed, p * n + j,
+        t) (`engine.sampler.draw_keys`), so the split into calls or ranks changes no draw."""
         ...
 
     def sync_weights(self, model: torch.nn.Module) -> None:

@@ -1,11 +1,21 @@
 """The `hf` rollout backend: transformers `generate` on the policy itself. Slow, simple, the
-reference the engine is checked against."""
+reference the engine is checked against.
+
+Tokens are drawn by the engine's keyed sampler (`lensrl.rollout.engine.sampler.sample`), run as the
+last logits processor of a greedy `generate`: token t of sample j of the prompt at global position
+p is drawn with the random stream of (seed, p x n + j, t), so with a seed what is sampled does not
+depend on the batch size, the split over ranks or the other prompts of a call (given the same
+logits), exactly as with the engine.
+"""
 
 from __future__ import annotations
 
+import random
 from contextlib import contextmanager
 
+import numpy as np
 import torch
+from transformers import LogitsProcessor, LogitsProcessorList
 
 from lensrl.models.processor import ProcessedSample
 from lensrl.models.rope import mm_token_type_ids
@@ -15,6 +25,8 @@ from lensrl.train.sequences import image_inputs
 
 
 class HFRollout:
+    """Rollout through transformers `generate`; `batch_size`: sequences (prompts x n) per call."""
+
     def __init__(self, model: torch.nn.Module, processor, batch_size: int = 64):
         self.model = model
         self.processor = processor
@@ -27,39 +39,34 @@ class HFRollout:
     def generate(
         self, prompts: list[ProcessedSample], params: SamplingParams, positions: list[int] | None = None
     ) -> list[list[Completion]]:
-        """positions: each prompt's position in the global batch (default 0, 1, ...). With a seed,
-        each chunk of prompts is seeded by (seed, its first global position), chunks aligned to
-        global positions, so a prompt's samples do not depend on how the batch was split over
-        ranks (when the per-call chunk divides each rank's runs of consecutive positions).
-        transformers draws from one stream per call, so unlike the engine the draws of a chunk
-        depend on its other prompts."""
-        # Each call of generate takes up to batch_size sequences (prompts x n).
+        """`params.n` completions for each prompt, in prompt order.
+
+        positions: each prompt's position in the global batch (default 0, 1, ...). Sample j of the
+        prompt at position p draws token t from the random stream of (seed, p * n + j, t) (the
+        engine's `draw_keys`), so with `params.seed` set the samples do not depend on
+        `batch_size`, on how the prompts are split over ranks or calls, or on the other prompts of
+        a call: only on the logits, which batching changes by rounding at most (padding, kernel
+        choice; enough under bf16 to flip an occasional draw).
+        Without a seed, one is drawn from Python's `random` per call (as the engine does).
+        Prompts go through `generate` up to `batch_size // n` at a time (at least one)."""
         per_call = max(1, self.batch_size // max(params.n, 1))
-        positions = list(range(len(prompts))) if positions is None else list(positions)
+        positions = list(range(len(prompts))) if positions is None else [int(p) for p in positions]
+        if len(positions) != len(prompts):
+            raise ValueError(f"{len(positions)} positions for {len(prompts)} prompts")
+        seed = params.seed if params.seed is not None else random.getrandbits(62)
         was_training = self.model.training
         self.model.eval()  # transformers turns the KV cache off in training mode with gradient checkpointing
-        generator_state = None
-        if params.seed is not None:
-            generator_state = torch.random.get_rng_state()
         try:
             results: list[list[Completion]] = []
-            start = 0
-            while start < len(prompts):
-                end = start + 1  # a chunk: consecutive positions inside one aligned window of per_call
-                while (end < len(prompts) and end - start < per_call and positions[end] == positions[end - 1] + 1
-                       and positions[end] % per_call):
-                    end += 1
-                if params.seed is not None:
-                    torch.manual_seed(params.seed * 1_000_003 + positions[start])
-                results += self._generate_chunk(prompts[start:end], params, start)
-                start = end
+            for start in range(0, len(prompts), per_call):
+                end = start + per_call
+                results += self._generate_chunk(prompts[start:end], params, start, positions[start:end], seed)
             return results
         finally:
             self.model.train(was_training)
-            if generator_state is not None:
-                torch.random.set_rng_state(generator_state)
 
-    def _generate_chunk(self, prompts: list[ProcessedSample], params: SamplingParams, offset: int):
+    def _generate_chunk(self, prompts: list[ProcessedSample], params: SamplingParams, offset: int,
+                        positions: list[int], seed: int):
         device = next(self.model.parameters()).device
         pad_id = self.processor.pad_token_id
         eos_ids = set(self.processor.eos_token_ids)
@@ -77,22 +84,22 @@ class HFRollout:
                   "mm_token_type_ids": mm_token_type_ids(input_ids, self.processor.image_token_id).to(device)}
         inputs.update({k: v.to(device) for k, v in image_inputs(rows).items()})
         greedy = params.temperature <= 0
-        sampling = {}
-        if not greedy:
-            sampling = {"temperature": params.temperature, "top_p": params.top_p,
-                        "top_k": params.top_k if params.top_k > 0 else 0}
+        processors = LogitsProcessorList()
+        if not greedy:  # transformers decodes greedily; the keyed draw leaves one token standing
+            sample_ids = [p * params.n + j for p in positions for j in range(params.n)]
+            processors.append(KeyedSampling(params, seed, sample_ids, max_len))
         with neutral_generation_config(self.model):
             out = self.model.generate(
                 **inputs,
                 max_new_tokens=params.max_new_tokens,
                 min_new_tokens=params.max_new_tokens if params.ignore_eos else 0,
-                do_sample=not greedy,
+                do_sample=False,
+                logits_processor=processors,
                 eos_token_id=list(eos_ids),
                 pad_token_id=pad_id,
                 suppress_tokens=self.processor.suppress_token_ids,
                 output_logits=True,
                 return_dict_in_generate=True,
-                **sampling,
             )
         new_tokens = out.sequences[:, max_len:]  # (rows, steps)
         # Log-probabilities of the distribution each token was drawn from: the raw logits at the
@@ -115,6 +122,33 @@ class HFRollout:
                 Completion(offset + i // params.n, tokens, logprobs, finish, self.processor.decode(tokens))
             )
         return results
+
+
+class KeyedSampling(LogitsProcessor):
+    """The draw itself, as transformers' last logits processor of a greedy `generate`: each row's
+    token is drawn from the processed scores (suppressed ids and min-length EOS masks applied)
+    by `sampler.sample` with the row's key (seed, its sample's global id, the token index), and
+    every other score set to -inf, so the argmax picks it.
+
+    sample_ids: each row's sample id in the global batch (prompt position x n + sample);
+    prompt_width: the (left-padded) prompt columns, so a row's token index is the number of
+    columns after them."""
+
+    def __init__(self, params: SamplingParams, seed: int, sample_ids: list[int], prompt_width: int):
+        self.params = params
+        self.seed = seed
+        self.sample_ids = np.asarray(sample_ids, dtype=np.int64)
+        self.prompt_width = prompt_width
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        from lensrl.rollout.engine.sampler import draw_keys, sample
+
+        p = self.params
+        index = np.full(len(self.sample_ids), input_ids.shape[1] - self.prompt_width, dtype=np.int64)
+        keys = draw_keys(self.seed, self.sample_ids, index).to(scores.device)
+        tokens, _ = sample(scores, p.temperature, p.top_p, p.top_k, keys=keys)  # (rows,)
+        chosen = torch.full_like(scores, float("-inf"))
+        return chosen.scatter_(-1, tokens.unsqueeze(-1), 0.0)
 
 
 @contextmanager

@@ -41,7 +41,8 @@ def evaluate(
     for start in range(0, len(indices), batch_size):
         samples = [dataset[i] for i in indices[start : start + batch_size]]
         prompts = [processor(s) for s in samples]
-        completions = rollout.generate(prompts, params)
+        # positions in the whole set: sampled validation draws the same at any rank count or batch size
+        completions = rollout.generate(prompts, params, positions=indices[start : start + batch_size])
         flat = [(c, s) for s, group in zip(samples, completions) for c in group]
         results = pool.score_batch([(c.text, reward_sample(s, processor.assistant_prefix)) for c, s in flat])
         for (c, s), r in zip(flat, results):

@@ -264,8 +264,8 @@ class GRPOTrainer:
 
     def sampling_params(self, step: int) -> SamplingParams:
         """The step's sampling. With `rollout.seed`, seeded by (seed, step) and, in the backend, by
-        each prompt's global position: any number of ranks draws the same completions (hf backend,
-        when a generate call's prompts divide each rank's share). Without, each rank draws from its
+        each prompt's global position: any number of ranks and any rollout.batch_size draw the
+        same completions, with either backend. Without, each rank draws from its
         own RNG stream (seeded by trainer.seed + rank, restored on resume)."""
         r = self.cfg.rollout
         seed = None if r.seed is None else r.seed * 1_000_003 + step

@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 from transformers import AutoModelForImageTextToText
 
 from lensrl.models import shapes
+from lensrl.models.errors import ModelError
 from lensrl.models.load import build_random_model, detect_arch, load_policy
 from lensrl.models.processor import Processor
 from lensrl.models.tiny import tiny_config
@@ -35,7 +41,7 @@ def test_unsupported_architecture_names_what_was_found(tmp_path):
     (folder / "config.json").write_text(
         json.dumps({"model_type": "llama", "architectures": ["LlamaForCausalLM"]})
     )
-    with pytest.raises(ValueError) as error:
+    with pytest.raises(ModelError) as error:
         load_policy(folder)
     message = str(error.value)
     assert "'llama'" in message and "LlamaForCausalLM" in message
@@ -124,3 +130,103 @@ def test_load_policy_builds_a_named_shape(monkeypatch, tmp_path):
     folder_config = json.loads((tmp_path / "shapes" / "tiny_test_shape" / "config.json").read_text())
     assert folder_config["text_config"]["vocab_size"] == 4096
     assert AutoModelForImageTextToText.from_config(model.config) is not None
+
+
+# ------------------------------------------------------------------------------------------------
+# damaged folders: ModelError naming the folder, the file and what is wrong
+# ------------------------------------------------------------------------------------------------
+
+
+def _truncate(folder):
+    weights = folder / "model.safetensors"
+    os.truncate(weights, weights.stat().st_size // 2)
+
+
+def _garbage(folder):
+    weights = folder / "model.safetensors"
+    weights.write_bytes(os.urandom(weights.stat().st_size))
+
+
+def _missing_shard(folder):
+    """Two shards and their index, as `save_pretrained` writes a large model; the second deleted."""
+    tensors = load_file(folder / "model.safetensors")
+    (folder / "model.safetensors").unlink()
+    names = sorted(tensors)
+    shards = {"model-00001-of-00002.safetensors": names[: len(names) // 2],
+              "model-00002-of-00002.safetensors": names[len(names) // 2 :]}
+    weight_map = {name: shard for shard, members in shards.items() for name in members}
+    for shard, members in shards.items():
+        save_file({name: tensors[name] for name in members}, folder / shard, metadata={"format": "pt"})
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    (folder / "model-00002-of-00002.safetensors").unlink()
+
+
+def _invalid_config_json(folder):
+    text = (folder / "config.json").read_text()
+    (folder / "config.json").write_text(text[: len(text) // 2])  # cut off mid-way, as a failed copy leaves it
+
+
+def _unsupported_model_type(folder):
+    config = json.loads((folder / "config.json").read_text())
+    config.update(model_type="llava", architectures=["LlavaForConditionalGeneration"])
+    (folder / "config.json").write_text(json.dumps(config))
+
+
+def _missing_weight(folder):
+    tensors = load_file(folder / "model.safetensors")
+    del tensors["model.layers.0.mlp.gate_proj.weight"]
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+
+
+def _wrong_shape(folder):
+    tensors = load_file(folder / "model.safetensors")
+    tensors["model.layers.0.mlp.gate_proj.weight"] = tensors["model.layers.0.mlp.gate_proj.weight"][:-1]
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+
+
+DAMAGE = {  # damage: (function, the file the message names, what it says is wrong)
+    "truncated weights": (_truncate, "model.safetensors", ["is truncated", "bytes of tensor data", "expected"]),
+    "garbage weights": (_garbage, "model.safetensors", ["is not a safetensors file", "header of"]),
+    "missing shard": (_missing_shard, "model-00002-of-00002.safetensors",
+                      ["model.safetensors.index.json lists 2 shard files", "missing"]),
+    "invalid config.json": (_invalid_config_json, "config.json", ["is not valid JSON", ": line ", "model_type"]),
+    "unsupported model_type": (_unsupported_model_type, "config.json", ["'llava'", "lensrl supports qwen2_5_vl"]),
+    "missing weight": (_missing_weight, "model.safetensors",
+                       ["1 weight that config.json's architecture needs is in none", "layers.0.mlp.gate_proj"]),
+    "wrong shape": (_wrong_shape, "model.safetensors", ["another shape than config.json gives", "gate_proj"]),
+}
+
+
+@pytest.mark.parametrize("damage", list(DAMAGE))
+def test_a_damaged_folder_names_the_folder_the_file_and_what_is_wrong(tiny_qwen25_dir, tmp_path, damage):
+    """Damage a copy of a good folder: ModelError (exit status 2 from the CLI), whose message names
+    the folder, the file and what is wrong, instead of a raw transformers / safetensors error, or
+    (missing or reshaped weights) a model silently left partly random."""
+    damage_folder, file_name, phrases = DAMAGE[damage]
+    folder = tmp_path / "damaged"
+    shutil.copytree(tiny_qwen25_dir, folder)
+    damage_folder(folder)
+    with pytest.raises(ModelError) as error:
+        load_policy(folder)
+    message = str(error.value)
+    assert str(folder) in message and file_name in message, message
+    for phrase in phrases:
+        assert phrase in message, (phrase, message)
+
+
+def test_eval_on_a_damaged_folder_exits_2_naming_the_file(tiny_qwen25_dir, tmp_path):
+    """The CLI: one `error:` line naming the truncated file, exit status 2, no traceback."""
+    from lensrl.data.synth import make_synth
+
+    folder = tmp_path / "damaged"
+    shutil.copytree(tiny_qwen25_dir, folder)
+    _truncate(folder)
+    data = tmp_path / "data"
+    make_synth("color", n=4, seed=0, out_dir=data)
+    result = subprocess.run([sys.executable, "-m", "lensrl", "eval", "--model", str(folder), "--data", str(data),
+                             f"output_dir={tmp_path / 'runs'}"],
+                            capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-4000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: model folder {folder}: model.safetensors is truncated"), result.stderr[-2000:]
+    assert "Traceback" not in result.stderr + result.stdout

@@ -1,12 +1,15 @@
 """The `hf` rollout backend (transformers `generate`) samples the distribution the trainer computes,
-whatever the model folder's generation_config.json asks for, and reports the log-probability of
-the distribution each token was drawn from."""
+whatever the model folder's generation_config.json asks for, reports the log-probability of the
+distribution each token was drawn from, and with a seed draws the same samples however the batch is
+grouped into calls or split over ranks."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 
+import numpy as np
 import pytest
 import torch
 
@@ -78,3 +81,47 @@ def test_logprobs_are_those_of_the_distribution_sampled(penalising_folder, top_p
         tokens = seq.input_ids[seq.prompt_length :]
         torch.testing.assert_close(torch.tensor(completion.logprobs), behaviour_logprobs(dist, tokens, params),
                                    rtol=0, atol=1e-4)
+
+
+def tokens(groups) -> list[list[list[int]]]:
+    return [[c.token_ids for c in group] for group in groups]
+
+
+@pytest.mark.parametrize("top_p, top_k", [(1.0, -1), (0.9, 20)])
+def test_a_seeded_sample_draws_the_same_tokens_whatever_the_batch_size_or_the_split(qwen25, top_p, top_k):
+    """rollout.seed makes the draws a function of (seed, global position, sample, token index):
+    one prompt per generate call, two per call, all in one call, and the batch split over two
+    "ranks" (interleaved, each call given its global positions) sample the same completions with
+    the same log-probabilities; the engine (the same keyed sampler, on CPU) draws them too."""
+    model, processor, prompts = qwen25
+    params = SamplingParams(n=3, temperature=1.0, top_p=top_p, top_k=top_k, max_new_tokens=8, seed=11)
+    whole = HFRollout(model, processor, batch_size=64).generate(prompts, params)
+    for batch_size in (1, 6):  # 1 prompt (6 // 3 = 2 prompts) per call
+        groups = HFRollout(model, processor, batch_size=batch_size).generate(prompts, params)
+        assert tokens(groups) == tokens(whole), batch_size
+        for group, ref in zip(groups, whole):
+            for c, r in zip(group, ref):
+                np.testing.assert_allclose(c.logprobs, r.logprobs, rtol=0, atol=1e-5)
+    first, second = [0, 2, 4], [3, 1]  # two ranks' shares, one of them out of order
+    split = {}
+    for share in (first, second):
+        rollout = HFRollout(model, processor, batch_size=6)
+        split.update(zip(share, rollout.generate([prompts[i] for i in share], params, positions=share)))
+    assert tokens(whole) == tokens([split[i] for i in range(len(prompts))])
+    assert len({tuple(c.token_ids) for g in whole for c in g}) > len(prompts)  # samples differ
+    engine = EngineRollout(model, processor, RolloutConfig()).generate(prompts, params)
+    assert tokens(engine) == tokens(whole)
+
+
+def test_the_seed_and_the_position_choose_the_draws(qwen25):
+    """Another seed, or the same prompt at another global position, draws other tokens; without a
+    seed each call draws a fresh one."""
+    model, processor, prompts = qwen25
+    rollout = HFRollout(model, processor)
+    params = SamplingParams(n=4, temperature=1.0, max_new_tokens=8, seed=5)
+    base = tokens(rollout.generate(prompts[:2], params))
+    assert base == tokens(rollout.generate(prompts[:2], params))
+    assert base != tokens(rollout.generate(prompts[:2], dataclasses.replace(params, seed=6)))
+    assert base != tokens(rollout.generate(prompts[:2], params, positions=[2, 3]))
+    unseeded = dataclasses.replace(params, seed=None)
+    assert tokens(rollout.generate(prompts[:2], unseeded)) != tokens(rollout.generate(prompts[:2], unseeded))

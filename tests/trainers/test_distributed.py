@@ -48,8 +48,8 @@ def launch(nproc: int, command: str, overrides: list[str], timeout: float = 300,
 
 
 def grpo_args(model_dir: Path, data: Path, out: Path, name: str, *extra: str) -> list[str]:
-    # rollout.seed with rollout.batch_size=4 and n=4: one prompt per generate call, seeded by its
-    # global position, so every layout samples the same completions.
+    # rollout.seed: every draw is keyed by the prompt's global position, so every layout samples
+    # the same completions.
     return [
         f"model.path={model_dir}", f"data.train_files=[{data / 'train.parquet'}]", "data.max_prompt_length=64",
         "rollout.backend=hf", "rollout.n=4", "rollout.max_new_tokens=6", "rollout.batch_size=4", "rollout.seed=7",
