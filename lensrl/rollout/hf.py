@@ -1,16 +1,16 @@
 """The `hf` rollout backend: transformers `generate` on the policy itself. Slow, simple, the
 reference the engine is checked against.
 
-Tokens are drawn by the engine's keyed sampler (`lensrl.rollout.engine.sampler.sample`), run as the
-last logits processor of a greedy `generate`: token t of sample j of the prompt at global position
-p is drawn with the random stream of (seed, p x n + j, t), so with a seed what is sampled does not
-depend on the batch size, the split over ranks or the other prompts of a call (given the same
-logits), exactly as with the engine.
+With a seed (`rollout.seed`), tokens are drawn by the engine's keyed sampler
+(`lensrl.rollout.engine.sampler.sample`), run as the last logits processor of a greedy `generate`:
+token t of sample j of the prompt at global position p is drawn with the random stream of
+(seed, p x n + j, t), so what is sampled does not depend on the batch size, the split over ranks or
+the other prompts of a call (given the same logits), exactly as with the engine. Without a seed,
+transformers samples as it always has (torch's random stream, `do_sample=True`).
 """
 
 from __future__ import annotations
 
-import random
 from contextlib import contextmanager
 
 import numpy as np
@@ -47,13 +47,14 @@ class HFRollout:
         `batch_size`, on how the prompts are split over ranks or calls, or on the other prompts of
         a call: only on the logits, which batching changes by rounding at most (padding, kernel
         choice; enough under bf16 to flip an occasional draw).
-        Without a seed, one is drawn from Python's `random` per call (as the engine does).
+        Without a seed, transformers' own sampling draws from torch's random stream (seeded per
+        rank by trainer.seed and restored on resume).
         Prompts go through `generate` up to `batch_size // n` at a time (at least one)."""
         per_call = max(1, self.batch_size // max(params.n, 1))
         positions = list(range(len(prompts))) if positions is None else [int(p) for p in positions]
         if len(positions) != len(prompts):
             raise ValueError(f"{len(positions)} positions for {len(prompts)} prompts")
-        seed = params.seed if params.seed is not None else random.getrandbits(62)
+        seed = params.seed
         was_training = self.model.training
         self.model.eval()  # transformers turns the KV cache off in training mode with gradient checkpointing
         try:
@@ -66,7 +67,7 @@ class HFRollout:
             self.model.train(was_training)
 
     def _generate_chunk(self, prompts: list[ProcessedSample], params: SamplingParams, offset: int,
-                        positions: list[int], seed: int):
+                        positions: list[int], seed: int | None):
         device = next(self.model.parameters()).device
         pad_id = self.processor.pad_token_id
         eos_ids = set(self.processor.eos_token_ids)
@@ -85,15 +86,19 @@ class HFRollout:
         inputs.update({k: v.to(device) for k, v in image_inputs(rows).items()})
         greedy = params.temperature <= 0
         processors = LogitsProcessorList()
-        if not greedy:  # transformers decodes greedily; the keyed draw leaves one token standing
+        sampling = {}
+        if not greedy and seed is not None:  # transformers decodes greedily; the keyed draw leaves one token
             sample_ids = [p * params.n + j for p in positions for j in range(params.n)]
             processors.append(KeyedSampling(params, seed, sample_ids, max_len))
+        elif not greedy:
+            sampling = {"do_sample": True, "temperature": params.temperature, "top_p": params.top_p,
+                        "top_k": params.top_k if params.top_k > 0 else 0}
         with neutral_generation_config(self.model):
             out = self.model.generate(
                 **inputs,
                 max_new_tokens=params.max_new_tokens,
                 min_new_tokens=params.max_new_tokens if params.ignore_eos else 0,
-                do_sample=False,
+                **({"do_sample": False} | sampling),
                 logits_processor=processors,
                 eos_token_id=list(eos_ids),
                 pad_token_id=pad_id,
