@@ -45,6 +45,10 @@ class ModelConfig:
     # kernels; lensrl.models.compile). auto: on CUDA with Triton; always: also on CPU (needs a C++
     # compiler; slow to compile, for tests); never: eager.
     compile: Literal["auto", "always", "never"] = "auto"
+    # Mixture-of-experts models (Qwen3-VL-MoE): weight of the router load-balancing loss added to the
+    # training loss (lensrl.train.router); None: config.json's router_aux_loss_coef (0.001 for
+    # Qwen3-VL-30B-A3B); 0: not added (still logged). Ignored for dense models.
+    router_aux_loss_coef: float | None = None
 
 
 @dataclass

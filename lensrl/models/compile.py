@@ -16,6 +16,11 @@ What stays eager, by design:
   * calls with a KV cache (`past_key_values`: transformers `generate`): the cache object is
     Python bookkeeping, so those calls take the block's original forward. The engine's prefill
     passes no cache (its K/V go to the pool through `attention.kv_sink`) and runs compiled.
+  * the experts of a mixture-of-experts layer whose weights are not bf16 when it runs (an unsharded
+    fp32 policy, under autocast or not): traced, transformers' grouped_mm takes its fallback for
+    those, a Python loop over the experts (`_grouped_mm_fallback`); eager, it calls
+    `torch._grouped_mm`, which has kernels for them. bf16 experts (FSDP's bf16 all-gather, the
+    rollout copy) compile into the block's graph.
 
 The blocks' forward is replaced on the instance (`block.forward`), not `block.__call__`, so
 module hooks (FSDP2's all-gathers, activation checkpointing) run outside the compiled code.
@@ -74,6 +79,9 @@ def compile_blocks(model: torch.nn.Module) -> int:
             _COMPILED[inner] = torch.compile(inner, dynamic=True)
         block.forward = functools.partial(_dispatch, block, _COMPILED[inner], checkpoints)
         block._lensrl_compiled = True
+        experts = getattr(getattr(block, "mlp", None), "experts", None)
+        if experts is not None and hasattr(experts, "gate_up_proj"):
+            experts.forward = functools.partial(_experts_dispatch, experts)
     return len(compiled)
 
 
@@ -83,6 +91,9 @@ def uncompile_blocks(model: torch.nn.Module) -> None:
         if getattr(block, "_lensrl_compiled", False):
             del block.forward
             block._lensrl_compiled = False
+            experts = getattr(getattr(block, "mlp", None), "experts", None)
+            if experts is not None and "forward" in experts.__dict__:
+                del experts.forward
 
 
 def _inner_forward(cls: type):
@@ -104,3 +115,16 @@ def _dispatch(block, compiled_forward, checkpoints: bool, *args, **kwargs):
     if checkpoints and block.gradient_checkpointing and block.training:
         return block._gradient_checkpointing_func(functools.partial(compiled_forward, block, **kwargs), *args)
     return compiled_forward(block, *args, **kwargs)
+
+
+def _experts_dispatch(experts, *args, **kwargs):
+    """The experts' own forward; under torch.compile with weights other than bf16, run eagerly
+    (a graph break) so that transformers' grouped_mm calls torch's kernel, not its Python loop."""
+    if torch.compiler.is_compiling() and experts.gate_up_proj.dtype != torch.bfloat16:
+        return _eager_experts(experts, *args, **kwargs)
+    return type(experts).forward(experts, *args, **kwargs)
+
+
+@torch.compiler.disable
+def _eager_experts(experts, *args, **kwargs):
+    return type(experts).forward(experts, *args, **kwargs)

@@ -7,6 +7,11 @@ Folders load with transformers' own classes (safetensors only, no remote code). 
 built on the meta device and materialised directly on the target device in the target dtype,
 so a 3B model appears on a GPU in about a second with no fp32 copy on the host.
 
+A mixture-of-experts model (Qwen3-VL-MoE) loads unchanged, experts stacked as transformers stores
+them, and runs its experts with transformers' grouped-GEMM kernel (`experts_implementation`
+"grouped_mm": one `torch._grouped_mm` per projection over all experts) where torch has one for
+the device, so no Python loop over the experts runs on a GPU (`use_grouped_experts`).
+
 A damaged folder fails with `ModelError` (exit status 2 from the CLI) naming the folder, the file
 and what is wrong: invalid JSON, an unsupported model_type, a truncated or non-safetensors weight
 file, a shard the index lists but the folder lacks, weights missing or of the wrong shape.
@@ -37,7 +42,7 @@ _HOW_TO_GET_ONE = (
 
 
 def detect_arch(path: str | Path) -> str:
-    """The model_type ("qwen2_5_vl" or "qwen3_vl") of a model folder, from its config.json.
+    """The model_type ("qwen2_5_vl", "qwen3_vl" or "qwen3_vl_moe") of a model folder, from its config.json.
 
     Raises FileNotFoundError (saying how to get a model), or ModelError (a ValueError) for a
     config.json that is not a JSON object or names an unsupported architecture (saying what was
@@ -106,6 +111,7 @@ def load_policy(
     pixels = {"min_pixels": min_pixels, "max_pixels": max_pixels}
     if name in SHAPES and not Path(name).exists():
         model = build_random_model(shape_config(name), dtype, device)
+        use_grouped_experts(model, device)
         return model, Processor.from_pretrained(shape_dir(name), **pixels)
     folder = Path(name)
     arch = check_model_folder(folder)
@@ -120,7 +126,33 @@ def load_policy(
         raise ModelError(f"model folder {folder}: a *.safetensors weight file cannot be read: {e}") from None
     _check_loading_info(folder, info)
     model = model.to(device).eval()
+    use_grouped_experts(model, device)
     return model, Processor.from_pretrained(name, **pixels)
+
+
+def experts_implementation(device: str | torch.device) -> str:
+    """The transformers experts kernel for `device`: "grouped_mm" where torch has a grouped GEMM for
+    it (CUDA from compute capability 8.0, the CPU from torch 2.9), else "batched_mm" on CUDA (one
+    batched matmul over each token's experts: no Python loop, more memory) and "eager" on a CPU
+    (transformers' loop over the experts that got tokens)."""
+    from transformers.utils.import_utils import is_torch_greater_or_equal
+
+    device = torch.device(device)
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return "grouped_mm" if torch.cuda.get_device_capability(index) >= (8, 0) else "batched_mm"
+    if device.type == "cpu":
+        return "grouped_mm" if is_torch_greater_or_equal("2.9", accept_dev=True) else "eager"
+    return "eager"
+
+
+def use_grouped_experts(model: PreTrainedModel, device: str | torch.device) -> None:
+    """Set a mixture-of-experts model's experts kernel for `device` (`experts_implementation`);
+    a dense model is left as it is."""
+    from lensrl.models.shapes import is_moe
+
+    if is_moe(model.config):
+        model.set_experts_implementation(experts_implementation(device))
 
 
 # JSON files a model folder may hold, read by transformers or by lensrl's Processor
@@ -274,7 +306,7 @@ def _count(n: int, noun: str) -> str:
 
 
 def language_model(model: nn.Module) -> nn.Module:
-    """The decoder stack of a Qwen2.5-VL / Qwen3-VL `*ForConditionalGeneration`."""
+    """The decoder stack of a Qwen2.5-VL / Qwen3-VL / Qwen3-VL-MoE `*ForConditionalGeneration`."""
     inner = model.model
     return getattr(inner, "language_model", inner)
 

@@ -1,5 +1,11 @@
 """Model configurations: the architectures lensrl supports and the real Qwen-VL shapes.
 
+Three architectures: Qwen2.5-VL and Qwen3-VL (dense) and Qwen3-VL-MoE, whose decoder layers
+route each token to `num_experts_per_tok` of `num_experts` experts (transformers stores a
+layer's experts stacked: `mlp.experts.gate_up_proj` (E, 2I, H), `mlp.experts.down_proj`
+(E, H, I), router `mlp.gate`). Qwen3-VL-MoE shares everything else with Qwen3-VL: vision tower,
+deepstack, multimodal rope, tokenizer and chat template (`is_qwen3`).
+
 Benchmarks need the real architectures (performance depends on shapes, not weights) without a
 download. `shape_config("qwen2_5_vl_3b")` is the published config of Qwen2.5-VL-3B-Instruct as a
 transformers config object; `shape_dir("qwen2_5_vl_3b")` is a model folder without weights
@@ -28,6 +34,7 @@ from lensrl.models.tokenizer import special_token_ids, tiny_special_token_ids, t
 ARCHITECTURES = {
     "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
     "qwen3_vl": "Qwen3VLForConditionalGeneration",
+    "qwen3_vl_moe": "Qwen3VLMoeForConditionalGeneration",
 }
 
 OPENAI_CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
@@ -44,9 +51,22 @@ def model_class(arch: str) -> type:
 
 
 def config_class(arch: str) -> type:
+    """The transformers config class of a supported model_type."""
     import transformers
 
-    return {"qwen2_5_vl": transformers.Qwen2_5_VLConfig, "qwen3_vl": transformers.Qwen3VLConfig}[arch]
+    return {"qwen2_5_vl": transformers.Qwen2_5_VLConfig, "qwen3_vl": transformers.Qwen3VLConfig,
+            "qwen3_vl_moe": transformers.Qwen3VLMoeConfig}[arch]
+
+
+def is_qwen3(arch: str) -> bool:
+    """Whether `arch` is of the Qwen3-VL family (dense or MoE): 16-px patches, deepstack,
+    interleaved M-RoPE, Qwen3's chat template and image normalisation."""
+    return arch in ("qwen3_vl", "qwen3_vl_moe")
+
+
+def is_moe(config: PretrainedConfig) -> bool:
+    """Whether a model config has routed experts (Qwen3-VL-MoE)."""
+    return getattr(config.get_text_config(), "num_experts", 0) > 0
 
 
 def mrope_section(arch: str, head_dim: int) -> list[int]:
@@ -58,6 +78,7 @@ def mrope_section(arch: str, head_dim: int) -> list[int]:
 
 
 def vision_patch_size(arch: str) -> int:
+    """Pixels per side of one vision patch."""
     return 14 if arch == "qwen2_5_vl" else 16
 
 
@@ -68,12 +89,14 @@ def build_config(
     token_ids: dict[str, int],
     tie_word_embeddings: bool,
 ) -> PretrainedConfig:
-    """A Qwen2.5-VL / Qwen3-VL config from text and vision dims and the tokenizer's special ids.
+    """A Qwen2.5-VL / Qwen3-VL / Qwen3-VL-MoE config from text and vision dims and the tokenizer's
+    special ids.
 
     `text` needs vocab_size, hidden_size, intermediate_size, num_hidden_layers,
     num_attention_heads, num_key_value_heads and may set rope_theta, max_position_embeddings and
-    (Qwen3-VL only; Qwen2.5-VL heads are hidden_size / num_attention_heads) head_dim. `vision`
-    holds the vision tower's own fields.
+    (Qwen3-VL only; Qwen2.5-VL heads are hidden_size / num_attention_heads) head_dim. Qwen3-VL-MoE
+    also needs num_experts, num_experts_per_tok and moe_intermediate_size (every layer sparse
+    unless `text` says otherwise). `vision` holds the vision tower's own fields.
     """
     text = dict(text)
     head_dim = text.pop("head_dim", text["hidden_size"] // text["num_attention_heads"])
@@ -106,6 +129,8 @@ def build_config(
         text_config.update(max_position_embeddings=262144, attention_bias=False, head_dim=head_dim)
         rope["mrope_interleaved"] = True
         vision_config.update(hidden_act="gelu_pytorch_tanh")
+    if arch == "qwen3_vl_moe":  # as Qwen3-VL-30B-A3B: every layer sparse, top-k weights renormalised
+        text_config.update(decoder_sparse_step=1, mlp_only_layers=[], router_aux_loss_coef=0.001)
     text_config.update(text)
     text_config["rope_parameters"] = rope
     vision_config.update(vision)
@@ -124,7 +149,7 @@ def build_config(
 
 def preprocessor_config(arch: str, min_pixels: int, max_pixels: int) -> dict[str, Any]:
     """preprocessor_config.json of the Qwen2-VL image processor, as Qwen's folders write it."""
-    qwen3 = arch == "qwen3_vl"
+    qwen3 = is_qwen3(arch)
     return {
         "image_processor_type": "Qwen2VLImageProcessor",
         "processor_class": "Qwen3VLProcessor" if qwen3 else "Qwen2_5_VLProcessor",
@@ -156,6 +181,7 @@ def write_model_files(
 
     out_dir = Path(out_dir)
     config.save_pretrained(out_dir)
+    _spell_as_published(out_dir / "config.json")
     ids = special_token_ids(out_dir)  # not config.eos_token_id: some transformers 5.x drop it from the config
     GenerationConfig(
         bos_token_id=ids["<|endoftext|>"],
@@ -165,7 +191,7 @@ def write_model_files(
     ).save_pretrained(out_dir)
     processor = preprocessor_config(arch, min_pixels, max_pixels)
     (out_dir / "preprocessor_config.json").write_text(json.dumps(processor, indent=2) + "\n")
-    if arch == "qwen3_vl":  # Qwen3-VL folders carry their own video processor settings
+    if is_qwen3(arch):  # Qwen3-VL folders carry their own video processor settings
         video = {
             k: v
             for k, v in processor.items()
@@ -173,6 +199,16 @@ def write_model_files(
         }
         video["video_processor_type"] = "Qwen3VLVideoProcessor"
         (out_dir / "video_preprocessor_config.json").write_text(json.dumps(video, indent=2) + "\n")
+
+
+def _spell_as_published(config_path: Path) -> None:
+    """config.json with the expert count under Qwen's own key, `num_experts` (transformers writes its
+    alias `num_local_experts`; it reads both): a tiny folder is spelt as the real checkpoint is."""
+    config = json.loads(config_path.read_text())
+    text = config.get("text_config") or {}
+    if "num_local_experts" in text:
+        text["num_experts"] = text.pop("num_local_experts")
+        config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -206,6 +242,17 @@ _QWEN3_VISION = dict(
     num_heads=16,
     num_position_embeddings=2304,
     deepstack_visual_indexes=[5, 11, 17],
+)
+# Qwen3-VL-30B-A3B's tower is wider and deeper than the dense 2B/4B/8B's: the published
+# config.json's vision_config (equal to transformers' Qwen3VLMoeVisionConfig defaults except
+# out_hidden_size, which is the text width here).
+_QWEN3_MOE_VISION = dict(
+    depth=27,
+    hidden_size=1152,
+    intermediate_size=4304,
+    num_heads=16,
+    num_position_embeddings=2304,
+    deepstack_visual_indexes=[8, 16, 24],
 )
 
 SHAPES: dict[str, Shape] = {
@@ -278,6 +325,27 @@ SHAPES: dict[str, Shape] = {
         min_pixels=65536,
         max_pixels=16777216,
         notes="Qwen3-VL-4B-Instruct",
+    ),
+    "qwen3_vl_30b_a3b": Shape(
+        "qwen3_vl_moe",
+        dict(
+            vocab_size=151936,
+            hidden_size=2048,
+            intermediate_size=6144,  # config.json's dense width; every layer is sparse, so unused
+            num_hidden_layers=48,
+            num_attention_heads=32,
+            num_key_value_heads=4,
+            head_dim=128,
+            rope_theta=5e6,
+            num_experts=128,
+            num_experts_per_tok=8,
+            moe_intermediate_size=768,
+        ),
+        _QWEN3_MOE_VISION,
+        tie_word_embeddings=False,
+        min_pixels=65536,
+        max_pixels=16777216,
+        notes="Qwen3-VL-30B-A3B-Instruct, about 31.1B parameters; 3.9B active per token (0.54B of them vision)",
     ),
 }
 

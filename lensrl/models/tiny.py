@@ -1,12 +1,16 @@
 """Tiny random-init Qwen-VL models for tests and the CPU demo.
 
 `make_tiny_model(dir)` writes a complete Hugging Face folder: a real
-`Qwen2_5_VLForConditionalGeneration` or `Qwen3VLForConditionalGeneration` with random weights
-(safetensors), the tiny tokenizer, generation_config.json and preprocessor_config.json. It loads
-with plain `AutoModelForImageTextToText.from_pretrained(dir)` and `AutoTokenizer`, so everything
-lensrl does with a real checkpoint can be exercised in seconds on a CPU.
+`Qwen2_5_VLForConditionalGeneration`, `Qwen3VLForConditionalGeneration` or
+`Qwen3VLMoeForConditionalGeneration` with random weights (safetensors), the tiny tokenizer,
+generation_config.json and preprocessor_config.json. It loads with plain
+`AutoModelForImageTextToText.from_pretrained(dir)` and `AutoTokenizer`, so everything lensrl does
+with a real checkpoint can be exercised in seconds on a CPU.
 
 Images are kept small (56..112 px for Qwen2.5-VL, 64..128 px for Qwen3-VL: 4 to 16 image tokens).
+The MoE model is the Qwen3-VL preset with each decoder MLP replaced by `TINY_NUM_EXPERTS` experts of
+an eighth of the dense width, `TINY_EXPERTS_PER_TOKEN` per token (as Qwen3-VL-30B-A3B: every layer
+sparse, top-k weights renormalised, untied head only in the real one): the dense preset's size.
 """
 
 from __future__ import annotations
@@ -43,7 +47,10 @@ PRESETS: dict[str, TinyPreset] = {
 }
 
 # Pixel bounds per architecture: an image side between 2 and 4 merged patches.
-TINY_PIXELS = {"qwen2_5_vl": (56 * 56, 112 * 112), "qwen3_vl": (64 * 64, 128 * 128)}
+TINY_PIXELS = {"qwen2_5_vl": (56 * 56, 112 * 112), "qwen3_vl": (64 * 64, 128 * 128),
+               "qwen3_vl_moe": (64 * 64, 128 * 128)}
+TINY_NUM_EXPERTS = 8
+TINY_EXPERTS_PER_TOKEN = 2
 
 
 def _round_up(value: int, multiple: int) -> int:
@@ -79,6 +86,9 @@ def tiny_config(arch: str, preset: str, token_ids: dict[str, int], vocab_size: i
         text["head_dim"] = p.hidden_size // p.num_attention_heads
         # A 16x16 grid of learned position embeddings (interpolated to each image's grid).
         vision.update(num_position_embeddings=256, deepstack_visual_indexes=list(range(p.vision_depth)))
+    if arch == "qwen3_vl_moe":
+        text.update(num_experts=TINY_NUM_EXPERTS, num_experts_per_tok=TINY_EXPERTS_PER_TOKEN,
+                    moe_intermediate_size=p.intermediate_size // TINY_NUM_EXPERTS)
     return build_config(arch, text, vision, token_ids, tie_word_embeddings=True)
 
 
@@ -111,7 +121,7 @@ if __name__ == "__main__":  # python -m lensrl.models.tiny: print the presets' s
     from lensrl.models.tokenizer import tiny_special_token_ids
 
     ids = tiny_special_token_ids()
-    for arch in ("qwen2_5_vl", "qwen3_vl"):
+    for arch in ("qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe"):
         for name in PRESETS:
             start = time.perf_counter()
             n = count_parameters(tiny_config(arch, name, ids, max(ids.values()) + 1))

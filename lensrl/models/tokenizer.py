@@ -85,7 +85,7 @@ QWEN3_CHAT_TEMPLATE = (
 )
 QWEN3_THINKING_CHAT_TEMPLATE = QWEN3_CHAT_TEMPLATE.replace(
     "<|im_start|>assistant\n{% endif %}", "<|im_start|>assistant\n<think>\n{% endif %}")
-CHAT_TEMPLATES = {"qwen2_5_vl": CHAT_TEMPLATE, "qwen3_vl": QWEN3_CHAT_TEMPLATE,
+CHAT_TEMPLATES = {"qwen2_5_vl": CHAT_TEMPLATE, "qwen3_vl": QWEN3_CHAT_TEMPLATE, "qwen3_vl_moe": QWEN3_CHAT_TEMPLATE,
                   "qwen3_vl_thinking": QWEN3_THINKING_CHAT_TEMPLATE}
 
 INSTRUCTIONS = [

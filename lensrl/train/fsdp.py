@@ -49,7 +49,10 @@ def shard_model(model: torch.nn.Module, cfg, device: torch.device, train: bool =
     """`fully_shard` each vision block and decoder layer, then the root (embeddings, merger, norm,
     head), in place. On CUDA parameters are all-gathered in bf16 and gradients reduced in fp32
     (the sharded fp32 parameters stay the optimizer's master weights); on CPU everything is fp32.
-    Gradients are summed across ranks, not averaged: trainers normalise losses by global counts."""
+    Gradients are summed across ranks, not averaged: trainers normalise losses by global counts.
+    A mixture-of-experts decoder layer is one unit like any other: its stacked experts (E, 2I, H)
+    are sharded along the expert dimension and all-gathered with the layer (no expert
+    parallelism: every rank runs all experts on its own tokens)."""
     mixed = device.type == "cuda" and cfg.param_dtype != "float32"
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if mixed else None,
                               reduce_dtype=torch.float32 if mixed else None)

@@ -31,6 +31,7 @@ from lensrl.train import distributed as dist
 from lensrl.train import heartbeat
 from lensrl.train.fsdp import forward_with_anchor, prepare_micro_batch
 from lensrl.train.optim import build_optimizer, build_scheduler, clip_grad_norm
+from lensrl.train.router import RouterRecorder
 from lensrl.train.runlock import release_run_lock
 from lensrl.train.sequences import Sequence, forward_response_logprobs, make_sequence
 from lensrl.trainers.common import (
@@ -66,6 +67,7 @@ class GRPOTrainer:
         t, actor = cfg.trainer, cfg.actor
         # the frozen reference exists only when a KL term needs it
         setup_policy(self, cfg, with_ref=cfg.algorithm.use_kl_loss)
+        self.router = RouterRecorder(self.policy, cfg.model.router_aux_loss_coef)  # MoE: aux loss, expert load
         self.train_data = load_split(cfg.data.train_files, cfg.data, "train", self.processor)
         self.val_data = load_split(cfg.data.val_files, cfg.data, "test", self.processor)
         self.sampler = BatchSampler.from_dataset(self.train_data, t.rollout_batch_size, cfg.data.seed,
@@ -177,6 +179,7 @@ class GRPOTrainer:
         metrics.update(dist.weighted_mean_metrics(rollout_train_gap(old_logp, rollout_logp, generated),
                                                   float(generated.sum())))
         metrics.update(update_metrics)
+        metrics.update(self.router.take_metrics())  # MoE: tokens per expert over the update's forwards
         metrics.update(dist.weighted_mean_metrics({f"rollout/{k}" if not k.startswith("rollout/") else k: v
                                                    for k, v in is_metrics.items()}, float(mask.sum())))
         metrics.update(_group_stats(rollouts.generated, n, cfg.reward))
@@ -353,7 +356,7 @@ class GRPOTrainer:
         cfg, actor = self.cfg, self.cfg.actor
         mask = batch["mask"][micro].to(self.device)  # (b, width); b may be 0 (FSDP: an empty micro-batch)
         agg = dict(num_tokens=num_tokens, num_seqs=num_seqs, horizon=cfg.rollout.max_new_tokens)
-        with autocast(self.device, self.amp_dtype):
+        with autocast(self.device, self.amp_dtype), self.router.capture() as routed:
             logp, entropy, _ = self.forward(self.policy, [seqs[i] for i in micro], width, with_entropy=True)
         is_w = batch["is_weights"][micro].to(self.device) if batch["is_weights"] is not None else None
         pg_loss, pg = policy_loss(
@@ -363,7 +366,9 @@ class GRPOTrainer:
         entropy_term = agg_loss(entropy, mask, actor.loss_agg_mode, **agg)
         loss = pg_loss - actor.entropy_coeff * entropy_term if actor.entropy_coeff else pg_loss
         share = float(mask.sum()) / num_tokens  # this micro-batch's share of the mini-batch's tokens
-        metrics = {"actor/pg_loss": pg_loss.item(), "actor/entropy": entropy_term.item()}
+        router_term, router_metrics = self.router.loss_term(routed, share, "actor")  # MoE load balancing
+        loss = loss + router_term
+        metrics = {"actor/pg_loss": pg_loss.item(), "actor/entropy": entropy_term.item(), **router_metrics}
         for key in ("pg_clipfrac", "pg_clipfrac_lower", "ppo_kl"):
             metrics[f"actor/{key}"] = float(pg[key]) * share if share > 0 else 0.0
         if self.ref is not None:

@@ -14,6 +14,7 @@ from lensrl.rewards.pool import RewardPool
 from lensrl.train import distributed as dist
 from lensrl.train.fsdp import forward_with_anchor, prepare_micro_batch
 from lensrl.train.optim import build_optimizer, build_scheduler, clip_grad_norm
+from lensrl.train.router import RouterRecorder
 from lensrl.train.runlock import release_run_lock
 from lensrl.train.sequences import forward_response_logprobs, sft_sequence
 from lensrl.trainers.common import (
@@ -44,6 +45,7 @@ class SFTTrainer:
         self.cfg = cfg
         t = cfg.trainer
         setup_policy(self, cfg)
+        self.router = RouterRecorder(self.policy, cfg.model.router_aux_loss_coef)  # MoE: aux loss, expert load
         self.train_data = load_split(cfg.data.train_files, cfg.data, "train", self.processor)
         self.val_data = load_split(cfg.data.val_files, cfg.data, "test", self.processor)
         num_train = len(self.train_data) if self.train_data is not None else 0
@@ -115,20 +117,25 @@ class SFTTrainer:
         num_tokens = dist.all_reduce_sum(torch.tensor(float(target_mask.sum()), device=self.device)).item()
         self.optimizer.zero_grad(set_to_none=True)
         total_loss = 0.0
+        router_metrics: dict[str, float] = {}
         micros = micro_batches(list(range(len(seqs))), seqs, t.use_dynamic_bsz, t.max_tokens_per_mbs,
                                t.micro_batch_size, same_count_on_all_ranks=self.anchor is not None)
         for i, micro in enumerate(micros):
             prepare_micro_batch(self.policy, t.fsdp, last=i == len(micros) - 1)
             mask = target_mask[micro].to(self.device)
-            with autocast(self.device, self.amp_dtype):
+            with autocast(self.device, self.amp_dtype), self.router.capture() as routed:
                 logp, _, _ = forward_with_anchor([seqs[i] for i in micro], self.anchor, lambda run: (
                     forward_response_logprobs(self.policy, run, self.processor.pad_token_id, chunk_size=1024,
                                               width=width, suppress_ids=self.processor.suppress_token_ids,
                                               packed=t.use_dynamic_bsz)))
             loss = -(logp * mask).sum() / max(num_tokens, 1.0)  # token mean over the global batch
-            loss.backward()
+            router_term, micro_router = self.router.loss_term(routed, float(mask.sum()) / max(num_tokens, 1.0), "train")
+            (loss + router_term).backward()  # MoE load balancing (train/loss stays the target NLL)
             total_loss += loss.item()
+            for k, v in micro_router.items():
+                router_metrics[k] = router_metrics.get(k, 0.0) + v
         total_loss = dist.all_reduce_sum(torch.tensor(total_loss, device=self.device)).item()
+        router_metrics = {**dist.sum_metrics(router_metrics), **self.router.take_metrics()}
         grad_norm = float(clip_grad_norm(self.policy.parameters(), self.cfg.optim.grad_clip))
         lr = self.optimizer.param_groups[0]["lr"]  # what this step's update uses (logged as used)
         if math.isfinite(grad_norm) and math.isfinite(total_loss):
@@ -142,7 +149,7 @@ class SFTTrainer:
         tokens = dist.all_reduce_sum(torch.tensor(float(sum(s.num_tokens for s in seqs)))).item()
         skipped = {"data/skipped_rows": float(self.sampler.num_skipped)} if self.cfg.data.skip_bad_rows else {}
         return {
-            **skipped, "train/loss": total_loss, "train/grad_norm": grad_norm, "train/lr": lr,
+            **skipped, **router_metrics, "train/loss": total_loss, "train/grad_norm": grad_norm, "train/lr": lr,
             "train/target_tokens": num_tokens, "train/skipped_updates": float(self.bad_steps_in_row > 0),
             "timing_s/step": elapsed, "perf/throughput": tokens / max(elapsed, 1e-9),
             "perf/throughput_per_gpu": tokens / max(elapsed, 1e-9) / dist.world_size(),

@@ -15,15 +15,52 @@ from transformers import AutoModelForImageTextToText
 
 from lensrl.models import shapes
 from lensrl.models.errors import ModelError
-from lensrl.models.load import build_random_model, detect_arch, load_policy
+from lensrl.models.load import (
+    build_random_model,
+    detect_arch,
+    experts_implementation,
+    load_policy,
+    model_blocks,
+)
 from lensrl.models.processor import Processor
 from lensrl.models.tiny import tiny_config
 from lensrl.models.tokenizer import tiny_special_token_ids
 
 
-def test_detect_arch(tiny_qwen25_dir, tiny_qwen3_dir):
+@pytest.fixture(scope="session")
+def tiny_moe_dir(tmp_path_factory):
+    """A random-init Qwen3-VL-MoE folder (smallest preset, seed 0), made once per session (shared
+    with the other test modules that make it under the same name)."""
+    from lensrl.models.tiny import make_tiny_model
+
+    folder = tmp_path_factory.getbasetemp() / "tiny_qwen3_vl_moe_shared"
+    if not (folder / "preprocessor_config.json").is_file():  # written last
+        make_tiny_model(folder, arch="qwen3_vl_moe", preset="1m", seed=0)
+    return folder
+
+
+def test_detect_arch(tiny_qwen25_dir, tiny_qwen3_dir, tiny_moe_dir):
     assert detect_arch(tiny_qwen25_dir) == "qwen2_5_vl"
     assert detect_arch(tiny_qwen3_dir) == "qwen3_vl"
+    assert detect_arch(tiny_moe_dir) == "qwen3_vl_moe"
+
+
+def test_load_moe_folder_unchanged_with_grouped_experts(tiny_moe_dir):
+    """A Qwen3-VL-MoE folder loads as transformers' own class, every stored weight used as stored
+    (experts stacked), with the grouped-GEMM experts kernel; its blocks are the vision blocks and
+    the decoder layers."""
+    model, processor = load_policy(tiny_moe_dir)
+    assert type(model).__name__ == "Qwen3VLMoeForConditionalGeneration"
+    assert model.config.get_text_config()._experts_implementation == "grouped_mm"
+    assert experts_implementation("cpu") == "grouped_mm"  # torch >= 2.9 has a CPU kernel
+    stored = load_file(tiny_moe_dir / "model.safetensors")
+    state = model.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in stored.items())
+    vision, layers = model_blocks(model)
+    assert vision == list(model.model.visual.blocks) and len(vision) == model.config.vision_config.depth
+    assert layers == list(model.model.language_model.layers) and len(layers) == 3
+    assert all(type(layer.mlp).__name__ == "Qwen3VLMoeTextSparseMoeBlock" for layer in layers)
+    assert processor.image_token_id == model.config.image_token_id
 
 
 def test_missing_folder_says_how_to_get_one(tmp_path):
@@ -65,7 +102,7 @@ def test_load_tiny_folder(tiny_qwen3_dir):
     assert processor.eos_token_ids[0] == processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
 
 
-@pytest.mark.parametrize("arch", ["qwen2_5_vl", "qwen3_vl"])
+@pytest.mark.parametrize("arch", ["qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe"])
 def test_random_model_matches_transformers_construction(arch):
     """Meta-built, then materialised: same buffers and same function as a normally built model."""
     ids = tiny_special_token_ids()
@@ -130,6 +167,32 @@ def test_load_policy_builds_a_named_shape(monkeypatch, tmp_path):
     folder_config = json.loads((tmp_path / "shapes" / "tiny_test_shape" / "config.json").read_text())
     assert folder_config["text_config"]["vocab_size"] == 4096
     assert AutoModelForImageTextToText.from_config(model.config) is not None
+
+
+def test_load_policy_builds_a_moe_shape(monkeypatch, tmp_path):
+    """A Qwen3-VL-MoE shape (the 30B-A3B's layout, CPU-test widths): stacked experts and the router
+    initialised on the target device like every other weight, the grouped experts kernel set."""
+    monkeypatch.setenv("LENSRL_CACHE_DIR", str(tmp_path))
+    shape = shapes.Shape(
+        "qwen3_vl_moe",
+        dict(vocab_size=2048, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, head_dim=32, num_experts=16, num_experts_per_tok=4, moe_intermediate_size=32),
+        dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=2, num_position_embeddings=256,
+             deepstack_visual_indexes=[1]),
+        tie_word_embeddings=False, min_pixels=64 * 64, max_pixels=128 * 128,
+    )
+    monkeypatch.setitem(shapes.SHAPES, "tiny_moe_shape", shape)
+    model, processor = load_policy("tiny_moe_shape", dtype=torch.bfloat16, device="cpu")
+    experts = model.model.language_model.layers[1].mlp.experts
+    assert experts.gate_up_proj.shape == (16, 64, 128) and experts.down_proj.shape == (16, 128, 32)
+    assert experts.gate_up_proj.dtype == torch.bfloat16
+    assert experts.gate_up_proj.float().std().item() == pytest.approx(0.02, rel=0.1)
+    assert model.model.language_model.layers[0].mlp.gate.weight.float().std().item() == pytest.approx(0.02, rel=0.1)
+    assert model.config.get_text_config()._experts_implementation == "grouped_mm"
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([[5, 17, 300, 42, 9]])).logits
+    assert logits.shape == (1, 5, 2048) and torch.isfinite(logits).all()
+    assert processor.num_image_tokens(128, 128) == 16
 
 
 # ------------------------------------------------------------------------------------------------

@@ -20,11 +20,24 @@ from lensrl.models.tokenizer import SPECIAL_TOKENS, build_tokenizer, tiny_specia
 ARCH_CLASSES = {
     "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
     "qwen3_vl": "Qwen3VLForConditionalGeneration",
+    "qwen3_vl_moe": "Qwen3VLMoeForConditionalGeneration",
 }
 
 
-@pytest.fixture(params=["qwen2_5_vl", "qwen3_vl"])
+@pytest.fixture(scope="session")
+def tiny_moe_dir(tmp_path_factory):
+    """A random-init Qwen3-VL-MoE folder (smallest preset, seed 0), made once per session (shared
+    with the other test modules that make it under the same name)."""
+    folder = tmp_path_factory.getbasetemp() / "tiny_qwen3_vl_moe_shared"
+    if not (folder / "preprocessor_config.json").is_file():  # written last
+        make_tiny_model(folder, arch="qwen3_vl_moe", preset="1m", seed=0)
+    return folder
+
+
+@pytest.fixture(params=["qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe"])
 def tiny_dir(request, tiny_qwen25_dir, tiny_qwen3_dir):
+    if request.param == "qwen3_vl_moe":
+        return request.getfixturevalue("tiny_moe_dir")
     return {"qwen2_5_vl": tiny_qwen25_dir, "qwen3_vl": tiny_qwen3_dir}[request.param]
 
 
@@ -119,7 +132,7 @@ def test_make_tiny_model_is_deterministic(tmp_path, tiny_qwen25_dir):
     assert not torch.equal(other[key], first[key])
 
 
-@pytest.mark.parametrize("arch", ["qwen2_5_vl", "qwen3_vl"])
+@pytest.mark.parametrize("arch", ["qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe"])
 def test_preset_sizes(arch):
     ids = tiny_special_token_ids()
     bounds = {"1m": (0.5e6, 2e6), "5m": (3e6, 8e6), "20m": (12e6, 30e6), "50m": (35e6, 75e6)}
@@ -132,6 +145,33 @@ def test_preset_sizes(arch):
             assert vision.fullatt_block_indexes == [vision.depth - 1]
         else:
             assert all(0 <= i < vision.depth for i in vision.deepstack_visual_indexes)
+        if arch == "qwen3_vl_moe":  # the dense preset's size: 8 experts of an eighth of its MLP width, top-2
+            text = config.get_text_config()
+            assert (text.num_experts, text.num_experts_per_tok) == (8, 2) and text.mlp_only_layers == []
+            assert text.moe_intermediate_size * text.num_experts == PRESETS[preset].intermediate_size
+
+
+def test_tiny_moe_folder_holds_stacked_experts_and_qwen3_conventions(tiny_moe_dir, tiny_qwen3_dir):
+    """The MoE folder is a Qwen3-VL folder whose decoder MLPs are routed experts, stored stacked
+    as transformers 5 writes Qwen3-VL-MoE: same tokenizer, chat template and processor files."""
+    weights = load_file(tiny_moe_dir / "model.safetensors")
+    config = json.loads((tiny_moe_dir / "config.json").read_text())
+    text = config["text_config"]
+    hidden, width = text["hidden_size"], text["moe_intermediate_size"]
+    for layer in range(text["num_hidden_layers"]):
+        prefix = f"model.language_model.layers.{layer}.mlp."
+        assert weights[prefix + "experts.gate_up_proj"].shape == (8, 2 * width, hidden)
+        assert weights[prefix + "experts.down_proj"].shape == (8, hidden, width)
+        assert weights[prefix + "gate.weight"].shape == (8, hidden)
+        assert weights[prefix + "gate.weight"].std() > 0.01  # initialised, not transformers' zeros
+        assert not any(k.startswith(prefix + "gate_proj") for k in weights)
+    assert config["model_type"] == "qwen3_vl_moe" and config["architectures"] == [ARCH_CLASSES["qwen3_vl_moe"]]
+    assert text["num_experts"] == 8 and "num_local_experts" not in text  # spelt as Qwen's config.json
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json",
+                 "preprocessor_config.json", "video_preprocessor_config.json"):
+        assert (tiny_moe_dir / name).read_text() == (tiny_qwen3_dir / name).read_text(), name
+    dense = json.loads((tiny_qwen3_dir / "config.json").read_text())
+    assert config["vision_config"] | {"model_type": None} == dense["vision_config"] | {"model_type": None}
 
 
 @pytest.mark.parametrize(
@@ -141,6 +181,7 @@ def test_preset_sizes(arch):
         ("qwen2_5_vl_7b", 8.29, 3584),
         ("qwen3_vl_2b", 2.13, 2048),
         ("qwen3_vl_4b", 4.44, 2560),
+        ("qwen3_vl_30b_a3b", 31.07, 2048),
     ],
 )
 def test_real_shapes(name, billions, hidden):
@@ -163,3 +204,32 @@ def test_shape_dir_gives_a_matching_processor(tmp_path):
         Processor.from_pretrained(shape_dir("qwen3_vl_2b", cache_dir=tmp_path)).num_image_tokens(448, 448)
         == 196
     )
+
+
+def test_qwen3_vl_30b_a3b_shape_is_the_published_config():
+    """Text widths from reference/model_shapes.md, vision tower from the published config.json
+    (transformers' Qwen3VLMoeVisionConfig defaults but for out_hidden_size)."""
+    from transformers import Qwen3VLMoeVisionConfig
+
+    config = shape_config("qwen3_vl_30b_a3b")
+    text, vision = config.get_text_config(), config.vision_config
+    assert (text.num_hidden_layers, text.num_attention_heads, text.num_key_value_heads, text.head_dim) == (48, 32, 4, 128)
+    assert (text.num_experts, text.num_experts_per_tok, text.moe_intermediate_size) == (128, 8, 768)
+    assert text.mlp_only_layers == [] and text.decoder_sparse_step == 1 and not config.tie_word_embeddings
+    assert text.rope_parameters["rope_theta"] == 5e6 and text.rope_parameters["mrope_section"] == [24, 20, 20]
+    defaults = Qwen3VLMoeVisionConfig()
+    for key in ("depth", "hidden_size", "intermediate_size", "num_heads", "num_position_embeddings", "patch_size"):
+        assert getattr(vision, key) == getattr(defaults, key), key
+    assert list(vision.deepstack_visual_indexes) == [8, 16, 24] and vision.out_hidden_size == 2048
+    # about 3.3B of the text model's parameters are active per token (reference/model_shapes.md)
+    experts = text.num_hidden_layers * text.num_experts * 3 * text.hidden_size * text.moe_intermediate_size
+    active_text = count_parameters(config) - experts * (1 - 8 / 128) - _vision_parameters(config)
+    assert active_text / 1e9 == pytest.approx(3.3, abs=0.1)
+
+
+def _vision_parameters(config) -> int:
+    from lensrl.models.shapes import model_class
+
+    with torch.device("meta"):
+        model = model_class(config.model_type)(config)
+    return sum(p.numel() for p in model.model.visual.parameters())
