@@ -13,6 +13,11 @@
 Per-token log-probabilities are log_softmax(logits / temperature) of the sampled token over the
 full vocabulary (suppressed ids masked), the trainer's own quantity. Timings of the last call
 are in `stats`.
+
+A mixture-of-experts policy needs nothing else: prefill runs the model's own sparse blocks and
+decode runs the router and the experts from the model's stacked tensors (moe.py). With
+`capture_routing` the engine also keeps the experts each decode step chose
+(`routed_experts`), to compare with the trainer's routing (`moe.router_mismatch`).
 """
 
 from __future__ import annotations
@@ -43,6 +48,8 @@ class EngineOptions:
     prefill_tokens: int | None = None  # padded tokens per prefill forward; None: 16384 CUDA, 4096 CPU
     use_cuda_graphs: bool = True
     use_triton: bool | None = None  # None: on CUDA when the kernels pass their self-check
+    use_grouped_mm: bool | None = None  # MoE experts; None: on CUDA when grouped_mm passes its self-check
+    capture_routing: bool = False  # MoE: keep the experts chosen at each decode step (routed_experts)
     copy_weights: bool = False  # own a copy of every weight (isolated from in-place updates until sync)
     release_kv: bool = True  # free the KV pool after each generate (colocated training)
     # samples kept prefilled beyond the free rows, and the fewest wanted before a prefill call
@@ -76,9 +83,20 @@ class EngineRollout:
         self.shape = text_shape(model)
         _varlen_vision(model)
         self.runner = ModelRunner(
-            self.shape, self.device, self.max_num_seqs, options.use_cuda_graphs, options.use_triton
+            self.shape,
+            self.device,
+            self.max_num_seqs,
+            options.use_cuda_graphs,
+            options.use_triton,
+            options.use_grouped_mm,
+            options.capture_routing,
         )
         self.weights: DecodeWeights | None = None
+        # with capture_routing on an MoE policy, after generate: routed_experts[prompt][sample] is
+        # the (R - 1, num_moe_layers, K) int16 array of the experts decode chose for response tokens
+        # 0..R-2 (each one's input step; the last token is never fed back, and the prompt is
+        # routed by the model's own forward in prefill). Compare: moe.trainer_routing.
+        self.routed_experts: list[list[np.ndarray]] | None = None
         self.eos_token_ids = set(processor.eos_token_ids)
         suppress = list(getattr(processor, "suppress_token_ids", []) or [])
         self.suppress = torch.tensor(suppress, dtype=torch.long, device=self.device) if suppress else None
@@ -184,6 +202,7 @@ class EngineRollout:
         sample = Sampler(params, self.device, self.suppress, runner.sample_kernel, positions)
         # per step: (tokens, logprobs on device, seq ids); completions are assembled at the end
         records: list[tuple[np.ndarray, torch.Tensor, np.ndarray]] = []
+        routing: list[tuple[np.ndarray, np.ndarray]] | None = [] if runner.capture_routing else None
         prefill_s = decode_s = 0.0
         steps = decode_tokens = prefill_tokens = kv_token_reads = prefill_calls = 0
         while scheduler.has_work():
@@ -217,6 +236,9 @@ class EngineRollout:
             runner.set_next_tokens(tokens)
             tokens_np = tokens.cpu().numpy()
             records.append((tokens_np, logp, scheduler.row_seq_ids))
+            if routing is not None:  # after the tokens' sync; a copy: the buffer is reused
+                routed = runner.routed_rows(len(tokens_np)).to("cpu", copy=True)  # (B, L, K) int16
+                routing.append((routed.numpy(), scheduler.row_seq_ids))
             keep = scheduler.step_done(tokens_np)
             if keep is not None:
                 runner.keep_rows(keep.tolist())
@@ -234,7 +256,31 @@ class EngineRollout:
             kernels=runner.kernels,
             cuda_graphs=runner.use_cuda_graphs,
         )
+        if self.shape.num_moe_layers:
+            self.stats["experts_kernel"] = runner.experts_kernel
+        self.routed_experts = None if routing is None else self._routing(groups, scheduler.finished, routing)
         return self._completions(groups, scheduler.finished, records)
+
+    def _routing(self, groups, finished, routing) -> list[list[np.ndarray]]:
+        """Each sequence's per-step expert choices (R - 1, L, K), gathered from the step records."""
+        s = self.shape
+        total = sum(g.n for g in groups)
+        empty = np.zeros((0, s.num_moe_layers, s.num_experts_per_tok), dtype=np.int16)
+        experts = np.concatenate([r[0] for r in routing]) if routing else empty
+        ids = np.concatenate([r[1] for r in routing]) if routing else np.zeros(0, dtype=np.int64)
+        order = np.argsort(ids, kind="stable")  # chronological within each sequence
+        offsets = np.concatenate([[0], np.cumsum(np.bincount(ids, minlength=total))])
+        experts = experts[order]
+        steps = {seq.seq_id: seq.num_tokens - 1 for seq in finished}
+        out = []
+        for group in groups:
+            rows = []
+            for seq_id in range(group.first_seq_id, group.first_seq_id + group.n):
+                start, end = offsets[seq_id], offsets[seq_id + 1]
+                assert end - start == steps[seq_id], (seq_id, end - start, steps[seq_id])
+                rows.append(experts[start:end])
+            out.append(rows)
+        return out
 
     def _completions(self, groups, finished, records) -> list[list[Completion]]:
         """Each sequence's tokens and logprobs, gathered from the per-step records."""

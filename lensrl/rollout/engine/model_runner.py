@@ -6,7 +6,11 @@ the trainer's. Its keys/values are copied from transformers' cache into the page
 
 Decode (every step, all running sequences at once) is this file's `_step`: embedding, per layer
 RMSNorm -> fused qkv matmul -> q/k norm + rotary + cache write -> paged attention -> o_proj ->
-RMSNorm -> MLP, then the LM head; every weight is read once per step for the whole batch.
+RMSNorm -> MLP, then the LM head; every weight is read once per step for the whole batch. In a
+mixture-of-experts layer the MLP is the router's top-k and the experts as grouped GEMMs
+(moe.py: `torch._grouped_mm` on CUDA where it passes a self-check, gathered `bmm` otherwise);
+with capture_routing each step also writes the experts it chose into a static buffer,
+`routed` (num_moe_layers, rows, K), read by the engine after the step.
 After the prompt every position is a text position (T + rope_delta + j on all three M-RoPE
 axes), so the rotary embedding is a plain 1D one. On CUDA each batch size bucket is captured
 once in a CUDA graph; the inputs live in static buffers, one row per running sequence:
@@ -27,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from lensrl.models.load import language_model
+from lensrl.rollout.engine import moe
 from lensrl.rollout.engine import ops as torch_ops
 from lensrl.rollout.engine.kv_cache import KVCache, KVLayout
 from lensrl.rollout.engine.scheduler import Group, Seq
@@ -52,13 +57,19 @@ class ModelRunner:
         max_num_seqs: int,
         use_cuda_graphs: bool = True,
         use_triton: bool | None = None,
+        use_grouped_mm: bool | None = None,
+        capture_routing: bool = False,
     ):
         self.shape = shape
         self.device = device
         self.max_num_seqs = max_num_seqs
         self.use_cuda_graphs = use_cuda_graphs and device.type == "cuda"
         self.use_triton = use_triton
+        self.use_grouped_mm = use_grouped_mm
         self.ops = torch_ops
+        self.experts = moe.gathered_experts  # the experts implementation (_select_ops)
+        self.capture_routing = capture_routing and shape.num_moe_layers > 0
+        self.routed: torch.Tensor | None = None  # (num_moe_layers, max_num_seqs, K) int16 when capturing
         self.weights: DecodeWeights | None = None
         self.kv: KVCache | None = None
         self.num_rows = 0
@@ -113,6 +124,10 @@ class ModelRunner:
             self.logits = torch.empty(
                 self.max_num_seqs, self.shape.vocab_size, dtype=self.weights.matmul_dtype, device=self.device
             )
+        if self.capture_routing and self.routed is None:
+            self.invalidate_graphs()
+            size = (self.shape.num_moe_layers, self.max_num_seqs, self.shape.num_experts_per_tok)
+            self.routed = torch.zeros(size, dtype=torch.int16, device=self.device)
         self._reset_rows(0, self.max_num_seqs)
         self.num_rows = 0
         self._ensure_rope_table(max_position)
@@ -125,7 +140,7 @@ class ModelRunner:
         if free_all:
             self.invalidate_graphs()
             self._graph_kv_key = None
-            self.block_tables = self.logits = None
+            self.block_tables = self.logits = self.routed = None
 
     def _ensure_rope_table(self, max_position: int) -> None:
         w = self.weights
@@ -345,6 +360,7 @@ class ModelRunner:
         scale = s.head_dim**-0.5
         x = F.embedding(self.input_ids[:batch], w.embed)  # (B, H) the residual stream, trainer's dtype
         delta = None
+        moe_layer = 0
         for i, layer in enumerate(w.layers):
             h = ops.rms_norm(x, layer.input_norm, eps, mm, delta)  # (B, H)
             qkv = F.linear(h, layer.qkv_weight, layer.qkv_bias)  # (B, (NH + 2 KVH) * D)
@@ -364,6 +380,13 @@ class ModelRunner:
             )
             attn = ops.paged_attention(q, kv.keys(i), kv.values(i), tables, context, scale)  # (B, NH, D)
             delta = F.linear(attn.reshape(batch, -1), layer.o_weight, layer.o_bias)  # (B, H)
+            if layer.is_moe:
+                # the trainer's sparse block gets the norm's output in the residual dtype: the
+                # router casts it to the matmul dtype (autocast), the experts to their own
+                h = ops.rms_norm(x, layer.post_norm, eps, w.residual_dtype, delta)  # (B, H)
+                delta = self._sparse_mlp(h, layer, moe_layer)  # (B, H) residual dtype
+                moe_layer += 1
+                continue
             h = ops.rms_norm(x, layer.post_norm, eps, mm, delta)
             if layer.gate_up_weight is not None:
                 gate_up = F.linear(h, layer.gate_up_weight)  # (B, 2I)
@@ -381,6 +404,21 @@ class ModelRunner:
         positions.add_(active)
         return logits
 
+    def _sparse_mlp(self, h: torch.Tensor, layer, moe_layer: int) -> torch.Tensor:
+        """A mixture-of-experts MLP on h (B, H): route, record the choice when capturing, run the
+        chosen experts. Returns (B, H) in h's dtype."""
+        weights, experts = moe.route(
+            h.to(self.weights.matmul_dtype), layer.router_weight, self.shape.num_experts_per_tok
+        )  # (B, K) each
+        if self.routed is not None:
+            self.routed[moe_layer, : h.shape[0]].copy_(experts)
+        return self.experts(h, weights, experts, layer.experts_gate_up, layer.experts_down, self._act_mul)
+
+    def routed_rows(self, count: int) -> torch.Tensor:
+        """The experts the last decode step chose for its first `count` rows: (count, L, K) int16
+        on the device (L MoE layers). Only with capture_routing."""
+        return self.routed[:, :count].transpose(0, 1)
+
     def _act_mul(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         if self.shape.hidden_act == "silu":
             return self.ops.silu_mul(gate, up)
@@ -393,7 +431,11 @@ class ModelRunner:
     def _select_ops(self) -> None:
         """Triton kernels on CUDA when they import and agree with the torch ops on this dtype
         (use_triton=None); use_triton=True takes them unchecked (on CPU: tests under
-        TRITON_INTERPRET=1), False never."""
+        TRITON_INTERPRET=1), False never. The same for the experts: grouped_mm where torch has a
+        native kernel for it (CUDA, bf16, SM90/SM100) and it agrees with the gathered experts on
+        the first MoE layer's weights (use_grouped_mm=None), always (True: also on the CPU,
+        where torch has a grouped_mm kernel), or never (False)."""
+        self._select_experts()
         self.ops = torch_ops
         if self.use_triton is False or (self.device.type != "cuda" and not self.use_triton):
             return
@@ -409,6 +451,27 @@ class ModelRunner:
             warnings.warn(
                 f"rollout engine: Triton kernels unavailable, using plain torch ops ({e})", stacklevel=2
             )
+
+    def _select_experts(self) -> None:
+        self.experts = moe.gathered_experts
+        layer = next((layer for layer in self.weights.layers if layer.is_moe), None)
+        if layer is None or self.use_grouped_mm is False:
+            return
+        if self.use_grouped_mm:
+            self.experts = moe.grouped_experts
+            return
+        if not moe.grouped_mm_native(layer.experts_gate_up):
+            return
+        try:
+            moe.check_grouped(layer.experts_gate_up, layer.experts_down, self.shape.num_experts_per_tok)
+            self.experts = moe.grouped_experts
+        except Exception as e:  # noqa: BLE001 (any failure means: gather the experts)
+            warnings.warn(f"rollout engine: grouped_mm experts unavailable, gathering them instead ({e})",
+                          stacklevel=2)
+
+    @property
+    def experts_kernel(self) -> str:
+        return "grouped_mm" if self.experts is moe.grouped_experts else "gathered"
 
     @property
     def kernels(self) -> str:

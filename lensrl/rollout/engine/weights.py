@@ -11,6 +11,12 @@ on-device copy each (never through the host):
 
 Norm weights and the embedding table stay references in the trainer's dtype: under autocast the
 residual stream is fp32 exactly as in the trainer's forward, and only matmuls run in bf16.
+
+A mixture-of-experts layer (Qwen3-VL-MoE's sparse block: `mlp.gate` the router, `mlp.experts`
+the stacked experts) keeps its router weight as a matmul weight (above) and its stacked expert
+tensors always as references in their own dtype, never copied: the experts are most of such a
+model, and transformers' grouped experts forward computes them in the parameters' dtype under
+autocast too (moe.py). Layers without experts keep the dense MLP fields.
 """
 
 from __future__ import annotations
@@ -32,10 +38,19 @@ class LayerWeights:
     k_norm: torch.Tensor | None
     o_weight: torch.Tensor  # (H, NH * D)
     o_bias: torch.Tensor | None
+    # dense MLP (None in a mixture-of-experts layer)
     gate_up_weight: torch.Tensor | None  # (2I, H) when the engine owns its MLP copy, else None
     gate_weight: torch.Tensor | None  # (I, H) references otherwise
     up_weight: torch.Tensor | None
-    down_weight: torch.Tensor  # (H, I)
+    down_weight: torch.Tensor | None  # (H, I)
+    # mixture of experts (None in a dense layer)
+    router_weight: torch.Tensor | None = None  # (E, H) in the decode dtype
+    experts_gate_up: torch.Tensor | None = None  # (E, 2I_e, H) the model's own tensor
+    experts_down: torch.Tensor | None = None  # (E, H, I_e) the model's own tensor
+
+    @property
+    def is_moe(self) -> bool:
+        return self.router_weight is not None
 
 
 @dataclass(frozen=True)
@@ -50,12 +65,19 @@ class TextShape:
     rms_norm_eps: float
     hidden_act: str
     qk_norm: bool
+    # mixture of experts: 0 for a dense model
+    num_experts: int = 0  # E
+    num_experts_per_tok: int = 0  # K, the router's top-k
+    moe_intermediate_size: int = 0  # I_e, one expert's MLP width
+    num_moe_layers: int = 0  # decoder layers with experts (the others have a dense MLP)
 
 
 def text_shape(model: torch.nn.Module) -> TextShape:
     lm = language_model(model)
     config = lm.config
     attn = lm.layers[0].self_attn
+    moe_layers = [layer.mlp for layer in lm.layers if _is_moe(layer.mlp)]
+    experts = moe_layers[0].experts if moe_layers else None
     return TextShape(
         hidden_size=config.hidden_size,
         num_heads=config.num_attention_heads,
@@ -67,7 +89,16 @@ def text_shape(model: torch.nn.Module) -> TextShape:
         rms_norm_eps=float(config.rms_norm_eps),
         hidden_act=str(config.hidden_act),
         qk_norm=hasattr(attn, "q_norm"),
+        num_experts=experts.gate_up_proj.shape[0] if experts is not None else 0,
+        num_experts_per_tok=int(config.num_experts_per_tok) if experts is not None else 0,
+        moe_intermediate_size=experts.down_proj.shape[2] if experts is not None else 0,
+        num_moe_layers=len(moe_layers),
     )
+
+
+def _is_moe(mlp: torch.nn.Module) -> bool:
+    """A sparse block with a router (`gate`) and stacked experts (transformers 5 layout)."""
+    return hasattr(mlp, "experts") and hasattr(mlp, "gate")
 
 
 class DecodeWeights:
@@ -126,7 +157,6 @@ class DecodeWeights:
         p = f"{i}."
         qkv = [attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]
         qkv_bias = [attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias]
-        own_mlp = self.copy_all or mlp.gate_proj.weight.dtype != self.matmul_dtype
         return LayerWeights(
             input_norm=self._keep(p + "input_norm", layer.input_layernorm.weight, copies),
             post_norm=self._keep(p + "post_norm", layer.post_attention_layernorm.weight, copies),
@@ -136,14 +166,30 @@ class DecodeWeights:
             k_norm=self._keep(p + "k_norm", attn.k_norm.weight, copies) if hasattr(attn, "k_norm") else None,
             o_weight=self._matmul(p + "o", attn.o_proj.weight, copies),
             o_bias=self._matmul_opt(p + "o_bias", attn.o_proj.bias, copies),
-            gate_up_weight=(
-                self._fused(p + "gate_up", [mlp.gate_proj.weight, mlp.up_proj.weight], copies)
-                if own_mlp
-                else None
-            ),
-            gate_weight=None if own_mlp else mlp.gate_proj.weight.detach(),
-            up_weight=None if own_mlp else mlp.up_proj.weight.detach(),
+            **(self._experts(p, mlp, copies) if _is_moe(mlp) else self._dense_mlp(p, mlp, copies)),
+        )
+
+    def _dense_mlp(self, p: str, mlp: torch.nn.Module, copies) -> dict:
+        own = self.copy_all or mlp.gate_proj.weight.dtype != self.matmul_dtype
+        return dict(
+            gate_up_weight=self._fused(p + "gate_up", [mlp.gate_proj.weight, mlp.up_proj.weight], copies)
+            if own
+            else None,
+            gate_weight=None if own else mlp.gate_proj.weight.detach(),
+            up_weight=None if own else mlp.up_proj.weight.detach(),
             down_weight=self._matmul(p + "down", mlp.down_proj.weight, copies),
+        )
+
+    def _experts(self, p: str, mlp: torch.nn.Module, copies) -> dict:
+        """Router in the decode dtype; the stacked experts by reference (copies only with copy_all)."""
+        return dict(
+            gate_up_weight=None,
+            gate_weight=None,
+            up_weight=None,
+            down_weight=None,
+            router_weight=self._matmul(p + "router", mlp.gate.weight, copies),
+            experts_gate_up=self._keep(p + "experts_gate_up", mlp.experts.gate_up_proj, copies),
+            experts_down=self._keep(p + "experts_down", mlp.experts.down_proj, copies),
         )
 
     def _buffer(self, name: str, shape: torch.Size, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -193,5 +239,5 @@ class DecodeWeights:
     def _tensors(self) -> list[torch.Tensor]:
         out = [self.embed, self.final_norm, self.lm_head]
         for layer in self.layers:
-            out += [t for t in vars(layer).values() if t is not None]
+            out += [t for t in vars(layer).values() if isinstance(t, torch.Tensor)]
         return out
