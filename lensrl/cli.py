@@ -7,7 +7,7 @@
     lensrl data geo3k|robo2vlm|synth ...          datasets into lensrl's parquet layout
     lensrl model tiny --arch qwen2_5_vl --out DIR a random-init tiny Qwen-VL folder
     lensrl convert --ckpt RUN/checkpoints/step_N --out DIR [--base MODEL] [--dtype bfloat16]
-                                                  a training checkpoint to a Hugging Face folder
+                   [--expert-layout per_expert]   a training checkpoint to a Hugging Face folder
     lensrl config show grpo|sft|eval              the defaults of a command
 """
 
@@ -60,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     model = sub.add_parser("model", help="model folders").add_subparsers(dest="model_command", required=True)
     t = model.add_parser("tiny", help="write a random-init tiny Qwen-VL model folder")
-    t.add_argument("--arch", choices=["qwen2_5_vl", "qwen3_vl"], default="qwen2_5_vl")
+    t.add_argument("--arch", choices=["qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe"], default="qwen2_5_vl")
     t.add_argument("--preset", default="5m")
     t.add_argument("--out", required=True)
     t.add_argument("--seed", type=int, default=0)
@@ -74,6 +74,11 @@ def build_parser() -> argparse.ArgumentParser:
                       help="cast floating-point weights (default: as stored in the checkpoint)")
     conv.add_argument("--max-shard-size", default="5GiB",
                       help="largest safetensors file, e.g. 5GB (10^9 bytes), 4GiB (2^30) or bytes (default 5GiB)")
+    conv.add_argument("--expert-layout", choices=["stacked", "per_expert"], default="stacked",
+                      help="mixture-of-experts weights: 'stacked' (default) as save_pretrained writes them, one "
+                           "gate_up_proj and down_proj per layer; 'per_expert' as experts.{i}.gate_proj/up_proj/"
+                           "down_proj.weight for loaders that expect that layout (the seed converter's --groupgemm); "
+                           "a model without experts refuses per_expert")
     conv.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     cfg = sub.add_parser("config", help="configuration").add_subparsers(dest="config_command", required=True)
@@ -145,7 +150,8 @@ def _dispatch(args: argparse.Namespace) -> None:
         from lensrl.train.convert import convert_checkpoint, parse_size
 
         path = convert_checkpoint(args.ckpt, args.out, base=args.base, dtype=args.dtype,
-                                  max_shard_size_bytes=parse_size(args.max_shard_size), progress=not args.no_progress)
+                                  max_shard_size_bytes=parse_size(args.max_shard_size), progress=not args.no_progress,
+                                  expert_layout=args.expert_layout)
         print(f"wrote {path}")
     elif args.command == "config":
         from lensrl.config import COMMAND_CONFIGS, load_config, to_yaml

@@ -1,6 +1,7 @@
 """A training checkpoint (`RUN/checkpoints/step_N/`) to a plain Hugging Face model folder, offline.
 
     lensrl convert --ckpt runs/geo3k/checkpoints/step_200 --out models/geo3k_step200 [--dtype bfloat16]
+                   [--expert-layout stacked|per_expert]
 
 The model weights are read from the checkpoint's torch.distributed.checkpoint (DCP) files, however
 many ranks wrote them, one safetensors shard at a time: the DCP metadata gives every tensor's name,
@@ -13,6 +14,24 @@ base model is built on the meta device (no memory) and transformers' own save-ti
 to its names, dropping tied aliases (`lm_head.weight` when `tie_word_embeddings`) and reverting
 load-time renamings (transformers 5 writes Qwen2.5-VL in its original layout, `visual.*` and
 `model.layers.*`, while the module names are `model.visual.*` and `model.language_model.layers.*`).
+
+Mixture-of-experts models (Qwen3-VL-MoE) keep each layer's experts stacked, as transformers 5 holds
+and saves them: `...mlp.experts.gate_up_proj` (experts, 2 * moe_intermediate, hidden; gate rows
+first, then up) and `...mlp.experts.down_proj` (experts, hidden, moe_intermediate). transformers
+also loads the older transposed stacked layout of the Qwen3-VL-MoE release folders, but writes this
+one. `expert_layout="per_expert"` (the role of the seed converter's `--groupgemm` flag) writes every
+expert as its own three Linear weights instead, as Qwen3-MoE (text) folders store them, for tools
+that read experts only in that layout:
+
+    ...mlp.experts.{i}.gate_proj.weight  (moe_intermediate, hidden)  = gate_up_proj[i, :I]
+    ...mlp.experts.{i}.up_proj.weight    (moe_intermediate, hidden)  = gate_up_proj[i, I:]
+    ...mlp.experts.{i}.down_proj.weight  (hidden, moe_intermediate)  = down_proj[i]
+
+which is exactly what transformers' own per-expert-to-stacked load conversion (the Qwen3-MoE one:
+`MergeModulelist(dim=0)` then `Concatenate(dim=1)` of gate and up) turns back into the stacked
+tensors (transformers 5 itself applies it to Qwen3-MoE, not to Qwen3-VL-MoE, whose folders it reads
+stacked only). The pieces of one stacked tensor stay in one shard and the tensor is read once, whole,
+so host memory stays near one shard (plus one stacked tensor while it is cut) here too.
 
 config.json, generation_config.json and the tokenizer/processor files come from the base model: the
 `--base` folder or shape name, or else `model.path` (and min/max_pixels) of `RUN/config.yaml`.
@@ -51,17 +70,29 @@ class ConvertError(ValueError):
     """A checkpoint, base model or output folder that cannot be converted; the message says why."""
 
 
+EXPERT_LAYOUTS = ("stacked", "per_expert")
+
+
 @dataclass
 class _Tensor:
     name: str  # name in the Hugging Face folder
     source: str  # module FQN in the checkpoint (under "model.")
-    shape: torch.Size
+    shape: torch.Size  # as written
     stored_dtype: torch.dtype
     dtype: torch.dtype  # as written
+    source_shape: torch.Size | None = None  # as stored; None: the same as `shape`
+    piece: tuple[int, int, int] | None = None  # (expert, start, stop): source[expert, start:stop]
 
     @property
     def nbytes(self) -> int:
         return self.shape.numel() * self.dtype.itemsize
+
+    def take(self, source: torch.Tensor) -> torch.Tensor:
+        """This tensor, as written, out of its loaded source tensor (a copy when it is a piece)."""
+        if self.piece is None:
+            return source.to(self.dtype).contiguous()
+        expert, start, stop = self.piece
+        return source[expert, start:stop].to(self.dtype, copy=True).contiguous()
 
 
 def parse_size(text: str | int) -> int:
@@ -85,15 +116,21 @@ def convert_checkpoint(
     dtype: str | None = None,
     max_shard_size_bytes: int = 5 * 2**30,
     progress: bool = True,
+    expert_layout: str = "stacked",
 ) -> Path:
     """Write the model of checkpoint `ckpt` as a Hugging Face folder `out` and return its path.
 
     `base`: the model folder or shape name the run started from (default: `model.path` of
     `ckpt/../../config.yaml`). `dtype`: "float32", "bfloat16" or "float16" (default: as stored).
-    `out` is written to `.tmp_<name>` beside it and renamed when complete; an existing non-empty
-    `out` is refused. Raises FileNotFoundError or ConvertError (a ValueError) saying what is wrong.
+    `expert_layout` (mixture-of-experts models): "stacked", the layout `save_pretrained` writes, or
+    "per_expert", each expert's gate/up/down Linear weights apart (module docstring); a model
+    without experts refuses "per_expert". `out` is written to `.tmp_<name>` beside it and renamed
+    when complete; an existing non-empty `out` is refused. Raises FileNotFoundError or ConvertError
+    (a ValueError) saying what is wrong.
     """
     ckpt, out = Path(ckpt), Path(out)
+    if expert_layout not in EXPERT_LAYOUTS:
+        raise ConvertError(f"unknown expert layout {expert_layout!r}; choose {' or '.join(EXPERT_LAYOUTS)}")
     _check_checkpoint(ckpt)
     target_dtype = _parse_dtype(dtype)
     if max_shard_size_bytes <= 0:
@@ -101,7 +138,7 @@ def convert_checkpoint(
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ConvertError(f"{out} already exists and is not empty; remove it or choose another --out")
     base_dir, pixels = _resolve_base(ckpt, base)
-    tensors = _plan_tensors(ckpt, base_dir, target_dtype)
+    tensors = _plan_tensors(ckpt, base_dir, target_dtype, expert_layout)
     shards = _plan_shards(tensors, max_shard_size_bytes)
 
     tmp = out.parent / f".tmp_{out.name}"
@@ -212,14 +249,67 @@ def hf_weight_names(model: torch.nn.Module) -> dict[str, str]:
         if id(tensor) not in fqn_of:
             raise ConvertError(
                 f"{type(model).__name__}: transformers changes weights on save beyond renaming ({name}); "
-                "lensrl convert supports Qwen2.5-VL and Qwen3-VL only"
+                "lensrl convert supports Qwen2.5-VL, Qwen3-VL and Qwen3-VL-MoE only"
             )
         names[name] = fqn_of[id(tensor)]
     return names
 
 
-def _plan_tensors(ckpt: Path, base_dir: Path, target_dtype: torch.dtype | None) -> list[_Tensor]:
-    """Every weight to write, checked against the base model's names and shapes."""
+def stacked_experts(model: torch.nn.Module) -> dict[str, str]:
+    """{FQN: "gate_up_proj" or "down_proj"} of the stacked expert weights of `model` (meta is fine).
+
+    An experts module is one holding 3-D `gate_up_proj` (experts, 2 * I, hidden) and `down_proj`
+    (experts, hidden, I) parameters, as transformers 5 builds Qwen3-VL-MoE's. One that declares
+    another layout (transposed, interleaved gate/up, biases) raises ConvertError: splitting it
+    as if it were this one would write wrong weights.
+    """
+    found = {}
+    for name, module in model.named_modules():
+        params = dict(module.named_parameters(recurse=False))
+        gate_up, down = params.get("gate_up_proj"), params.get("down_proj")
+        if gate_up is None or down is None or gate_up.dim() != 3 or down.dim() != 3:
+            continue
+        experts, two_inter, hidden = gate_up.shape
+        if (
+            getattr(module, "is_transposed", False)
+            or not getattr(module, "is_concatenated", True)
+            or getattr(module, "has_bias", False)
+            or two_inter % 2
+            or tuple(down.shape) != (experts, hidden, two_inter // 2)
+        ):
+            raise ConvertError(
+                f"{type(module).__name__} ({name}) stores its experts in a layout lensrl convert cannot split "
+                f"(gate_up_proj {tuple(gate_up.shape)}, down_proj {tuple(down.shape)}); use --expert-layout stacked"
+            )
+        found[f"{name}.gate_up_proj"] = "gate_up_proj"
+        found[f"{name}.down_proj"] = "down_proj"
+    return found
+
+
+def _expert_pieces(tensor: _Tensor, kind: str) -> list[_Tensor]:
+    """The per-expert Linear weights of stacked `tensor` (`...experts.gate_up_proj` or `.down_proj`).
+
+    gate_up_proj (E, 2I, H) -> experts.{i}.gate_proj.weight = [i, :I] and up_proj.weight = [i, I:],
+    both (I, H); down_proj (E, H, I) -> experts.{i}.down_proj.weight = [i], (H, I). The gate half
+    comes first, as the experts forward chunks it (`linear(x, gate_up_proj[i]).chunk(2, dim=-1)`).
+    """
+    prefix = tensor.name.rsplit(".", 1)[0]  # "...mlp.experts"
+    num_experts, rows = tensor.shape[0], tensor.shape[1]
+    parts = [("gate_proj", 0, rows // 2), ("up_proj", rows // 2, rows)] if kind == "gate_up_proj" else [
+        ("down_proj", 0, rows)]
+    return [
+        _Tensor(f"{prefix}.{expert}.{proj}.weight", tensor.source, torch.Size((stop - start, *tensor.shape[2:])),
+                tensor.stored_dtype, tensor.dtype, source_shape=tensor.shape, piece=(expert, start, stop))
+        for expert in range(num_experts)
+        for proj, start, stop in parts
+    ]
+
+
+def _plan_tensors(
+    ckpt: Path, base_dir: Path, target_dtype: torch.dtype | None, expert_layout: str = "stacked"
+) -> list[_Tensor]:
+    """Every weight to write, checked against the base model's names and shapes; with
+    `expert_layout="per_expert"`, each stacked expert weight as its per-expert pieces."""
     from torch.distributed.checkpoint import FileSystemReader
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
@@ -231,6 +321,12 @@ def _plan_tensors(ckpt: Path, base_dir: Path, target_dtype: torch.dtype | None) 
     with torch.device("meta"):
         model = model_class(arch)(config)
     names = hf_weight_names(model)
+    experts = stacked_experts(model) if expert_layout == "per_expert" else {}
+    if expert_layout == "per_expert" and not experts:
+        raise ConvertError(
+            f"--expert-layout per_expert: base model {base_dir} ({arch}) has no mixture-of-experts layers, so there "
+            "is nothing to split; leave the option out (it applies to MoE models such as Qwen3-VL-MoE)"
+        )
     expected = {name: tensor for name, tensor in model.state_dict(keep_vars=True).items()}
     aliases: dict[int, list[str]] = defaultdict(list)  # tied weights share one parameter
     for name, tensor in expected.items():
@@ -262,7 +358,8 @@ def _plan_tensors(ckpt: Path, base_dir: Path, target_dtype: torch.dtype | None) 
             continue
         stored_dtype = meta.properties.dtype
         dtype = target_dtype if target_dtype is not None and stored_dtype.is_floating_point else stored_dtype
-        tensors.append(_Tensor(name, source, torch.Size(meta.size), stored_dtype, dtype))
+        tensor = _Tensor(name, source, torch.Size(meta.size), stored_dtype, dtype)
+        tensors.extend(_expert_pieces(tensor, experts[fqn]) if fqn in experts else [tensor])
     if problems:
         raise ConvertError(
             f"{ckpt} does not match base model {base_dir}: {'; '.join(problems[:3])}"
@@ -273,15 +370,26 @@ def _plan_tensors(ckpt: Path, base_dir: Path, target_dtype: torch.dtype | None) 
 
 
 def _plan_shards(tensors: list[_Tensor], max_bytes: int) -> list[list[_Tensor]]:
-    """Consecutive tensors in shards of at most `max_bytes` (a larger tensor gets a shard alone)."""
+    """Consecutive tensors in shards of at most `max_bytes` (a larger tensor gets a shard alone).
+
+    The pieces of one stored tensor (per-expert layout) are kept together, as one tensor is, so
+    each shard loads every stored tensor it needs once and whole.
+    """
+    units: list[list[_Tensor]] = []
+    for tensor in tensors:
+        if units and tensor.piece is not None and units[-1][-1].source == tensor.source:
+            units[-1].append(tensor)
+        else:
+            units.append([tensor])
     shards: list[list[_Tensor]] = []
     size = 0
-    for tensor in tensors:
-        if not shards or (size + tensor.nbytes > max_bytes and shards[-1]):
+    for unit in units:
+        unit_size = sum(t.nbytes for t in unit)
+        if not shards or (size + unit_size > max_bytes and shards[-1]):
             shards.append([])
             size = 0
-        shards[-1].append(tensor)
-        size += tensor.nbytes
+        shards[-1].extend(unit)
+        size += unit_size
     return shards
 
 
@@ -307,11 +415,14 @@ def _write_weights(ckpt: Path, out: Path, shards: list[list[_Tensor]], progress:
         for index, (file, shard) in enumerate(zip(files, shards), 1):
             if bar is not None:
                 bar.update(task, description=f"shard {index}/{len(shards)}")
-            loaded = {t.source: torch.empty(t.shape, dtype=t.stored_dtype) for t in shard}
+            loaded = {t.source: torch.empty(t.source_shape or t.shape, dtype=t.stored_dtype) for t in shard}
             with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
                 warnings.filterwarnings("ignore", message=".*single process.*")
                 dcp.load({"model": loaded}, checkpoint_id=str(ckpt), no_dist=True)
-            weights = {t.name: loaded.pop(t.source).to(t.dtype).contiguous() for t in shard}
+            weights = {}
+            for i, t in enumerate(shard):  # a stored tensor is freed once its last piece is taken
+                last_use = i + 1 == len(shard) or shard[i + 1].source != t.source
+                weights[t.name] = t.take(loaded.pop(t.source) if last_use else loaded[t.source])
             save_file(weights, str(out / file), metadata={"format": "pt"})
             del weights
             if bar is not None:
