@@ -99,6 +99,8 @@ def main(argv: list[str] | None = None) -> None:
     from lensrl.rewards.function import RewardFunctionError
     from lensrl.train.checkpoint import CheckpointError
     from lensrl.train.convert import ConvertError
+    from lensrl.train.heartbeat import RankHungError
+    from lensrl.trainers.errors import BadStepsError
 
     args = build_parser().parse_args(argv)
     from transformers.utils import logging as hf_logging
@@ -112,6 +114,12 @@ def main(argv: list[str] | None = None) -> None:
             FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except (BadStepsError, RankHungError) as e:  # the run itself failed; its last good checkpoint is named
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        print("interrupted (no checkpoint of the step in flight)", file=sys.stderr)
+        sys.exit(130)
     shutdown()  # after a run that succeeded (a failing one exits without waiting on its peers)
 
 

@@ -123,7 +123,15 @@ def save_checkpoint(
         if _rank() == 0:
             mine.append(tmp / ".metadata")
         sums = {f.name: _file_sum(f, sync=True) for f in mine if f.exists()}
+    except KeyboardInterrupt:  # a second Ctrl-C: abort at once, leaving no partial folder behind
+        if _rank() == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
     except (Exception, CheckpointException) as e:  # noqa: BLE001 - every rank must reach the gather below
+        if isinstance(e, CheckpointException) and any(isinstance(f[0], KeyboardInterrupt) for f in e.failures.values()):
+            if _rank() == 0:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise KeyboardInterrupt from None
         error = e
     failures = _gather([(_rank(), _describe_write_error(error, tmp, model_sd, optim_sd)) if error else None])
     all_sums = _gather([sums])
@@ -133,14 +141,17 @@ def save_checkpoint(
             shutil.rmtree(tmp, ignore_errors=True)
         _barrier()
         rank, message = failures[0]
+        free = _free_gib(ckpt_root)
         raise CheckpointError(f"checkpoint step_{step} was not written (rank {rank}): {message}; the partial "
-                              f"folder was removed and the previous checkpoints are untouched") from error
+                              f"folder was removed ({free:.2f} GiB free now) and the previous checkpoints are "
+                              "untouched") from error
     if _rank() == 0:
         merged = {name: entry for part in all_sums for name, entry in part.items()}
         world = dist.get_world_size() if dist.is_initialized() else 1
         try:
             _write_synced(tmp / CHECKSUMS, json.dumps(merged, indent=1, sort_keys=True))
-            _write_synced(tmp / "meta.json", json.dumps({"step": step, "world_size": world, "time": time.time()}))
+            _write_synced(tmp / "meta.json", json.dumps({"step": step, "world_size": world, "time": time.time(),
+                                                         "checksums": len(merged)}))
             _fsync_dir(tmp)
             if final.exists():
                 _delete(final)
@@ -178,22 +189,27 @@ def _state_bytes(*states: dict) -> int:
     return total
 
 
+def _free_gib(path: Path) -> float:
+    try:
+        return shutil.disk_usage(path if path.exists() else path.parent).free / 2**30
+    except OSError:
+        return 0.0
+
+
 def _describe_write_error(error: BaseException, where: Path, *states: dict) -> str:
-    """What went wrong writing under `where`, in words: a full disk says so, with free and needed space."""
+    """What went wrong writing under `where`, in words: a full disk says so, with the space needed."""
     if isinstance(error, CheckpointException) and error.failures:  # DCP wraps each rank's own error
         error = next(iter(error.failures.values()))[0]
     text = str(error)
+    need = _state_bytes(*states)
     full = isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT)
-    full = full or "No space left" in text or "unexpected pos" in text or "file write failed" in text
+    full = full or "No space left" in text
+    # torch's zip writer reports a short write without its errno: full when the space was short
+    full = full or (("unexpected pos" in text or "file write failed" in text) and _free_gib(where.parent) * 2**30 < need)
     if not full:
         return f"{type(error).__name__}: {text}"
-    try:
-        free = shutil.disk_usage(where.parent if where.parent.exists() else where).free
-    except OSError:
-        free = 0
-    need = _state_bytes(*states)
-    return (f"the disk is full at {where.parent} ({free / 2**30:.2f} GiB free; this rank's part of the checkpoint "
-            f"needs about {need / 2**30:.2f} GiB): free space or set trainer.output_dir elsewhere")
+    return (f"the disk is full at {where.parent} (this rank's part of the checkpoint needs about "
+            f"{need / 2**30:.2f} GiB): free space or set trainer.output_dir elsewhere")
 
 
 def _file_sum(path: Path, sync: bool = False) -> dict[str, int]:
@@ -234,27 +250,39 @@ def _delete(path: Path) -> None:
 
 def verify_checkpoint(path: str | Path, files: list[str] | None = None) -> str | None:
     """What is wrong with checkpoint folder `path`, in one sentence naming the file, or None when
-    it is intact: meta.json, .metadata and extra_rank0.pt present, and every file checksums.json
-    lists present with its recorded size and CRC-32 (`files`: only these of them). A checkpoint
-    written before checksums existed is checked for its files only."""
+    it is intact: meta.json, .metadata and extra_rank0.pt present, checksums.json holding as many
+    entries as meta.json says were written and every shard on disk among them, and every listed
+    file present with its recorded size and CRC-32 (`files`: check only these of them). Only a
+    checkpoint written before checksums existed (its meta.json has no "checksums") is checked for
+    its files alone."""
     path = Path(path)
+    if not path.is_dir():
+        return f"{path} does not exist (no such checkpoint folder)"
     if not (path / "meta.json").is_file():
         return f"{path}/meta.json is missing (the checkpoint was never completed)"
     try:
-        json.loads((path / "meta.json").read_text())
-    except (OSError, ValueError) as e:
+        meta = json.loads((path / "meta.json").read_text())
+        expected = meta.get("checksums")
+    except (OSError, ValueError, AttributeError) as e:
         return f"{path}/meta.json is unreadable ({e})"
     for needed in (".metadata", "extra_rank0.pt"):
         if not (path / needed).is_file():
             return f"{path}/{needed} is missing"
-    if not (path / CHECKSUMS).is_file():
+    if expected is None:  # written before checksums existed
         return None
     try:
         recorded = json.loads((path / CHECKSUMS).read_text())
-    except (OSError, ValueError) as e:
-        return f"{path}/{CHECKSUMS} is unreadable ({e})"
+        if not isinstance(recorded, dict) or len(recorded) != expected:
+            raise ValueError(f"{len(recorded)} entries where meta.json records {expected}")
+        unlisted = sorted({f.name for f in path.glob("*.distcp")} - set(recorded))
+        if unlisted:
+            raise ValueError(f"shards on disk it does not list: {unlisted}")
+    except (OSError, ValueError, TypeError) as e:
+        return f"{path}/{CHECKSUMS} is missing or damaged ({e})"
     for name in files if files is not None else sorted(recorded):
-        entry, file = recorded[name], path / name
+        entry, file = recorded.get(name), path / name
+        if not isinstance(entry, dict) or not isinstance(entry.get("size"), int) or not isinstance(entry.get("crc32"), int):
+            return f"{path}/{CHECKSUMS} has no valid entry for {name}"
         if not file.is_file():
             return f"{file} is missing"
         size = file.stat().st_size
@@ -271,7 +299,7 @@ def verify_everywhere(path: str | Path) -> str | None:
     path = Path(path)
     names = None
     if (path / CHECKSUMS).is_file():
-        with contextlib.suppress(OSError, ValueError):
+        with contextlib.suppress(OSError, ValueError, TypeError):
             names = sorted(json.loads((path / CHECKSUMS).read_text()))
     world = dist.get_world_size() if dist.is_initialized() else 1
     mine = None if names is None else names[_rank()::world]
@@ -297,24 +325,44 @@ def latest_checkpoint(ckpt_root: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
-def find_resumable(ckpt_root: str | Path) -> tuple[Path | None, list[str]]:
-    """The newest intact checkpoint under `ckpt_root` (verified on every rank, a collective) and
-    one note per newer folder passed over: a damaged or incomplete checkpoint (which file, what is
-    wrong) or a `step_N` without meta.json (never completed). (None, notes) when none is intact."""
+def find_resumable(ckpt_root: str | Path) -> tuple[Path | None, list[Path], list[str]]:
+    """The newest intact checkpoint under `ckpt_root` (verified on every rank, a collective), the
+    newer `step_N` folders passed over (damaged, incomplete, or without meta.json), and one note per
+    passed-over folder saying which file is wrong and how. (None, ...) when none is intact."""
     ckpt_root = Path(ckpt_root)
-    notes = []
+    notes: list[str] = []
+    passed: list[Path] = []
     complete = list_checkpoints(ckpt_root)
-    newest = int(_STEP_DIR.match(complete[-1].name).group(1)) if complete else -1
     for child in sorted(ckpt_root.iterdir()) if ckpt_root.is_dir() else []:
-        match = _STEP_DIR.match(child.name)
-        if match and child.is_dir() and not (child / "meta.json").is_file() and int(match.group(1)) > newest:
+        if _STEP_DIR.match(child.name) and child.is_dir() and not (child / "meta.json").is_file():
+            passed.append(child)
             notes.append(f"skipped {child}: no meta.json, the checkpoint was never completed")
     for path in reversed(complete):
         problem = verify_everywhere(path)
         if problem is None:
-            return path, notes
+            step = int(_STEP_DIR.match(path.name).group(1))
+            older = [p for p in passed if int(_STEP_DIR.match(p.name).group(1)) < step]
+            keep = [n for p, n in zip(passed, notes) if p not in older]
+            return path, [p for p in passed if p not in older], keep
+        passed.append(path)
         notes.append(f"skipped {path}: {problem}")
-    return None, notes
+    return None, passed, notes
+
+
+def set_aside(paths: list[Path]) -> list[Path]:
+    """Rename damaged or incomplete checkpoint folders to `damaged_step_N` beside them (main rank
+    only): kept for inspection, never loaded, never counted by `save_limit` pruning (which would
+    otherwise keep a damaged newest folder and delete the run's new, intact ones)."""
+    moved = []
+    for path in paths:
+        target = path.with_name(f"damaged_{path.name}")
+        for k in range(1, 1000):
+            if not target.exists():
+                break
+            target = path.with_name(f"damaged_{path.name}.{k}")
+        os.replace(path, target)
+        moved.append(target)
+    return moved
 
 
 def load_checkpoint(
@@ -360,7 +408,16 @@ def save_hf(
         shutil.rmtree(tmp)
     state = {k: v.detach().to(dtype) if dtype is not None and v.is_floating_point() else v.detach()
              for k, v in (state_dict if state_dict is not None else model.state_dict()).items()}
-    model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
+    try:
+        model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
+    except Exception as e:  # a full disk surfaces as OSError or as safetensors' own error
+        shutil.rmtree(tmp, ignore_errors=True)
+        if "No space left" in str(e) or (isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)):
+            need = sum(v.numel() * v.element_size() for v in state.values()) / 2**30
+            raise CheckpointError(f"the Hugging Face folder {out_dir} was not written: the disk is full (it needs "
+                                  f"about {need:.2f} GiB, {_free_gib(out_dir.parent):.2f} GiB are free); the partial "
+                                  "folder was removed, the checkpoints are untouched") from e
+        raise
     if dtype is not None:
         config = json.loads((tmp / "config.json").read_text())
         config["torch_dtype"] = config["dtype"] = str(dtype).removeprefix("torch.")

@@ -25,12 +25,14 @@ from lensrl.train.checkpoint import (
     load_checkpoint,
     save_checkpoint,
     save_hf,
+    set_aside,
 )
 from lensrl.train.heartbeat import RankHungError
 from lensrl.train.optim import follow_schedule
 from lensrl.train.packing import plan_micro_batches
 from lensrl.train.runlock import acquire_run_lock
 from lensrl.train.sequences import Sequence, make_sequence
+from lensrl.trainers.errors import BadStepsError
 
 
 def seed_everything(seed: int) -> None:
@@ -259,7 +261,7 @@ class StopFlag:
         def handler(signum, frame):
             if self.requested and signum == signal.SIGINT:
                 raise KeyboardInterrupt
-            if not self.requested:
+            if not self.requested and dist.rank() == 0:  # one notice per job, not one per rank
                 console.print(f"[yellow]{signal.Signals(signum).name}: finishing this step, saving a checkpoint, "
                               "then exiting (Ctrl-C again to abort now)[/yellow]")
             self.requested = True
@@ -326,21 +328,36 @@ def save(trainer) -> Path:
                            state, trainer.cfg.trainer.save_limit)
 
 
+def _step_of(path: Path) -> int:
+    digits = path.name.rsplit("_", 1)[-1]
+    return int(digits) if digits.isdigit() else -1
+
+
 def resume(trainer) -> None:
     """Restore the trainer from `trainer.resume` (auto: the newest complete checkpoint, if any)."""
     setting = trainer.cfg.trainer.resume
     if setting == "never":
         return
     if setting == "auto":
-        path, notes = find_resumable(trainer.ckpt_dir)
-        if dist.is_main():
+        path, passed, notes = find_resumable(trainer.ckpt_dir)
+        if dist.is_main() and passed:
+            moved = set_aside(passed)
             for note in notes:
                 console.print(f"[yellow]{escape(note)}[/yellow]", soft_wrap=True)
-            if notes and path is not None:
-                console.print(f"[yellow]falling back to {escape(str(path))}, the newest intact checkpoint[/yellow]",
-                              soft_wrap=True)
+            console.print(f"[yellow]set aside as {escape(', '.join(m.name for m in moved))}; "
+                          + (f"falling back to {escape(str(path))}, the newest intact checkpoint" if path is not None
+                             else "no intact checkpoint: starting from step 0") + "[/yellow]", soft_wrap=True)
+        dist.barrier()
     else:
         path = Path(setting)
+        if path.name.startswith((".tmp_", ".del_", "damaged_")):
+            raise ConfigError(f"trainer.resume={path}: a partial, half-deleted or damaged checkpoint folder is never "
+                              "loaded; name a step_N folder")
+        newer = [p for p in list_checkpoints(trainer.ckpt_dir) if p.resolve() != path.resolve()
+                 and _step_of(p) > _step_of(path)]
+        if newer and dist.is_main():
+            console.print(f"[yellow]resuming from {escape(str(path))} although {escape(newer[-1].name)} is newer: "
+                          "those newer checkpoints are replaced as the run reaches their steps[/yellow]", soft_wrap=True)
     if path is None:
         return
     state = load_checkpoint(path, trainer.policy, trainer.optimizer, trainer.scheduler)
@@ -397,19 +414,24 @@ def profile_step(trainer, step: int):
     (out / f"{name}.txt").write_text(table)
 
 
-class BadStepsError(RuntimeError):
-    """Too many consecutive steps with non-finite loss or gradients."""
-
-
 def finish_step(trainer, metrics: dict[str, float], stop: StopFlag) -> bool:
     """Everything after a training step, the same for every trainer: validation on schedule,
     logging, the bad-step stop, checkpoints, Ctrl-C. Returns True when the run should stop now."""
     t = trainer.cfg.trainer
     last = trainer.step == trainer.total_steps
-    if dist.world_size() > 1:  # a Ctrl-C seen by any rank stops every rank after the same step
-        stop.requested = bool(dist.all_reduce_max(torch.tensor(float(stop.requested))).item())
+    # A signal seen by any rank stops every rank after the same step: all act on the reduced value;
+    # a rank's own flag is never cleared (a signal that lands during the reduce counts next step).
+    stop_now = stop.requested
+    if dist.world_size() > 1:
+        stop_now = bool(dist.all_reduce_max(torch.tensor(float(stop_now))).item())
     if trainer.val_data is not None and ((t.test_freq and trainer.step % t.test_freq == 0) or last):
-        metrics.update(validate(trainer, trainer.step))
+        try:
+            metrics.update(validate(trainer, trainer.step))
+        except Exception:  # the step itself trained: keep its record (and, in one process, a checkpoint)
+            trainer.logger.log(metrics, trainer.step)
+            if dist.world_size() == 1:
+                save(trainer)
+            raise
     trainer.logger.log(metrics, trainer.step)
     trainer.logger.progress(trainer.step)
     if trainer.bad_steps_in_row >= t.max_bad_steps:
@@ -420,11 +442,11 @@ def finish_step(trainer, metrics: dict[str, float], stop: StopFlag) -> bool:
         )
     # No checkpoint while steps are failing: the last one stays the last good one.
     periodic = t.save_freq and trainer.step % t.save_freq == 0 and trainer.bad_steps_in_row == 0
-    if periodic or stop.requested or (last and t.save_last):
+    if periodic or stop_now or (last and t.save_last):
         save(trainer)
-    if stop.requested and dist.is_main():
+    if stop_now and dist.is_main():
         console.print(f"stopped at step {trainer.step}; checkpoint saved, resume with trainer.resume=auto")
-    return stop.requested
+    return stop_now
 
 
 def save_final_hf(trainer) -> None:

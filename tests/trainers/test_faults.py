@@ -71,6 +71,9 @@ def test_plausible_bytes_in_a_shard_are_caught_and_auto_resume_falls_back(saved_
     assert shard.name in out and "checksum" in out and "falling back" in out and "step_1" in out
     steps = [r["step"] for r in read_metrics(run)]
     assert steps == [1, 2, 3]  # step 2 retrained from step 1, logged once
+    # the damaged folder is kept aside, out of the way of save_limit pruning, and never loaded
+    assert (run / "checkpoints" / "damaged_step_2").is_dir()
+    assert [p.name for p in list_checkpoints(run / "checkpoints")] == ["step_2", "step_3"]  # save_limit=2
 
 
 def test_an_explicit_damaged_checkpoint_is_refused_naming_the_file(saved_run, tiny_qwen25_dir, color_data, tmp_path):
@@ -82,7 +85,7 @@ def test_an_explicit_damaged_checkpoint_is_refused_naming_the_file(saved_run, ti
     assert "extra_rank0.pt" in result.stderr and "truncated" in result.stderr and "Traceback" not in result.stderr
 
 
-@pytest.mark.parametrize("damage", ["lost_shards", "no_metadata", "no_meta_json"])
+@pytest.mark.parametrize("damage", ["lost_shards", "no_metadata", "no_meta_json", "no_checksums", "empty_checksums"])
 def test_incomplete_newest_checkpoint_is_named_and_skipped(saved_run, tiny_qwen25_dir, color_data, tmp_path, damage):
     run = _copy(saved_run, tmp_path)
     newest = run / "checkpoints" / "step_2"
@@ -91,14 +94,29 @@ def test_incomplete_newest_checkpoint_is_named_and_skipped(saved_run, tiny_qwen2
             f.unlink()
     elif damage == "no_metadata":
         (newest / ".metadata").unlink()
+    elif damage == "no_checksums":  # with it gone, a flipped byte would load unnoticed
+        (newest / "checksums.json").unlink()
+    elif damage == "empty_checksums":
+        (newest / "checksums.json").write_text("{}")
     else:
         (newest / "meta.json").unlink()
     result = _resume(tiny_qwen25_dir, color_data, run)
     assert result.returncode == 0, result.stderr[-3000:]
     out = result.stdout + result.stderr
     assert "step_2" in out and "skipped" in out
-    assert {"lost_shards": ".distcp", "no_metadata": ".metadata", "no_meta_json": "never completed"}[damage] in out
+    assert {"lost_shards": ".distcp", "no_metadata": ".metadata", "no_meta_json": "never completed",
+            "no_checksums": "checksums.json", "empty_checksums": "checksums.json"}[damage] in out
     assert [r["step"] for r in read_metrics(run)] == [1, 2, 3]
+
+
+@pytest.mark.parametrize("name", [".del_step_2", "step_9"])
+def test_an_explicit_path_that_is_no_checkpoint_is_refused(saved_run, tiny_qwen25_dir, color_data, tmp_path, name):
+    run = _copy(saved_run, tmp_path)
+    if name.startswith(".del_"):
+        os.replace(run / "checkpoints" / "step_2", run / "checkpoints" / name)
+    result = _resume(tiny_qwen25_dir, color_data, run, f"trainer.resume={run / 'checkpoints' / name}")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert ("never loaded" if name.startswith(".del_") else "does not exist") in result.stderr
 
 
 def test_a_half_deleted_checkpoint_never_looks_complete(saved_run, tmp_path):
