@@ -85,28 +85,44 @@ def test_an_explicit_damaged_checkpoint_is_refused_naming_the_file(saved_run, ti
     assert "extra_rank0.pt" in result.stderr and "truncated" in result.stderr and "Traceback" not in result.stderr
 
 
-@pytest.mark.parametrize("damage", ["lost_shards", "no_metadata", "no_meta_json", "no_checksums", "empty_checksums"])
-def test_incomplete_newest_checkpoint_is_named_and_skipped(saved_run, tiny_qwen25_dir, color_data, tmp_path, damage):
+def test_a_checkpoint_that_lost_its_shards_is_named_and_skipped(saved_run, tiny_qwen25_dir, color_data, tmp_path):
+    """What a kill during the old pruning left (meta.json kept, shards gone): a real resume names
+    it, sets it aside and continues from the newest intact checkpoint."""
+    run = _copy(saved_run, tmp_path)
+    for f in (run / "checkpoints" / "step_2").glob("*.distcp"):
+        f.unlink()
+    result = _resume(tiny_qwen25_dir, color_data, run)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = result.stdout + result.stderr
+    assert "step_2" in out and "skipped" in out and ".distcp" in out
+    assert [r["step"] for r in read_metrics(run)] == [1, 2, 3]
+
+
+@pytest.mark.parametrize("damage", ["no_metadata", "no_meta_json", "no_checksums", "empty_checksums", "bad_entry"])
+def test_every_kind_of_incomplete_checkpoint_is_named(saved_run, tmp_path, damage):
+    """find_resumable (what resume=auto runs) names what is wrong with the newest folder and
+    returns the newest intact one; with checksums.json gone or emptied a flipped byte would load."""
+    from lensrl.train.checkpoint import find_resumable
+
     run = _copy(saved_run, tmp_path)
     newest = run / "checkpoints" / "step_2"
-    if damage == "lost_shards":  # what a kill during the old pruning left: meta.json, no shards
-        for f in newest.glob("*.distcp"):
-            f.unlink()
-    elif damage == "no_metadata":
+    if damage == "no_metadata":
         (newest / ".metadata").unlink()
-    elif damage == "no_checksums":  # with it gone, a flipped byte would load unnoticed
+    elif damage == "no_meta_json":
+        (newest / "meta.json").unlink()
+    elif damage == "no_checksums":
         (newest / "checksums.json").unlink()
     elif damage == "empty_checksums":
         (newest / "checksums.json").write_text("{}")
     else:
-        (newest / "meta.json").unlink()
-    result = _resume(tiny_qwen25_dir, color_data, run)
-    assert result.returncode == 0, result.stderr[-3000:]
-    out = result.stdout + result.stderr
-    assert "step_2" in out and "skipped" in out
-    assert {"lost_shards": ".distcp", "no_metadata": ".metadata", "no_meta_json": "never completed",
-            "no_checksums": "checksums.json", "empty_checksums": "checksums.json"}[damage] in out
-    assert [r["step"] for r in read_metrics(run)] == [1, 2, 3]
+        sums = json.loads((newest / "checksums.json").read_text())
+        sums[next(iter(sums))] = {"sz": 1}
+        (newest / "checksums.json").write_text(json.dumps(sums))
+    path, passed, notes = find_resumable(run / "checkpoints")
+    assert path == run / "checkpoints" / "step_1" and passed == [newest]
+    expected = {"no_metadata": ".metadata", "no_meta_json": "never completed", "no_checksums": "checksums.json",
+                "empty_checksums": "checksums.json", "bad_entry": "no valid entry"}[damage]
+    assert len(notes) == 1 and expected in notes[0] and "step_2" in notes[0]
 
 
 @pytest.mark.parametrize("name", [".del_step_2", "step_9"])
