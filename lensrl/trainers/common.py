@@ -163,36 +163,45 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
 
 
 def prepare_run_dir(output_dir: str, run_name: str, config) -> Path:
-    """runs/<name>/ with the resolved config.yaml, locked for this run (`lensrl.train.runlock`). A folder that already holds a different
-    config.yaml (a resumed run with changed settings) keeps it as config.step_N.yaml (N: its newest
-    checkpoint) and the changed keys are printed before anything runs; nothing is overwritten
-    silently."""
+    """runs/<name>/, locked for this run (`lensrl.train.runlock`); refuses a folder that holds
+    checkpoints when trainer.resume=never. The config is recorded by `record_config` once the
+    resume (if any) has been accepted."""
     run_dir = Path(output_dir) / run_name
     if dist.is_main():
         run_dir.mkdir(parents=True, exist_ok=True)
         acquire_run_lock(run_dir)  # one run per folder: a second is refused, naming the holder
-        previous = run_dir / "config.yaml"
         ckpts = list_checkpoints(run_dir / "checkpoints")
         if ckpts and getattr(config.trainer, "resume", "auto") == "never":
             raise ConfigError(f"{run_dir} holds checkpoints of an earlier run (newest {ckpts[-1].name}); "
                               "continue it with trainer.resume=auto, or start afresh under another trainer.run_name")
-        if previous.is_file() and previous.read_text() != to_yaml(config):
-            changes = config_changes(previous, config)
-            tag = ckpts[-1].name if ckpts else time.strftime("%Y%m%d-%H%M%S")
-            kept = run_dir / f"config.{tag}.yaml"
-            for k in range(1, 1000):  # never over an earlier record
-                if not kept.exists():
-                    break
-                kept = run_dir / f"config.{tag}.{k}.yaml"
-            os.replace(previous, kept)
-            console.print(f"[yellow]{escape(str(run_dir))}: config differs from the earlier run's (kept as "
-                          f"{escape(kept.name)}):[/yellow]", soft_wrap=True)
-            for key, (old, new) in changes.items():
-                console.print(escape(f"  {key}: {old!r} -> {new!r}"), soft_wrap=True)
-        save_config(config, run_dir / "config.yaml")
     dist.barrier()
     heartbeat.start(run_dir, dist.rank())
     return run_dir
+
+
+def record_config(run_dir: Path, config) -> None:
+    """Write the resolved config.yaml. A folder that already holds a different config.yaml (a
+    resumed run with changed settings) keeps it as config.step_N.yaml (N: its newest checkpoint)
+    and the changed keys are printed before the first step; nothing is overwritten silently.
+    Called after the resume was accepted, so a refused resume leaves the record as it was."""
+    if not dist.is_main():
+        return
+    previous = run_dir / "config.yaml"
+    if previous.is_file() and previous.read_text() != to_yaml(config):
+        ckpts = list_checkpoints(run_dir / "checkpoints")
+        changes = config_changes(previous, config)
+        tag = ckpts[-1].name if ckpts else time.strftime("%Y%m%d-%H%M%S")
+        kept = run_dir / f"config.{tag}.yaml"
+        for k in range(1, 1000):  # never over an earlier record
+            if not kept.exists():
+                break
+            kept = run_dir / f"config.{tag}.{k}.yaml"
+        os.replace(previous, kept)
+        console.print(f"[yellow]{escape(str(run_dir))}: config differs from the earlier run's (kept as "
+                      f"{escape(kept.name)}):[/yellow]", soft_wrap=True)
+        for key, (old, new) in changes.items():
+            console.print(escape(f"  {key}: {old!r} -> {new!r}"), soft_wrap=True)
+    save_config(config, run_dir / "config.yaml")
 
 
 def config_changes(previous: Path, config) -> dict[str, tuple[object, object]]:
@@ -210,6 +219,9 @@ def config_changes(previous: Path, config) -> dict[str, tuple[object, object]]:
 
 
 def make_logger(run_dir: Path, trainer_cfg, config, total_steps: int, start_step: int = 0) -> RunLogger:
+    """The run's record from `start_step` on: config.yaml (`record_config`) and the metric sinks.
+    Made after the resume, so a refused resume changes neither."""
+    record_config(run_dir, config)
     return RunLogger(run_dir, trainer_cfg.loggers, total_steps, to_dict(config), trainer_cfg.run_name,
                      trainer_cfg.wandb_project, enabled=dist.is_main(), start_step=start_step)
 

@@ -114,6 +114,7 @@ def run_eval(config_path: str | None, overrides: list[str]) -> dict[str, float]:
         load_split,
         model_dtypes,
         prepare_run_dir,
+        record_config,
         seed_everything,
     )
 
@@ -130,6 +131,7 @@ def run_eval(config_path: str | None, overrides: list[str]) -> dict[str, float]:
         compile_blocks(model)
     dataset = load_split(cfg.data.val_files, cfg.data, "test", processor)
     run_dir = prepare_run_dir(cfg.output_dir, cfg.run_name, cfg)
+    record_config(run_dir, cfg)
     rollout = build_rollout(cfg.rollout, model, processor, device)
     params = SamplingParams(n=cfg.rollout.val_n, temperature=cfg.rollout.val_temperature,
                             top_p=cfg.rollout.val_top_p, max_new_tokens=cfg.rollout.max_new_tokens, seed=cfg.seed)

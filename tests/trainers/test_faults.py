@@ -135,6 +135,17 @@ def test_an_explicit_path_that_is_no_checkpoint_is_refused(saved_run, tiny_qwen2
     assert ("never loaded" if name.startswith(".del_") else "does not exist") in result.stderr
 
 
+def test_a_refused_resume_leaves_the_config_record_as_it_was(saved_run, tiny_qwen25_dir, color_data, tmp_path):
+    """A resume refused (another rollout batch size than the checkpoint's sampler) exits 2 and
+    neither rotates config.yaml into the history nor writes the refused config."""
+    run = _copy(saved_run, tmp_path)
+    before = (run / "config.yaml").read_text()
+    result = _resume(tiny_qwen25_dir, color_data, run, "trainer.rollout_batch_size=8", "actor.mini_batch_size=8")
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert (run / "config.yaml").read_text() == before
+    assert sorted(p.name for p in run.glob("config*.yaml")) == ["config.yaml"]
+
+
 def test_a_half_deleted_checkpoint_never_looks_complete(saved_run, tmp_path):
     """Pruning renames a checkpoint out of the step_N pattern before deleting it; a leftover of a
     kill in between is ignored and removed by the next save."""

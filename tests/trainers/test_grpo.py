@@ -449,7 +449,7 @@ def test_a_run_folder_keeps_its_history(tiny_qwen25_dir, color_data, tmp_path):
     assert wrong.stderr.strip().splitlines()[-1].startswith("error: cannot resume from")
     assert run_cli("grpo", *base, "trainer.total_steps=2").returncode == 0
     kept = sorted(p.name for p in run.glob("config.*.yaml"))
-    assert kept == ["config.step_1.1.yaml", "config.step_1.yaml"]
+    assert kept == ["config.step_1.yaml"]  # the refused resume recorded nothing
     assert (run / "config.step_1.yaml").read_text() == first  # the run's own record survives
     fresh = run_cli("grpo", *base, "trainer.resume=never")
     assert fresh.returncode == 2 and "holds checkpoints of an earlier run" in fresh.stderr
