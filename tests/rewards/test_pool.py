@@ -118,6 +118,7 @@ def test_bad_items_are_errors(pool):
 
 
 def test_worker_killed_between_batches(pool, caplog):
+    pool.score_batch([(c, a) for c, a, _ in NORMAL])  # every worker started and idle (else "before it was ready")
     pool.take_metrics()
     os.kill(pool._workers[0].process.pid, 9)
     pool._workers[0].process.join(5)
