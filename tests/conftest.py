@@ -29,6 +29,15 @@ def tiny_qwen3_dir(tmp_path_factory):
     return make_tiny_model(tmp_path_factory.mktemp("tiny_qwen3_vl"), arch="qwen3_vl", preset="1m", seed=0)
 
 
+@pytest.fixture(scope="session")
+def tiny_moe_dir(tmp_path_factory):
+    """A random-init Qwen3-VL-MoE folder (smallest preset: 3 sparse layers, 8 experts of width 48,
+    top-2; seed 0), made once per session."""
+    from lensrl.models.tiny import make_tiny_model
+
+    return make_tiny_model(tmp_path_factory.mktemp("tiny_qwen3_vl_moe"), arch="qwen3_vl_moe", preset="1m", seed=0)
+
+
 def make_test_image(width: int, height: int, seed: int = 0) -> Image.Image:
     """A deterministic RGB image: smooth gradients plus noise, so resizing has real work to do."""
     rng = np.random.default_rng(seed)

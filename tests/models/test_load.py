@@ -27,18 +27,6 @@ from lensrl.models.tiny import tiny_config
 from lensrl.models.tokenizer import tiny_special_token_ids
 
 
-@pytest.fixture(scope="session")
-def tiny_moe_dir(tmp_path_factory):
-    """A random-init Qwen3-VL-MoE folder (smallest preset, seed 0), made once per session (shared
-    with the other test modules that make it under the same name)."""
-    from lensrl.models.tiny import make_tiny_model
-
-    folder = tmp_path_factory.getbasetemp() / "tiny_qwen3_vl_moe_shared"
-    if not (folder / "preprocessor_config.json").is_file():  # written last
-        make_tiny_model(folder, arch="qwen3_vl_moe", preset="1m", seed=0)
-    return folder
-
-
 def test_detect_arch(tiny_qwen25_dir, tiny_qwen3_dir, tiny_moe_dir):
     assert detect_arch(tiny_qwen25_dir) == "qwen2_5_vl"
     assert detect_arch(tiny_qwen3_dir) == "qwen3_vl"

@@ -24,16 +24,6 @@ ARCH_CLASSES = {
 }
 
 
-@pytest.fixture(scope="session")
-def tiny_moe_dir(tmp_path_factory):
-    """A random-init Qwen3-VL-MoE folder (smallest preset, seed 0), made once per session (shared
-    with the other test modules that make it under the same name)."""
-    folder = tmp_path_factory.getbasetemp() / "tiny_qwen3_vl_moe_shared"
-    if not (folder / "preprocessor_config.json").is_file():  # written last
-        make_tiny_model(folder, arch="qwen3_vl_moe", preset="1m", seed=0)
-    return folder
-
-
 @pytest.fixture(params=["qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe"])
 def tiny_dir(request, tiny_qwen25_dir, tiny_qwen3_dir):
     if request.param == "qwen3_vl_moe":

@@ -13,7 +13,6 @@ import torch
 
 from lensrl.config import RolloutConfig
 from lensrl.models.load import load_policy
-from lensrl.models.tiny import make_tiny_model
 from lensrl.rollout.base import SamplingParams
 from lensrl.rollout.engine import EngineRollout, moe
 from lensrl.rollout.engine.scheduler import Group, blocks_needed
@@ -22,13 +21,6 @@ from lensrl.train.sequences import forward_response_logprobs, make_sequence
 from tests.rollout.conftest import mixed_samples
 
 GREEDY = SamplingParams(n=2, temperature=0.0, max_new_tokens=10)
-
-
-@pytest.fixture(scope="module")
-def tiny_moe_dir(tmp_path_factory):
-    return make_tiny_model(
-        tmp_path_factory.mktemp("tiny_qwen3_vl_moe"), arch="qwen3_vl_moe", preset="1m", seed=0
-    )
 
 
 def sharpened_moe(folder):

@@ -15,7 +15,6 @@ import torch.distributed.checkpoint as dcp
 from lensrl.cli import main as cli_main
 from lensrl.models.processor import Processor
 from lensrl.models.shapes import model_class, shape_config
-from lensrl.models.tiny import make_tiny_model
 from lensrl.train import convert as convert_module
 from lensrl.train.convert import ConvertError, convert_checkpoint, hf_weight_names, stacked_experts
 from tests.train.test_convert import (
@@ -31,16 +30,10 @@ EXPERTS = ".mlp.experts."
 
 
 @pytest.fixture(scope="module")
-def moe_dir(tmp_path_factory) -> Path:
-    """The tiny Qwen3-VL-MoE folder (1m preset: 3 sparse layers, 8 experts of width 48, top-2)."""
-    return make_tiny_model(tmp_path_factory.mktemp("tiny_qwen3_vl_moe"), arch="qwen3_vl_moe", preset="1m", seed=0)
-
-
-@pytest.fixture(scope="module")
-def moe_run(moe_dir, tmp_path_factory):
+def moe_run(tiny_moe_dir, tmp_path_factory):
     """(live model, checkpoint): a perturbed, one-AdamW-step copy of the tiny MoE model, saved by
     lensrl's save_checkpoint as training saves it."""
-    return make_run(tmp_path_factory.mktemp("moe") / "run", moe_dir)
+    return make_run(tmp_path_factory.mktemp("moe") / "run", tiny_moe_dir)
 
 
 def text_config(model: torch.nn.Module):

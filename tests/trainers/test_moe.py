@@ -34,18 +34,6 @@ TOL = dict(rtol=1e-5, atol=1e-5)
 EXPERTS = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj", "mlp.gate.weight")
 
 
-@pytest.fixture(scope="session")
-def tiny_moe_dir(tmp_path_factory):
-    """A random-init Qwen3-VL-MoE folder (smallest preset, seed 0), made once per session (shared
-    with the other test modules that make it under the same name)."""
-    from lensrl.models.tiny import make_tiny_model
-
-    folder = tmp_path_factory.getbasetemp() / "tiny_qwen3_vl_moe_shared"
-    if not (folder / "preprocessor_config.json").is_file():  # written last
-        make_tiny_model(folder, arch="qwen3_vl_moe", preset="1m", seed=0)
-    return folder
-
-
 def _expert_names(model) -> list[str]:
     return [n for n, _ in model.named_parameters() if n.endswith(EXPERTS)]
 
