@@ -33,6 +33,8 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
+from lensrl.train.distributed import all_gather_objects
+
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 CHECKSUMS = "checksums.json"
 
@@ -133,9 +135,9 @@ def save_checkpoint(
                 shutil.rmtree(tmp, ignore_errors=True)
             raise KeyboardInterrupt from None
         error = e
-    failures = _gather([(_rank(), _describe_write_error(error, tmp, model_sd, optim_sd)) if error else None])
-    all_sums = _gather([sums])
-    failures = [f for f in failures if f]
+    # one collective: every rank's failure (or None) and checksums
+    reports = all_gather_objects((_describe_write_error(error, tmp, model_sd, optim_sd) if error else None, sums))
+    failures = [(rank, message) for rank, (message, _) in enumerate(reports) if message]
     if failures:
         if _rank() == 0:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -146,7 +148,7 @@ def save_checkpoint(
                               f"folder was removed ({free:.2f} GiB free now) and the previous checkpoints are "
                               "untouched") from error
     if _rank() == 0:
-        merged = {name: entry for part in all_sums for name, entry in part.items()}
+        merged = {name: entry for _, part in reports for name, entry in part.items()}
         world = dist.get_world_size() if dist.is_initialized() else 1
         try:
             _write_synced(tmp / CHECKSUMS, json.dumps(merged, indent=1, sort_keys=True))
@@ -165,15 +167,6 @@ def save_checkpoint(
                 _delete(old)
     _barrier()
     return final
-
-
-def _gather(item: list) -> list:
-    """Every rank's `item` list concatenated (a collective), or `item` in one process."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return list(item)
-    out: list = [None] * dist.get_world_size()
-    dist.all_gather_object(out, item)
-    return [x for part in out for x in part]
 
 
 def _state_bytes(*states: dict) -> int:
@@ -303,7 +296,7 @@ def verify_everywhere(path: str | Path) -> str | None:
             names = sorted(json.loads((path / CHECKSUMS).read_text()))
     world = dist.get_world_size() if dist.is_initialized() else 1
     mine = None if names is None else names[_rank()::world]
-    problems = [p for p in _gather([verify_checkpoint(path, mine)]) if p]
+    problems = [p for p in all_gather_objects(verify_checkpoint(path, mine)) if p]
     return problems[0] if problems else None
 
 
