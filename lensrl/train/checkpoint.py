@@ -300,6 +300,12 @@ def verify_everywhere(path: str | Path) -> str | None:
     return problems[0] if problems else None
 
 
+def checkpoint_step(path: str | Path) -> int:
+    """N of a `step_N` folder; -1 for any other name."""
+    match = _STEP_DIR.match(Path(path).name)
+    return int(match.group(1)) if match else -1
+
+
 def list_checkpoints(ckpt_root: str | Path) -> list[Path]:
     """Complete checkpoints, oldest first."""
     ckpt_root = Path(ckpt_root)
@@ -333,8 +339,7 @@ def find_resumable(ckpt_root: str | Path) -> tuple[Path | None, list[Path], list
     for path in reversed(complete):
         problem = verify_everywhere(path)
         if problem is None:
-            step = int(_STEP_DIR.match(path.name).group(1))
-            older = [p for p in passed if int(_STEP_DIR.match(p.name).group(1)) < step]
+            older = [p for p in passed if checkpoint_step(p) < checkpoint_step(path)]
             keep = [n for p, n in zip(passed, notes) if p not in older]
             return path, [p for p in passed if p not in older], keep
         passed.append(path)

@@ -19,6 +19,7 @@ from lensrl.logging import RunLogger, console
 from lensrl.train import distributed as dist
 from lensrl.train import heartbeat
 from lensrl.train.checkpoint import (
+    checkpoint_step,
     find_resumable,
     latest_checkpoint,
     list_checkpoints,
@@ -340,11 +341,6 @@ def save(trainer) -> Path:
                            state, trainer.cfg.trainer.save_limit)
 
 
-def _step_of(path: Path) -> int:
-    digits = path.name.rsplit("_", 1)[-1]
-    return int(digits) if digits.isdigit() else -1
-
-
 def resume(trainer) -> None:
     """Restore the trainer from `trainer.resume` (auto: the newest complete checkpoint, if any)."""
     setting = trainer.cfg.trainer.resume
@@ -366,7 +362,7 @@ def resume(trainer) -> None:
             raise ConfigError(f"trainer.resume={path}: a partial, half-deleted or damaged checkpoint folder is never "
                               "loaded; name a step_N folder")
         newer = [p for p in list_checkpoints(trainer.ckpt_dir) if p.resolve() != path.resolve()
-                 and _step_of(p) > _step_of(path)]
+                 and checkpoint_step(p) > checkpoint_step(path)]
         if newer and dist.is_main():
             console.print(f"[yellow]resuming from {escape(str(path))} although {escape(newer[-1].name)} is newer: "
                           "those newer checkpoints are replaced as the run reaches their steps[/yellow]", soft_wrap=True)
