@@ -18,6 +18,8 @@ Cases (--cases):
   3b-gc-step  3b-gc with trainer.fsdp.reduce_grads=per_step and reshard_after_forward=false
   7b-fp32   Qwen2.5-VL-7B shape, fp32 master weights, gradient checkpointing (does it fit?)
   7b-offload  fp32 master weights with parameters, gradients and AdamW state in host memory
+  q3-4b     Qwen3-VL-4B shape, fp32 master weights, gradient checkpointing (the largest published
+            Qwen-VL dense model whose 16 bytes a parameter, 71 GB, leave room on one 141 GB GPU)
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ CASES = {
                    "trainer.fsdp.reshard_after_forward=false"],
     "7b-fp32": ["model.path=qwen2_5_vl_7b", "model.gradient_checkpointing=true"],
     "7b-offload": ["model.path=qwen2_5_vl_7b", "model.gradient_checkpointing=true", "trainer.fsdp.offload_params=true"],
+    "q3-4b": ["model.path=qwen3_vl_4b", "model.gradient_checkpointing=true"],
     "tiny": ["rollout.backend=hf", "rollout.max_new_tokens=16"],
 }
 

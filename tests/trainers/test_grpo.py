@@ -220,7 +220,8 @@ def test_lensrl_eval_computes_as_training_validation_does(tiny_qwen25_dir, color
                                "trainer.val_before_train=true", "data.val_size=8")
     GRPOTrainer(load_config(GRPOConfig, None, overrides)).fit()
     result = run_cli("eval", "--model", str(tiny_qwen25_dir), "--data", str(color_data), "data.val_size=8",
-                     "rollout.backend=hf", "data.max_prompt_length=64", f"output_dir={tmp_path}", "run_name=e")
+                     "rollout.backend=hf", "data.max_prompt_length=64", "rollout.max_new_tokens=6",
+                     f"output_dir={tmp_path}", "run_name=e")
     assert result.returncode == 0, result.stderr[-3000:]
     evaluated = [json.loads(line)["completion"] for line in (tmp_path / "e" / "samples" / "eval.jsonl").open()]
     validated = [json.loads(line)["completion"] for line in (tmp_path / "v" / "samples" / "val_step_0.jsonl").open()]
