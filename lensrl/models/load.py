@@ -311,6 +311,21 @@ def language_model(model: nn.Module) -> nn.Module:
     return getattr(inner, "language_model", inner)
 
 
+def active_parameters(model: nn.Module) -> int:
+    """Parameters one token's forward uses: all of them for a dense model; for a mixture of
+    experts, the stacked expert weights count top_k / num_experts of their size (every token runs
+    K of the E experts of each sparse layer). Tied weights count once; under FSDP each parameter
+    counts at its full (unsharded) size. The N of MFU's 6 x N x tokens."""
+    total = sum(p.numel() for p in model.parameters())
+    text = model.config.get_text_config()
+    num_experts = getattr(text, "num_experts", 0) or 0
+    if not num_experts:
+        return total
+    experts = sum(p.numel() for layer in language_model(model).layers
+                  if hasattr(layer.mlp, "experts") for p in layer.mlp.experts.parameters())
+    return total - experts + experts * text.num_experts_per_tok // num_experts
+
+
 def model_blocks(model: nn.Module) -> tuple[list[nn.Module], list[nn.Module]]:
     """(vision blocks, decoder layers): the repeated units FSDP shards and torch.compile compiles."""
     return list(model.model.visual.blocks), list(language_model(model).layers)

@@ -18,11 +18,12 @@ the model, and the embedding matrix keeps its real size.
 
 from __future__ import annotations
 
+
 import json
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -348,6 +349,13 @@ SHAPES: dict[str, Shape] = {
         notes="Qwen3-VL-30B-A3B-Instruct, about 31.1B parameters; 3.9B active per token (0.54B of them vision)",
     ),
 }
+# Benchmark-only: the 30B-A3B widths at a quarter of its depth (12 of 48 decoder layers, about 8.4B
+# parameters): its fp32 master weights, gradients and AdamW state (16 bytes a parameter) fit two
+# 141 GB GPUs beside each rank's bf16 rollout copy, which the full depth's 500 GB do not.
+SHAPES["qwen3_vl_30b_a3b_12l"] = replace(
+    SHAPES["qwen3_vl_30b_a3b"], text={**SHAPES["qwen3_vl_30b_a3b"].text, "num_hidden_layers": 12},
+    notes="Qwen3-VL-30B-A3B widths at 12 of its 48 decoder layers (benchmarks only)",
+)
 
 
 def _unknown_shape(name: str) -> ValueError:

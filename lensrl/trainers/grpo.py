@@ -24,6 +24,7 @@ from lensrl.algorithms.losses import (
 from lensrl.config import GRPOConfig, check
 from lensrl.data.datasets import BatchSampler, process_rows
 from lensrl.logging import console
+from lensrl.models.load import active_parameters
 from lensrl.rewards.function import reward_sample
 from lensrl.rewards.pool import RewardPool
 from lensrl.rollout.base import SamplingParams
@@ -410,8 +411,7 @@ class GRPOTrainer:
         metrics["perf/cpu_memory_gb"] = cpu_memory_gb()
         if self.device.type == "cuda":
             metrics["perf/max_memory_allocated_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
-            num_params = sum(p.numel() for p in self.policy.parameters())
-            flops = 6 * num_params * tokens * self.cfg.actor.ppo_epochs
+            flops = 6 * active_parameters(self.policy) * tokens * self.cfg.actor.ppo_epochs  # MoE: active only
             metrics["perf/mfu"] = flops / max(timing["update"], 1e-9) / (H100_BF16_FLOPS * dist.world_size())
         return metrics
 

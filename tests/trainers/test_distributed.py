@@ -355,11 +355,14 @@ def test_a_hung_rank_is_named_not_the_rank_that_waited(tiny_qwen25_dir, color_da
 def test_two_nodes_train_what_one_node_trains(grpo_runs, tiny_qwen25_dir, color_data, tmp_path, device):
     """The README's multi-node launch, two torchrun agents with a c10d rendezvous (here both on
     this machine, one rank each, every agent running the same command): the same steps and weights
-    as one node with two ranks. On CUDA each agent sees its own GPU."""
+    as one node with two ranks. On CUDA each agent sees its own GPU, and both runs compute in fp32:
+    under bf16 the two layouts' collectives sum in another order (NVLink within one process group,
+    another transport between agents), and the rounding flips sampled tokens from step 2 on."""
     out, _ = grpo_runs
-    args = grpo_args(tiny_qwen25_dir, color_data, tmp_path, "nodes", f"trainer.device={device}")
+    fp32 = ["model.dtype=float32", "trainer.fsdp.param_dtype=float32"] if device == "cuda" else []
+    args = grpo_args(tiny_qwen25_dir, color_data, tmp_path, "nodes", f"trainer.device={device}", *fp32)
     if device == "cuda":  # the one-node reference on the same device
-        launch(2, "grpo", grpo_args(tiny_qwen25_dir, color_data, tmp_path, "node", f"trainer.device={device}"))
+        launch(2, "grpo", grpo_args(tiny_qwen25_dir, color_data, tmp_path, "node", f"trainer.device={device}", *fp32))
         reference = tmp_path / "node"
     else:
         reference = out / "two"

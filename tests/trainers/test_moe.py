@@ -22,7 +22,7 @@ from test_distributed import assert_same_steps, assert_same_weights, grpo_args, 
 
 from lensrl.config import SFTConfig, load_config
 from lensrl.logging import read_metrics
-from lensrl.models.load import load_policy
+from lensrl.models.load import active_parameters, load_policy
 from lensrl.train.router import RouterRecorder
 from lensrl.train.sequences import forward_response_logprobs
 
@@ -220,6 +220,19 @@ def test_compiled_blocks_with_checkpointing_equal_eager(tiny_moe_dir, make_image
 
 # ----------------------------------------------------------------------------------------------
 # the trainers
+
+
+def test_mfu_counts_the_experts_a_token_runs(tiny_moe_dir, tiny_qwen3_dir):
+    """perf/mfu's N: each sparse layer's stacked experts count K / E of their weights (the tiny MoE
+    routes top-2 of 8: a quarter); a dense model counts every parameter."""
+    model, _ = load_policy(tiny_moe_dir)
+    text = model.config.get_text_config()
+    total = sum(p.numel() for p in model.parameters())
+    experts = sum(p.numel() for name, p in model.named_parameters() if ".mlp.experts." in name)
+    assert experts > total // 4 and (text.num_experts, text.num_experts_per_tok) == (8, 2)
+    assert active_parameters(model) == total - experts + experts // 4
+    dense, _ = load_policy(tiny_qwen3_dir)
+    assert active_parameters(dense) == sum(p.numel() for p in dense.parameters())
 
 
 def test_recipe_names_the_moe_model_and_is_valid(monkeypatch):
