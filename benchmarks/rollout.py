@@ -20,7 +20,13 @@ rewritten after every section):
              and the logprob gap under autocast
   logprobs   engine vs trainer per-token logprob |delta| in bf16
   qwen3      the Qwen3-VL-2B shape: HF generate (skip with --skip qwen3_hf) and the engine
+  moe        the Qwen3-VL-30B-A3B shape (128 experts, top-8; 61 GB of bf16 weights): HF generate
+             (transformers' grouped_mm experts) and the engine (grouped GEMM experts), the decode
+             roofline counting only the experts each step reads, and `rollout/router_mismatch`:
+             how often the engine's top-k experts differ from the trainer's in bf16
   demo       (--tiny only) the CPU demo's rollout: HFRollout vs engine
+
+`--only moe` (any comma-separated list) runs those sections and the bandwidth alone.
 
 Roofline: bytes one decode step must read (the text model's weights + every running sequence's
 KV cache) over the measured copy bandwidth. The reference's figure (~66k tokens/s at 256
@@ -460,6 +466,89 @@ def bench_qwen3(args, results) -> dict:
     return out
 
 
+def expert_bytes(engine: EngineRollout) -> tuple[int, int]:
+    """(bytes of one expert's three matrices in one layer, MoE layers): the stacked expert tensors
+    the engine reads by reference."""
+    layers = [layer for layer in engine.weights.layers if layer.experts_gate_up is not None]
+    if not layers:
+        return 0, 0
+    one = layers[0]
+    per_expert = (one.experts_gate_up[0].numel() + one.experts_down[0].numel()) * one.experts_down.element_size()
+    return per_expert, len(layers)
+
+
+def experts_read_per_step(routed: list[list[np.ndarray]], num_experts: int) -> float:
+    """Mean over decode steps and MoE layers of the distinct experts one decode step reads.
+
+    routed: the engine's `routed_experts` (per prompt, per sample: (R - 1, L, K) ids). Every
+    sequence of the fixed-length workload starts decoding at once (one prefill, then all rows
+    step together), so row j of every sequence belongs to decode step j."""
+    seqs = [r for group in routed for r in group]
+    steps = min(r.shape[0] for r in seqs)
+    stacked = np.stack([r[:steps] for r in seqs])  # (S, steps, L, K)
+    hit = np.zeros((steps, stacked.shape[2], num_experts), dtype=bool)
+    for j in range(steps):
+        for layer in range(stacked.shape[2]):
+            hit[j, layer, np.unique(stacked[:, j, layer])] = True
+    return float(hit.sum(-1).mean())
+
+
+def bench_moe(args, results) -> dict:
+    """The 30B-A3B shape: HF generate vs the engine end to end, the roofline of decode with the
+    experts it actually reads, and the engine-vs-trainer routing mismatch in the run's dtype."""
+    from lensrl.rollout.engine.moe import router_mismatch, trainer_routing
+
+    model, processor = load_model(args, "qwen3_vl_moe")
+    prompts = make_prompts(processor, args.prompts, args.image_side, args.text_tokens)
+    text = model.config.get_text_config()
+    out = {
+        "prompt_tokens": int(np.mean([p.input_ids.shape[0] for p in prompts])),
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "experts": [text.num_experts, text.num_experts_per_tok],
+        "experts_implementation": getattr(text, "_experts_implementation", None),
+    }
+    if not {"hf", "moe_hf"} & args.skip:
+        out["hf"] = bench_hf(model, processor, prompts, args)
+    out.update(bench_engine(model, processor, prompts, args, {**results, "hf": out.get("hf")}))
+    # the experts each decode step reads, from a run that records its routing
+    engine = make_engine(model, processor, args, capture_routing=True)
+    params = SamplingParams(n=1, temperature=1.0, max_new_tokens=args.new_tokens, ignore_eos=True, seed=0)
+    engine.generate(prompts, params)
+    per_expert, moe_layers = expert_bytes(engine)
+    read = experts_read_per_step(engine.routed_experts, text.num_experts)
+    bandwidth = results.get("bandwidth", {}).get("bytes_per_s")
+    warm = out["warm"]
+    if bandwidth:
+        dense = out["roofline"]["decode_weight_bytes"] - per_expert * text.num_experts * moe_layers
+        active = dense + per_expert * read * moe_layers
+        per_step = (active + out["roofline"]["kv_bytes_per_step"]) / bandwidth
+        out["roofline_active"] = {
+            "experts_read_per_layer_step": read,
+            "active_decode_bytes": active,
+            "roofline_tokens_per_s": warm["mean_batch"] / per_step,
+            "fraction": warm["decode_tokens_per_s"] / (warm["mean_batch"] / per_step),
+        }
+        log(f"  decode reads {read:.1f} of {text.num_experts} experts a layer a step: roofline "
+            f"{out['roofline_active']['roofline_tokens_per_s']:.0f} tokens/s, engine at "
+            f"{out['roofline_active']['fraction']:.2f} of it")
+    # routing: engine decode vs the trainer's packed forward on the same tokens, same dtype
+    few = prompts[: args.gap_prompts]
+    groups = engine.generate(few, SamplingParams(n=2, temperature=1.0, max_new_tokens=args.gap_tokens, seed=0))
+    seqs = [make_sequence(p, c.token_ids) for p, group in zip(few, groups) for c in group]
+    routed = [r for group in engine.routed_experts for r in group]
+    trainer = []
+    for start in range(0, len(seqs), 8):
+        trainer += trainer_routing(model, seqs[start : start + 8])
+    out["router_mismatch"] = router_mismatch(routed, trainer)
+    log(f"  rollout/router_mismatch (engine vs trainer top-{text.num_experts_per_tok}, {args.dtype}): "
+        f"{out['router_mismatch']:.4f}")
+    del engine, model
+    gc.collect()
+    if args.device.type == "cuda":
+        torch.cuda.empty_cache()
+    return out
+
+
 def bench_demo(args) -> dict:
     """The CPU demo's rollout (5m preset, 16 prompts x n=8, 8 new tokens): HFRollout vs engine."""
     from lensrl.models.tiny import make_tiny_model
@@ -503,8 +592,12 @@ def load_model(args, arch: str):
 
         folder = make_tiny_model(Path(args.workdir) / arch, arch=arch, preset="5m", seed=0)
         return load_policy(folder, dtype=args.dtype, device=args.device)
-    shape = "qwen2_5_vl_3b" if arch == "qwen2_5_vl" else "qwen3_vl_2b"
+    shape = {"qwen2_5_vl": "qwen2_5_vl_3b", "qwen3_vl": "qwen3_vl_2b", "qwen3_vl_moe": "qwen3_vl_30b_a3b"}[arch]
     return load_policy(shape, dtype=args.dtype, device=args.device)
+
+
+SECTIONS = ["setup", "bandwidth", "hf", "engine", "engine_compiled", "sharing", "long_tail", "logprobs", "sync",
+            "qwen3", "moe", "demo"]
 
 
 def parse_args() -> argparse.Namespace:
@@ -514,6 +607,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument(
         "--skip", default="", help="comma-separated sections to skip (hf, sharing, long_tail, ...)"
     )
+    p.add_argument("--only", default="", help="comma-separated sections to run alone (with bandwidth), e.g. moe")
     p.add_argument("--skip-hf", action="store_true", help="same as --skip hf: use the anchor HF figure")
     p.add_argument("--prompts", type=int, default=256)
     p.add_argument("--new-tokens", type=int, default=256)
@@ -531,6 +625,11 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--gpu-memory-utilization", type=float, default=0.5)
     args = p.parse_args()
     args.skip = {s.strip() for s in args.skip.split(",") if s.strip()} | ({"hf"} if args.skip_hf else set())
+    only = {s.strip() for s in args.only.split(",") if s.strip()}
+    if only - set(SECTIONS):
+        p.error(f"--only: unknown sections {sorted(only - set(SECTIONS))}; known: {', '.join(SECTIONS)}")
+    if only:
+        args.skip |= set(SECTIONS) - only - {"bandwidth", "hf"}  # hf: the HF run of each section that runs
     if args.tiny:
         args.device = torch.device("cpu")
         args.dtype = torch.float32
@@ -604,41 +703,47 @@ def main() -> None:
             }
 
         section("setup", setup)
-        if "model" not in state:
-            log("setup failed; nothing else can run")
-            return
-        processor, prompts = state["processor"], state["prompts"]
-        main_prompts = prompts[: args.prompts]
         section("bandwidth", lambda: bench_bandwidth(args.device, args.tiny))
-        if "hf" in args.skip and not args.tiny:
-            log(f"   (using the anchor figure {ANCHOR_HF_TOKENS_PER_S:.0f} tokens/s for HF generate)")
-        section("hf", lambda: bench_hf(state["model"], processor, main_prompts, args))
-        anchor = (
-            ANCHOR_HF_TOKENS_PER_S
-            if not args.tiny and args.prompts == 256 and args.new_tokens == 256
-            else None
-        )
-        section(
-            "engine", lambda: bench_engine(state["model"], processor, main_prompts, args, results, anchor)
-        )
-        section(
-            "engine_compiled",
-            lambda: bench_engine_compiled(state["model"], processor, main_prompts, args, results, anchor),
-        )
-        section("sharing", lambda: bench_sharing(state["model"], processor, prompts, args))
-        section("long_tail", lambda: bench_long_tail(state["model"], processor, main_prompts, args, results))
-        section("logprobs", lambda: bench_logprobs(state["model"], processor, prompts, args))
-        section("sync", lambda: bench_sync(state["model"], processor, prompts, args))
-        state.pop("model")  # make room for the next shape
-        gc.collect()
-        if args.device.type == "cuda":
-            torch.cuda.empty_cache()
+        if "model" in state:
+            dense_sections(state, args, results, section)
+        elif "setup" not in args.skip:
+            log("setup failed; the Qwen2.5-VL sections cannot run")
         section("qwen3", lambda: bench_qwen3(args, results))
+        section("moe", lambda: bench_moe(args, results))
         if args.tiny:
             section("demo", lambda: bench_demo(args))
     out_path.write_text(json.dumps(results, indent=2, default=str))
     print_table(results, args)
     log(f"all figures: {out_path}")
+
+
+def dense_sections(state: dict, args, results: dict, section) -> None:
+    """The Qwen2.5-VL-3B sections, on the model `setup` loaded (dropped at the end)."""
+    processor, prompts = state["processor"], state["prompts"]
+    main_prompts = prompts[: args.prompts]
+    if "hf" in args.skip and not args.tiny:
+        log(f"   (using the anchor figure {ANCHOR_HF_TOKENS_PER_S:.0f} tokens/s for HF generate)")
+    section("hf", lambda: bench_hf(state["model"], processor, main_prompts, args))
+    anchor = (
+        ANCHOR_HF_TOKENS_PER_S
+        if not args.tiny and args.prompts == 256 and args.new_tokens == 256
+        else None
+    )
+    section(
+        "engine", lambda: bench_engine(state["model"], processor, main_prompts, args, results, anchor)
+    )
+    section(
+        "engine_compiled",
+        lambda: bench_engine_compiled(state["model"], processor, main_prompts, args, results, anchor),
+    )
+    section("sharing", lambda: bench_sharing(state["model"], processor, prompts, args))
+    section("long_tail", lambda: bench_long_tail(state["model"], processor, main_prompts, args, results))
+    section("logprobs", lambda: bench_logprobs(state["model"], processor, prompts, args))
+    section("sync", lambda: bench_sync(state["model"], processor, prompts, args))
+    state.pop("model")  # make room for the next shape
+    gc.collect()
+    if args.device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def print_table(results: dict, args) -> None:
@@ -747,12 +852,27 @@ def print_table(results: dict, args) -> None:
             "",
         ),
         ("Qwen3-VL logprob |d| mean", fmt(get("qwen3", "logprobs", "mean_abs"), ".2e"), ""),
+        ("Qwen3-VL-MoE HF generate tokens/s (e2e)", fmt(get("moe", "hf", "tokens_per_s"), ".0f"), ""),
+        (
+            "Qwen3-VL-MoE engine tokens/s (e2e) / x HF",
+            f"{fmt(get('moe', 'warm', 'tokens_per_s'), '.0f')} / {fmt(get('moe', 'speedup_vs_hf'), '.1f')}",
+            "",
+        ),
+        (
+            "Qwen3-VL-MoE decode tokens/s / active roofline",
+            f"{fmt(get('moe', 'warm', 'decode_tokens_per_s'), '.0f')} / "
+            f"{fmt(get('moe', 'roofline_active', 'fraction'), '.2f')}",
+            "experts read only",
+        ),
+        ("Qwen3-VL-MoE rollout/router_mismatch", fmt(get("moe", "router_mismatch"), ".4f"), ""),
         (
             "kernels / CUDA graphs",
             f"{get('engine', 'warm', 'kernels')} / {get('engine', 'warm', 'cuda_graphs')}",
             "",
         ),
     ]
+    if args.only:  # the rows of the sections that ran
+        rows = [row for row in rows if set(row[1]) - set("-/ ")]
     if args.tiny:
         rows.append(
             ("demo rollout: engine speedup over HF", fmt(get("demo", "engine_speedup"), ".2f"), ">= 1")
