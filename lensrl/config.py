@@ -90,6 +90,11 @@ class RolloutConfig:
     val_n: int = 1  # mean@k over k samples per validation prompt
     gpu_memory_utilization: float = 0.5  # engine KV-cache budget (fraction of free memory)
     seed: int | None = None  # set: each prompt's samples seeded by (seed, step, its position in the global batch)
+    # MoE with the engine: each step, the experts the engine's decode chose for up to this many of a
+    # rank's sequences are compared with those the model's own forward picks for the same tokens
+    # (rollout/router_mismatch: fraction of (token, layer) top-k sets that differ); 0: off, and the
+    # engine records no routing. The hf backend records none.
+    router_mismatch_seqs: int = 8
 
 
 @dataclass
@@ -329,6 +334,8 @@ def check(config: Any, world_size: int | None = None) -> None:
         if not 0 < rollout.top_p <= 1 or rollout.temperature < 0:
             raise ConfigError(f"rollout.top_p must be in (0, 1] and rollout.temperature >= 0, got "
                               f"{rollout.top_p} and {rollout.temperature}")
+        if rollout.router_mismatch_seqs < 0:
+            raise ConfigError(f"rollout.router_mismatch_seqs must be >= 0 (0: off), got {rollout.router_mismatch_seqs}")
     if reward is not None:
         if reward.function:
             from lensrl.rewards.function import RewardFunctionError, check_signature, load_function

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
+    import numpy as np
     import torch
 
     from lensrl.models.processor import ProcessedSample
@@ -33,6 +34,9 @@ class Completion:
     logprobs: list[float]  # log p(token) under the sampling distribution's logits / temperature
     finish_reason: str  # "stop" (EOS / stop token) or "length" (max_new_tokens reached)
     text: str = ""
+    # MoE with the engine recording routing: (len(token_ids) - 1, MoE layers, top-k) int16, the
+    # experts each decode step chose for response tokens 0..R-2 (EngineRollout.routed_experts)
+    routed_experts: np.ndarray | None = None
 
 
 class RolloutBackend(Protocol):

@@ -246,7 +246,7 @@ def build_rollout(cfg: RolloutConfig, model: torch.nn.Module, processor, device:
     if backend == "engine":
         from lensrl.rollout.engine import EngineRollout
 
-        return EngineRollout(model, processor, cfg)
+        return EngineRollout(model, processor, cfg, capture_routing=cfg.router_mismatch_seqs > 0)  # MoE only
     from lensrl.rollout.hf import HFRollout
 
     return HFRollout(model, processor, batch_size=cfg.batch_size)

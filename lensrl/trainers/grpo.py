@@ -136,7 +136,8 @@ class GRPOTrainer:
             items = {}
             for gid, prompt, c, row in rollouts.local:
                 items[gid] = {"seq": make_sequence(prompt, c.token_ids), "rollout_logp": c.logprobs,
-                              "valid": row["valid"], "adv": float(advantages[gid, 0]) if row["valid"] else 0.0}
+                              "valid": row["valid"], "adv": float(advantages[gid, 0]) if row["valid"] else 0.0,
+                              "routed": c.routed_experts}
             num_tokens = {gid: item["seq"].num_tokens for gid, item in items.items()}
             minibatches = self.minibatch_plan(len(everyone))
             held = spread(items, num_tokens, minibatches)
@@ -153,6 +154,8 @@ class GRPOTrainer:
         #    are the rollout's now: under FSDP its full-weight copy computes them without collectives.
         with _timer(timing, "old_logprob"):
             old_logp = self.logprobs(self.logprob_model, seqs, width)
+        with _timer(timing, "router_mismatch"):  # MoE: the engine's experts vs the model's own routing
+            routing = self.routing_gap(seqs, [held[g]["routed"] for g in order])
         ref_logp = None
         if self.ref is not None:
             with _timer(timing, "ref"):
@@ -179,6 +182,7 @@ class GRPOTrainer:
         # means over every rank's tokens (a rank's mean weighted by its token count)
         metrics.update(dist.weighted_mean_metrics(rollout_train_gap(old_logp, rollout_logp, generated),
                                                   float(generated.sum())))
+        metrics.update(dist.weighted_mean_metrics(*routing))
         metrics.update(update_metrics)
         metrics.update(self.router.take_metrics())  # MoE: tokens per expert over the update's forwards
         metrics.update(dist.weighted_mean_metrics({f"rollout/{k}" if not k.startswith("rollout/") else k: v
@@ -284,6 +288,26 @@ class GRPOTrainer:
                 logp, _, _ = self.forward(model, [seqs[i] for i in micro], width)
                 out[micro] = logp.cpu()
         return out
+
+    def routing_gap(self, seqs: list[Sequence], routed: list) -> tuple[dict[str, float], float]:
+        """({"rollout/router_mismatch": fraction of (token, MoE layer) top-k expert sets where the
+        engine's decode differs from the model's own packed forward}, decisions compared), over up to
+        `rollout.router_mismatch_seqs` of this rank's sequences, under the training autocast. The
+        forward runs on the rollout's weights: the bf16 copy under FSDP, else the policy. ({}, 0)
+        for a dense model, with the hf backend or when off (the same answer on every rank)."""
+        from lensrl.rollout.engine import EngineRollout
+        from lensrl.rollout.engine.moe import router_mismatch, trainer_routing
+
+        if not (self.router.enabled and self.cfg.rollout.router_mismatch_seqs > 0 and isinstance(self.rollout, EngineRollout)):
+            return {}, 0.0
+
+        pairs = [(s, r) for s, r in zip(seqs, routed) if r is not None and len(r)][: self.cfg.rollout.router_mismatch_seqs]
+        if not pairs:
+            return {"rollout/router_mismatch": 0.0}, 0.0
+        with torch.no_grad(), autocast(self.device, self.amp_dtype):
+            trainer = trainer_routing(self.rollout_model, [s for s, _ in pairs])
+        engine = [r for _, r in pairs]
+        return {"rollout/router_mismatch": router_mismatch(engine, trainer)}, float(sum(r.shape[0] * r.shape[1] for r in engine))
 
     def forward(self, model, seqs: list[Sequence], width: int, with_entropy: bool = False):
         actor = self.cfg.actor

@@ -235,6 +235,42 @@ def test_mfu_counts_the_experts_a_token_runs(tiny_moe_dir, tiny_qwen3_dir):
     assert active_parameters(dense) == sum(p.numel() for p in dense.parameters())
 
 
+def test_grpo_with_the_engine_logs_router_mismatch_train_kl_and_tis(tiny_moe_dir, color_data, tmp_path):
+    """A GRPO step of the MoE policy with the engine (fp32, CPU): the engine records the experts of
+    each decode step and the step logs how often they differ from the model's own forward
+    (rollout/router_mismatch: 0 where both compute alike), next to rollout/train_kl and TIS. Then
+    the same comparison on a fresh batch sees a router changed after the rollout."""
+    from lensrl.config import GRPOConfig
+    from lensrl.data.datasets import process_rows
+    from lensrl.rollout.engine.moe import trainer_routing  # noqa: F401  (the path the step takes)
+    from lensrl.train.sequences import make_sequence
+    from lensrl.trainers.grpo import GRPOTrainer
+    from trainer_helpers import grpo_overrides
+
+    overrides = grpo_overrides(tiny_moe_dir, color_data, tmp_path, "engine", "rollout.backend=engine",
+                               "data.max_prompt_length=96", "trainer.total_steps=1",
+                               "actor.importance_sampling_fix=true", "rollout.router_mismatch_seqs=4")
+    trainer = GRPOTrainer(load_config(GRPOConfig, None, overrides))
+    metrics = trainer.fit()
+    assert metrics["rollout/router_mismatch"] == 0.0 and "timing_s/router_mismatch" in metrics
+    assert 0.0 <= metrics["rollout/train_kl"] < 1e-6  # fp32: engine and trainer logprobs agree
+    assert metrics["rollout/is_weight_mean"] == pytest.approx(1.0, abs=1e-4)
+
+    batch = trainer.sampler.next_batch()
+    samples, prompts = process_rows(trainer.train_data, trainer.sampler, batch, list(range(len(batch))),
+                                    trainer.processor, False)
+    groups = trainer.rollout.generate(prompts, trainer.sampling_params(2))
+    seqs = [make_sequence(p, c.token_ids) for p, group in zip(prompts, groups) for c in group]
+    routed = [c.routed_experts for group in groups for c in group]
+    same, decisions = trainer.routing_gap(seqs, routed)
+    assert same == {"rollout/router_mismatch": 0.0} and decisions > 0
+    with torch.no_grad():  # another router in the first MoE layer than the one the engine decoded with
+        router = trainer.router.routers[0]
+        router.weight.copy_(torch.roll(router.weight, 1, dims=0))
+    changed, _ = trainer.routing_gap(seqs, routed)
+    assert changed["rollout/router_mismatch"] > 0.5 / len(trainer.router.routers)  # that layer's, at least
+
+
 def test_recipe_names_the_moe_model_and_is_valid(monkeypatch):
     from lensrl.config import GRPOConfig
     from lensrl.models.shapes import SHAPES

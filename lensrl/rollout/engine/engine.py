@@ -258,8 +258,12 @@ class EngineRollout:
         )
         if self.shape.num_moe_layers:
             self.stats["experts_kernel"] = runner.experts_kernel
+        completions = self._completions(groups, scheduler.finished, records)
         self.routed_experts = None if routing is None else self._routing(groups, scheduler.finished, routing)
-        return self._completions(groups, scheduler.finished, records)
+        for group, routed in zip(completions, self.routed_experts or []):
+            for completion, experts in zip(group, routed):
+                completion.routed_experts = experts
+        return completions
 
     def _routing(self, groups, finished, routing) -> list[list[np.ndarray]]:
         """Each sequence's per-step expert choices (R - 1, L, K), gathered from the step records."""
