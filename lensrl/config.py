@@ -128,6 +128,11 @@ class ActorConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     ppo_epochs: int = 1
     mini_batch_size: int = 16  # prompts per optimizer step (x n completions)
+    # exactly on-policy steps (ppo_epochs=1 and one mini-batch a step): the update's own
+    # log-probabilities, detached, are the old ones (verl's on_policy), and the separate no-grad
+    # pass is skipped (TIS weights and rollout/train_kl then come from the update's forward);
+    # false: always run the pass
+    reuse_on_policy_logprob: bool = True
     micro_batch_size: int = 8  # sequences per forward/backward
     clip_ratio_low: float = 0.2
     clip_ratio_high: float = 0.28

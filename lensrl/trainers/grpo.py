@@ -152,24 +152,28 @@ class GRPOTrainer:
 
         # 5. Old and reference log-probabilities (at the rollout temperature). The policy's weights
         #    are the rollout's now: under FSDP its full-weight copy computes them without collectives.
-        with _timer(timing, "old_logprob"):
-            old_logp = self.logprobs(self.logprob_model, seqs, width)
+        #    Exactly on-policy (one epoch, one mini-batch), the update's own serve instead (verl).
+        old_logp = None
+        if not self.on_policy(minibatches):
+            with _timer(timing, "old_logprob"):
+                old_logp = self.logprobs(self.logprob_model, seqs, width)
         with _timer(timing, "router_mismatch"):  # MoE: the engine's experts vs the model's own routing
             routing = self.routing_gap(seqs, [held[g]["routed"] for g in order])
         ref_logp = None
         if self.ref is not None:
             with _timer(timing, "ref"):
                 ref_logp = self.logprobs(self.ref, seqs, width)
-        is_weights, is_metrics = None, {}
-        if actor.importance_sampling_fix:
-            is_weights, is_metrics = truncated_is_weights(old_logp, rollout_logp, mask, actor.importance_sampling_clip,
-                                                          actor.importance_sampling_level)
+        is_weights, is_metrics = self.is_weights(old_logp, rollout_logp, mask)
 
         # 6. Policy update over ppo_epochs x mini-batches.
-        data = {"old_logp": old_logp, "ref_logp": ref_logp, "adv": adv, "mask": mask, "is_weights": is_weights}
+        data = {"old_logp": old_logp, "ref_logp": ref_logp, "adv": adv, "mask": mask, "is_weights": is_weights,
+                "rollout_logp": rollout_logp, "current_logp": torch.zeros(len(seqs), width)}
         local_minibatches = [[local[g] for g in mb if g in local] for mb in minibatches]
         with _timer(timing, "update"):
             update_metrics = self.update(seqs, data, local_minibatches, width)
+        if old_logp is None:  # on-policy: the update's first forward was the old policy's
+            old_logp = data["current_logp"]
+            is_metrics = self.is_weights(old_logp, rollout_logp, mask)[1]
         while self.scheduler.last_epoch < step * self.updates_per_step:  # a short step keeps the schedule on time
             self.scheduler.step()
 
@@ -256,6 +260,21 @@ class GRPOTrainer:
         local = [(renumber(g), prompt, c, {**row, "gid": renumber(g)}) for g, prompt, c, row in kept_local
                  if g // n in chosen]
         return Rollouts(local, everyone, generated, num_rounds, num_filtered, first)
+
+    def on_policy(self, minibatches: list[list[int]]) -> bool:
+        """Whether the step's one optimizer step starts from the weights that generated it: one
+        epoch over one mini-batch (verl's `on_policy`), and actor.reuse_on_policy_logprob."""
+        actor = self.cfg.actor
+        return actor.reuse_on_policy_logprob and actor.ppo_epochs == 1 and len(minibatches) == 1
+
+    def is_weights(self, old_logp, rollout_logp, mask) -> tuple[torch.Tensor | None, dict]:
+        """TIS weights and metrics (truncated_is_weights) when actor.importance_sampling_fix, else
+        (None, {}); (None, {}) too when old_logp is None (on-policy: computed in the update)."""
+        actor = self.cfg.actor
+        if not actor.importance_sampling_fix or old_logp is None:
+            return None, {}
+        return truncated_is_weights(old_logp, rollout_logp, mask, actor.importance_sampling_clip,
+                                    actor.importance_sampling_level)
 
     def minibatch_plan(self, num_rows: int) -> list[list[int]]:
         """Global ids 0 .. num_rows - 1 in mini-batches of actor.mini_batch_size groups (the last
@@ -383,9 +402,15 @@ class GRPOTrainer:
         agg = dict(num_tokens=num_tokens, num_seqs=num_seqs, horizon=cfg.rollout.max_new_tokens)
         with autocast(self.device, self.amp_dtype), self.router.capture() as routed:
             logp, entropy, _ = self.forward(self.policy, [seqs[i] for i in micro], width, with_entropy=True)
-        is_w = batch["is_weights"][micro].to(self.device) if batch["is_weights"] is not None else None
+        if batch["old_logp"] is None:  # on-policy: the old log-probabilities are these, detached
+            old = logp.detach()
+            batch["current_logp"][micro] = old.float().cpu()
+            is_w = self.is_weights(old, batch["rollout_logp"][micro].to(self.device), mask)[0]
+        else:
+            old = batch["old_logp"][micro].to(self.device)
+            is_w = batch["is_weights"][micro].to(self.device) if batch["is_weights"] is not None else None
         pg_loss, pg = policy_loss(
-            logp, batch["old_logp"][micro].to(self.device), batch["adv"][micro].to(self.device), mask,
+            logp, old, batch["adv"][micro].to(self.device), mask,
             actor.clip_ratio_low, actor.clip_ratio_high, actor.clip_ratio_c, actor.loss_agg_mode,
             level="sequence" if actor.policy_loss == "gspo" else "token", is_weights=is_w, **agg)
         entropy_term = agg_loss(entropy, mask, actor.loss_agg_mode, **agg)

@@ -378,6 +378,40 @@ def test_the_grpo_step_is_wired_as_the_algorithm_says(tiny_qwen25_dir, color_dat
     assert delta[adv > 0].mean() > 0 > delta[adv < 0].mean()
 
 
+@pytest.mark.parametrize("tis", [False, True])
+def test_an_on_policy_step_reuses_the_updates_logprobs_and_trains_the_same(tiny_qwen25_dir, color_data, tmp_path, tis):
+    """One epoch over one mini-batch: without the separate old-logprob pass (the update's own
+    log-probabilities, detached, as verl does) the run takes the same steps, with the same TIS
+    weights and rollout/train_kl, and ends at the same weights as with the pass (fp32, CPU)."""
+    from safetensors.torch import load_file
+
+    runs = {}
+    for reuse in (True, False):
+        name = f"reuse_{reuse}"
+        overrides = grpo_overrides(tiny_qwen25_dir, color_data, tmp_path, name, f"actor.reuse_on_policy_logprob={reuse}",
+                                   f"actor.importance_sampling_fix={tis}", "rollout.seed=3")
+        trainer = GRPOTrainer(load_config(GRPOConfig, None, overrides))
+        assert trainer.on_policy(trainer.minibatch_plan(16)) is reuse  # 4 prompts x 4 = one mini-batch
+        trainer.fit()
+        runs[reuse] = read_metrics(tmp_path / name)
+    for with_pass, without in zip(runs[False], runs[True]):
+        assert "timing_s/old_logprob" in with_pass and "timing_s/old_logprob" not in without
+        for key in ("actor/pg_loss", "actor/grad_norm", "actor/ppo_kl", "rollout/train_kl", "reward/mean",
+                    *(("rollout/is_weight_mean", "rollout/is_clip_frac") if tis else ())):
+            assert without[key] == pytest.approx(with_pass[key], rel=1e-4, abs=1e-6), key
+    a, b = (load_file(tmp_path / f"reuse_{r}" / "hf" / "model.safetensors") for r in (True, False))
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
+
+
+def test_more_than_one_epoch_or_mini_batch_keeps_the_old_logprob_pass(tiny_qwen25_dir, color_data, tmp_path):
+    overrides = grpo_overrides(tiny_qwen25_dir, color_data, tmp_path, "two_mb", "actor.mini_batch_size=2")
+    trainer = GRPOTrainer(load_config(GRPOConfig, None, overrides))
+    assert not trainer.on_policy(trainer.minibatch_plan(16))  # two mini-batches of 2 prompts x 4
+    assert trainer.on_policy(trainer.minibatch_plan(8))  # a step that filtering left with one
+    trainer.cfg.actor.ppo_epochs = 2
+    assert not trainer.on_policy(trainer.minibatch_plan(8))
+
+
 REPO = __import__("pathlib").Path(__file__).resolve().parents[2]
 
 
