@@ -92,10 +92,10 @@ def run_case(name: str, nproc: int, data: Path, out: Path, prompts: int, steps: 
 
         result.update({
             "peak_mem_gb": max(r.get("perf/max_memory_allocated_gb", 0.0) for r in records),
-            "step_s": mean("timing_s/step"), "gen_s": mean("timing_s/gen"), "old_logprob_s": mean("timing_s/old_logprob"),
-            "update_s": mean("timing_s/update"), "weight_sync_s": mean("timing_s/weight_sync"),
-            "tokens_per_s_per_gpu": mean("perf/throughput_per_gpu"), "mfu": mean("perf/mfu"),
-            "loss": [r.get("actor/loss") for r in records], "reward": [r.get("reward/mean") for r in records],
+            "step_s": mean("timing_s/step"), "gen_s": mean("timing_s/gen"), "old_logprob_s": mean("timing_s/old_log_prob"),
+            "update_s": mean("timing_s/update_actor"), "weight_sync_s": mean("timing_s/update_weights"),
+            "tokens_per_s_per_gpu": mean("perf/throughput_per_gpu"), "mfu": mean("perf/mfu/actor"),
+            "loss": [r.get("actor/loss") for r in records], "reward": [r.get("critic/score/mean") for r in records],
             "response_length": mean("response_length/mean"),
             # every phase of the step, this rank's (rank 0) and the slowest rank's
             "split": {k[len("timing_s/"):]: mean(k) for k in sorted(timed[-1]) if k.startswith("timing_s/")},

@@ -36,7 +36,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-METRICS = ("reward/mean", "actor/pg_loss", "actor/grad_norm", "actor/entropy", "actor/ppo_kl")
+METRICS = ("critic/score/mean", "actor/pg_loss", "actor/grad_norm", "actor/entropy", "actor/ppo_kl")
 
 
 def compare_logits(ckpt: str, converted: str, device: str) -> dict:

@@ -21,7 +21,7 @@ console = Console(stderr=True, highlight=False)
 # The numbers the progress line shows when the step logged them (first found wins).
 _PROGRESS_KEYS = {
     "loss": ("train/loss",),
-    "reward": ("reward/mean",),
+    "reward": ("critic/score/mean",),
     "acc": ("reward/accuracy",),
     "val": ("val/accuracy", "val/reward/mean"),
 }

@@ -319,7 +319,7 @@ def validate(trainer, step: int) -> dict[str, float]:
     with torch.no_grad(), autocast(trainer.device, trainer.amp_dtype):
         metrics, records = evaluate(trainer.rollout, trainer.processor, trainer.val_data, trainer.pool, params,
                                     r.batch_size, trainer.cfg.data.val_size)
-    metrics["timing_s/val"] = time.time() - start
+    metrics["timing_s/testing"] = time.time() - start
     trainer.logger.write_samples(step, records[: trainer.cfg.trainer.num_logged_samples], "val")
     return metrics
 

@@ -31,8 +31,8 @@ def evaluate(
 ) -> tuple[dict[str, float], list[dict]]:
     """Generate `params.n` completions per prompt and score them.
 
-    Returns metrics (`{prefix}/accuracy` is mean@n accuracy, `{prefix}/<source>/acc/mean@n` per
-    data source) and one record per completion (prompt, image reference, completion, reward).
+    Returns metrics (`{prefix}/accuracy` is mean@n accuracy; per data source
+    `val-core/<source>/acc/mean@n` as verl names it, or `{prefix}/<source>/acc/mean@n` for another prefix) and one record per completion (prompt, image reference, completion, reward).
     Each rank evaluates its own share; metrics cover the whole set.
     """
     count = len(dataset) if max_samples is None else min(max_samples, len(dataset))
@@ -98,8 +98,9 @@ def summarize(records: list[dict], n: int, prefix: str) -> dict[str, float]:
     by_source: dict[str, list[float]] = {}
     for r in records:
         by_source.setdefault(Path(r["source"]).stem or "data", []).append(r.get(key, 0.0))
+    group = "val-core" if prefix == "val" else prefix  # verl's name for validation per data source
     for source, values in by_source.items():
-        metrics[f"{prefix}/{source}/{'acc' if key == 'reward_accuracy' else 'reward'}/mean@{n}"] = mean(values)
+        metrics[f"{group}/{source}/{'acc' if key == 'reward_accuracy' else 'reward'}/mean@{n}"] = mean(values)
     return metrics
 
 

@@ -57,7 +57,7 @@ from lensrl.trainers.common import (
 )
 from lensrl.trainers.evaluate import report_reward_failures
 
-H100_BF16_FLOPS = 989e12  # dense bf16 peak used for perf/mfu
+H100_BF16_FLOPS = 989e12  # dense bf16 peak used for perf/mfu/actor (the H200 has the same)
 
 
 class GRPOTrainer:
@@ -155,7 +155,7 @@ class GRPOTrainer:
         #    Exactly on-policy (one epoch, one mini-batch), the update's own serve instead (verl).
         old_logp = None
         if not self.on_policy(minibatches):
-            with _timer(timing, "old_logprob"):
+            with _timer(timing, "old_log_prob"):
                 old_logp = self.logprobs(self.logprob_model, seqs, width)
         with _timer(timing, "router_mismatch"):  # MoE: the engine's experts vs the model's own routing
             routing = self.routing_gap(seqs, [held[g]["routed"] for g in order])
@@ -169,7 +169,7 @@ class GRPOTrainer:
         data = {"old_logp": old_logp, "ref_logp": ref_logp, "adv": adv, "mask": mask, "is_weights": is_weights,
                 "rollout_logp": rollout_logp, "current_logp": torch.zeros(len(seqs), width)}
         local_minibatches = [[local[g] for g in mb if g in local] for mb in minibatches]
-        with _timer(timing, "update"):
+        with _timer(timing, "update_actor"):
             update_metrics = self.update(seqs, data, local_minibatches, width)
         if old_logp is None:  # on-policy: the update's first forward was the old policy's
             old_logp = data["current_logp"]
@@ -178,7 +178,7 @@ class GRPOTrainer:
             self.scheduler.step()
 
         # 7. Weights into the rollout backend.
-        with _timer(timing, "weight_sync"):
+        with _timer(timing, "update_weights"):
             sync_rollout(self)
         timing["step"] = time.time() - step_start
 
@@ -192,6 +192,7 @@ class GRPOTrainer:
         metrics.update(dist.weighted_mean_metrics({f"rollout/{k}" if not k.startswith("rollout/") else k: v
                                                    for k, v in is_metrics.items()}, float(mask.sum())))
         metrics.update(_group_stats(rollouts.generated, n, cfg.reward))
+        metrics.update(_advantage_stats(advantages, adv_mask))
         metrics["advantage/filtered_groups"] = float(rollouts.num_filtered)
         metrics["batch/num_gen_batches"] = float(rollouts.num_rounds)
         if cfg.data.skip_bad_rows:  # rows skipped as bad so far, at load or in a step (earlier runs included)
@@ -440,10 +441,13 @@ class GRPOTrainer:
         prompt_lengths = torch.tensor([float(r["prompt_length"]) for r in everyone])
         truncated = torch.tensor([float(r["truncated"]) for r in everyone])
         metrics = {
-            "reward/mean": rewards.mean().item(), "reward/std": rewards.std().item() if len(rewards) > 1 else 0.0,
+            "critic/score/mean": rewards.mean().item(), "critic/score/max": rewards.max().item(),
+            "critic/score/min": rewards.min().item(), "reward/std": rewards.std().item() if len(rewards) > 1 else 0.0,
             "response_length/mean": lengths.mean().item(), "response_length/max": lengths.max().item(),
             "response_length/min": lengths.min().item(), "response_length/clip_ratio": truncated.mean().item(),
             "prompt_length/mean": prompt_lengths.mean().item(), "prompt_length/max": prompt_lengths.max().item(),
+            "prompt_length/min": prompt_lengths.min().item(),
+            "prompt_length/clip_ratio": (prompt_lengths >= self.cfg.data.max_prompt_length).float().mean().item(),
             "reward/timeouts": float(sum(r["status"] == "timeout" for r in everyone)),
             "reward/errors": float(sum(r["status"] == "error" for r in everyone)),
         }
@@ -457,11 +461,11 @@ class GRPOTrainer:
         tokens = sum(r["prompt_length"] + r["length"] for r in everyone)
         metrics["perf/throughput"] = tokens / max(timing["step"], 1e-9)
         metrics["perf/throughput_per_gpu"] = metrics["perf/throughput"] / dist.world_size()
-        metrics["perf/cpu_memory_gb"] = cpu_memory_gb()
+        metrics["perf/cpu_memory_used_gb"] = cpu_memory_gb()
         if self.device.type == "cuda":
             metrics["perf/max_memory_allocated_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
             flops = 6 * active_parameters(self.policy) * tokens * self.cfg.actor.ppo_epochs  # MoE: active only
-            metrics["perf/mfu"] = flops / max(timing["update"], 1e-9) / (H100_BF16_FLOPS * dist.world_size())
+            metrics["perf/mfu/actor"] = flops / max(timing["update_actor"], 1e-9) / (H100_BF16_FLOPS * dist.world_size())
         return metrics
 
     def _log_samples(self, step, samples, flat, results) -> None:
@@ -484,6 +488,16 @@ class Rollouts:
     num_rounds: int
     num_filtered: int
     first: tuple  # (samples, flat completions, rewards) of this rank's first round, for samples/
+
+
+def _advantage_stats(advantages: torch.Tensor, mask: torch.Tensor) -> dict[str, float]:
+    """critic/advantages/mean|max|min over the valid tokens of the step's global batch (verl's names;
+    advantages and mask (B, T), the same on every rank)."""
+    valid = advantages[mask.bool()]
+    if valid.numel() == 0:
+        return {}
+    return {"critic/advantages/mean": valid.mean().item(), "critic/advantages/max": valid.max().item(),
+            "critic/advantages/min": valid.min().item()}
 
 
 def _group_stats(everyone: list[dict], n: int, reward_cfg) -> dict[str, float]:

@@ -153,7 +153,7 @@ class SFTTrainer:
             "train/target_tokens": num_tokens, "train/skipped_updates": float(self.bad_steps_in_row > 0),
             "timing_s/step": elapsed, "perf/throughput": tokens / max(elapsed, 1e-9),
             "perf/throughput_per_gpu": tokens / max(elapsed, 1e-9) / dist.world_size(),
-            "perf/cpu_memory_gb": cpu_memory_gb(),
+            "perf/cpu_memory_used_gb": cpu_memory_gb(),
         }
 
 

@@ -28,7 +28,7 @@ HERE = Path(__file__).resolve().parent
 LENSRL = ["-m", "lensrl"]  # the command users run, under torchrun or alone
 # a reward a random tiny model earns in varying amounts: every step has a learning signal
 LETTER_SHARE = HERE.parents[1] / "configs" / "rewards" / "letter_share.py"
-COMPARED = ("actor/loss", "actor/pg_loss", "actor/entropy", "actor/grad_norm", "reward/mean",
+COMPARED = ("actor/loss", "actor/pg_loss", "actor/entropy", "actor/grad_norm", "critic/score/mean",
             "response_length/mean", "train/loss", "train/grad_norm", "train/target_tokens")
 
 
@@ -147,7 +147,7 @@ def test_saved_at_two_gpus_resumes_on_one_visible_gpu(tiny_qwen25_dir, color_dat
     launch(1, "grpo", resumed, env={"CUDA_VISIBLE_DEVICES": "0"})
     resumed_steps = read_metrics(tmp_path / "one_gpu")
     assert [r["step"] for r in resumed_steps] == [3]  # bf16 compute: 1 vs 2 ranks round differently
-    assert all(math.isfinite(resumed_steps[0][k]) for k in ("actor/loss", "actor/grad_norm", "reward/mean"))
+    assert all(math.isfinite(resumed_steps[0][k]) for k in ("actor/loss", "actor/grad_norm", "critic/score/mean"))
     assert (tmp_path / "one_gpu" / "hf" / "model.safetensors").exists()
 
 

@@ -35,22 +35,25 @@ def test_grpo_cli_writes_a_complete_run(tiny_qwen25_dir, color_data, tmp_path):
     assert load_config(GRPOConfig, run / "config.yaml").rollout.n == 4  # the resolved config, reloadable
     records = read_metrics(run)
     assert [r["step"] for r in records] == [0, 1, 2]
-    for name in ["reward/mean", "reward/std", "reward/accuracy", "response_length/mean", "response_length/clip_ratio",
+    for name in ["critic/score/mean", "reward/std", "reward/accuracy", "response_length/mean", "response_length/clip_ratio",
                  "prompt_length/mean", "actor/pg_loss", "actor/pg_clipfrac", "actor/ppo_kl", "actor/entropy",
                  "actor/grad_norm", "actor/lr", "rollout/train_kl", "rollout/train_logprob_absdiff",
                  "advantage/all_correct_ratio", "advantage/all_wrong_ratio", "timing_s/gen", "timing_s/reward",
-                 "timing_s/old_logprob", "timing_s/update", "timing_s/step", "perf/throughput"]:
+                 "timing_s/update_actor", "timing_s/update_weights", "timing_s/step",
+                 "perf/throughput", "critic/score/max", "critic/score/min", "critic/advantages/mean",
+                 "critic/advantages/max", "critic/advantages/min", "prompt_length/min", "prompt_length/clip_ratio",
+                 "perf/cpu_memory_used_gb"]:
         assert name in records[1], name
     assert "val/accuracy" in records[0] and "val/accuracy" in records[2]
-    assert "val/test/acc/mean@2" in records[2]  # 2 samples per validation prompt
+    assert "val-core/test/acc/mean@2" in records[2] and "timing_s/testing" in records[2]  # 2 samples per validation prompt
     # TensorBoard: a real event file with the same numbers.
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     events = EventAccumulator(str(run / "tensorboard"))
     events.Reload()
-    reward = events.Scalars("reward/mean")
+    reward = events.Scalars("critic/score/mean")
     assert [e.step for e in reward] == [1, 2]
-    assert reward[0].value == pytest.approx(records[1]["reward/mean"], rel=1e-6)
+    assert reward[0].value == pytest.approx(records[1]["critic/score/mean"], rel=1e-6)
     # Samples: prompt, image reference, completion, reward.
     sample = json.loads((run / "samples" / "train_step_1.jsonl").read_text().splitlines()[0])
     assert {"prompt", "images", "completion", "reward", "answer"} <= set(sample)
@@ -395,8 +398,8 @@ def test_an_on_policy_step_reuses_the_updates_logprobs_and_trains_the_same(tiny_
         trainer.fit()
         runs[reuse] = read_metrics(tmp_path / name)
     for with_pass, without in zip(runs[False], runs[True]):
-        assert "timing_s/old_logprob" in with_pass and "timing_s/old_logprob" not in without
-        for key in ("actor/pg_loss", "actor/grad_norm", "actor/ppo_kl", "rollout/train_kl", "reward/mean",
+        assert "timing_s/old_log_prob" in with_pass and "timing_s/old_log_prob" not in without
+        for key in ("actor/pg_loss", "actor/grad_norm", "actor/ppo_kl", "rollout/train_kl", "critic/score/mean",
                     *(("rollout/is_weight_mean", "rollout/is_clip_frac") if tis else ())):
             assert without[key] == pytest.approx(with_pass[key], rel=1e-4, abs=1e-6), key
     a, b = (load_file(tmp_path / f"reuse_{r}" / "hf" / "model.safetensors") for r in (True, False))
