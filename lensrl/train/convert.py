@@ -34,7 +34,8 @@ stacked only). The pieces of one stacked tensor stay in one shard and the tensor
 so host memory stays near one shard (plus one stacked tensor while it is cut) here too.
 
 config.json, generation_config.json and the tokenizer/processor files come from the base model: the
-`--base` folder or shape name, or else `model.path` (and min/max_pixels) of `RUN/config.yaml`.
+`--base` folder or shape name, or else `model.path` (and min/max_pixels) of `RUN/config.yaml`. That
+config.yaml is copied as `lensrl_run.yaml`, so `lensrl eval` of the folder grades as the run did.
 """
 
 from __future__ import annotations
@@ -148,6 +149,9 @@ def convert_checkpoint(
     try:
         _write_weights(ckpt, tmp, shards, progress)
         _write_model_files(base_dir, tmp, pixels, tensors)
+        run_config = ckpt.parent.parent / "config.yaml"
+        if run_config.is_file():  # which run trained it: `lensrl eval` grades with its reward settings
+            shutil.copyfile(run_config, tmp / "lensrl_run.yaml")
         if out.exists():  # an empty folder
             out.rmdir()
         os.replace(tmp, out)

@@ -104,8 +104,50 @@ def summarize(records: list[dict], n: int, prefix: str) -> dict[str, float]:
     return metrics
 
 
+# What decides a grade (the run's are taken); the worker count and timeout are this machine's business.
+GRADING_KEYS = ("function", "function_kwargs", "type", "format_pattern", "format_weight", "reward_min_val",
+                "reward_max_val")
+
+
+def training_reward(config_path: str | None, overrides: list[str]) -> list[str]:
+    """`reward.*` overrides that grade as the lensrl run that trained the model folder did (its
+    GRADING_KEYS): from the run's config.yaml beside the folder (a run's `RUN/hf`) or the copy
+    `lensrl convert` writes into it (`lensrl_run.yaml`). [] when the folder did not come from a
+    run, or when the user set a grading setting (a `reward.<key>=` override or a `reward:` section
+    in --config with one)."""
+    import yaml
+
+    user = yaml.safe_load(Path(config_path).read_text()) or {} if config_path else {}
+    given = {o.split("=", 1)[0][len("reward."):] for o in overrides if o.startswith("reward.")}
+    given |= set((user.get("reward") or {}) if isinstance(user.get("reward"), dict) else ())
+    if given & set(GRADING_KEYS):
+        return []
+    model = next((o.split("=", 1)[1] for o in reversed(overrides) if o.startswith("model.path=")), None)
+    model = model or (user.get("model") or {}).get("path")
+    if not model or not Path(model).is_dir():
+        return []
+    for record in (Path(model) / "lensrl_run.yaml", Path(model).parent / "config.yaml"):
+        if record.is_file():
+            reward = (yaml.safe_load(record.read_text()) or {}).get("reward")
+            if isinstance(reward, dict):
+                return [f"reward.{k}={json.dumps(reward[k])}" for k in GRADING_KEYS if k in reward]
+    return []
+
+
+def fresh_run_name(output_dir: str, run_name: str) -> str:
+    """`run_name`, or `run_name_2`, `_3`, ... when an earlier evaluation's results are in the folder:
+    each `lensrl eval` writes a folder of its own, never over the last one's."""
+    name, k = run_name, 1
+    while (Path(output_dir) / name / "eval_metrics.json").exists() or (Path(output_dir) / name / "samples").exists():
+        k += 1
+        name = f"{run_name}_{k}"
+    return name
+
+
 def run_eval(config_path: str | None, overrides: list[str]) -> dict[str, float]:
-    """`lensrl eval`: accuracy of a model folder on a dataset, samples written to the run folder."""
+    """`lensrl eval`: accuracy of a model folder on a dataset, samples and metrics written to a new
+    folder `output_dir/run_name` (`run_name_2`, ... when taken). A model folder from a lensrl run is
+    graded with that run's reward settings unless reward.* is given (`training_reward`)."""
     from lensrl.models.compile import compile_blocks, compile_enabled
     from lensrl.models.load import load_policy
     from lensrl.trainers.common import (
@@ -119,7 +161,9 @@ def run_eval(config_path: str | None, overrides: list[str]) -> dict[str, float]:
         seed_everything,
     )
 
-    cfg = load_config(EvalConfig, config_path, overrides)
+    run_reward = training_reward(config_path, overrides)
+    cfg = load_config(EvalConfig, config_path, [*run_reward, *overrides])
+    cfg.run_name = fresh_run_name(cfg.output_dir, cfg.run_name)
     check_data(cfg.data)
     device = dist.resolve_device(cfg.device)
     dist.init_distributed(device)
@@ -133,6 +177,9 @@ def run_eval(config_path: str | None, overrides: list[str]) -> dict[str, float]:
     dataset = load_split(cfg.data.val_files, cfg.data, "test", processor)
     run_dir = prepare_run_dir(cfg.output_dir, cfg.run_name, cfg)
     record_config(run_dir, cfg)
+    if run_reward and dist.is_main():
+        console.print(f"grading with the reward settings of the run that trained {cfg.model.path} "
+                      "(reward.* on the command line or in --config to grade otherwise)")
     rollout = build_rollout(cfg.rollout, model, processor, device)
     params = SamplingParams(n=cfg.rollout.val_n, temperature=cfg.rollout.val_temperature,
                             top_p=cfg.rollout.val_top_p, max_new_tokens=cfg.rollout.max_new_tokens, seed=cfg.seed)

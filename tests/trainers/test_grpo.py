@@ -214,6 +214,30 @@ def test_all_wrong_groups_are_counted_from_the_accuracy_part(tiny_qwen25_dir, co
     assert metrics["actor/pg_loss"] == 0.0 and metrics["actor/grad_norm"] == 0.0
 
 
+def test_eval_of_a_trained_folder_grades_as_its_run_did_in_a_folder_of_its_own(tiny_qwen25_dir, color_data, tmp_path):
+    """`lensrl eval` of a run's hf/ folder takes the run's reward settings (this run: no format
+    reward) unless reward.* is given, and each invocation writes a new folder (ev, then ev_2)."""
+    import yaml
+
+    overrides = grpo_overrides(tiny_qwen25_dir, color_data, tmp_path, "trained", "trainer.total_steps=1",
+                               "reward.format_weight=0.25")
+    GRPOTrainer(load_config(GRPOConfig, None, overrides)).fit()
+    common = ["eval", "--model", str(tmp_path / "trained" / "hf"), "--data", str(color_data), "data.val_size=4",
+              "rollout.backend=hf", "rollout.max_new_tokens=4", "data.max_prompt_length=64", f"output_dir={tmp_path}",
+              "run_name=ev", "reward.num_workers=1"]
+    first = run_cli(*common)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "reward settings of the run" in first.stderr + first.stdout
+    graded = yaml.safe_load((tmp_path / "ev" / "config.yaml").read_text())["reward"]
+    assert graded["format_pattern"] is None and graded["format_weight"] == 0.25  # the run's, not the defaults
+    before = (tmp_path / "ev" / "eval_metrics.json").read_text()
+    second = run_cli(*common, "reward.format_weight=0.5")  # told otherwise: its own settings
+    assert second.returncode == 0, second.stderr[-3000:]
+    graded = yaml.safe_load((tmp_path / "ev_2" / "config.yaml").read_text())["reward"]
+    assert graded["format_weight"] == 0.5 and graded["format_pattern"] is not None
+    assert (tmp_path / "ev" / "eval_metrics.json").read_text() == before  # the first result is untouched
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_lensrl_eval_computes_as_training_validation_does(tiny_qwen25_dir, color_data, tmp_path):
