@@ -6,17 +6,35 @@ unconditionally.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import sys
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 
 console = Console(stderr=True, highlight=False)
+
+@contextlib.contextmanager
+def progress_bar(description: str, total: int, show: bool = True) -> Iterator[Callable[[int], None]]:
+    """A transient rich progress bar with ETA on the console (stderr) for a long phase; yields
+    `advance(n)`. Nothing is drawn when not `show` (other ranks) or when stderr is no terminal."""
+    if not show or total <= 0:
+        yield lambda n: None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+               TextColumn("eta"), TimeRemainingColumn())
+    with Progress(*columns, console=console, transient=True) as bar:
+        task = bar.add_task(description, total=total)
+        yield lambda n: bar.advance(task, n)
+
 
 # The numbers the progress line shows when the step logged them (first found wins).
 _PROGRESS_KEYS = {

@@ -12,7 +12,7 @@ from rich.markup import escape
 
 from lensrl.config import EvalConfig, load_config
 from lensrl.data.datasets import PromptDataset
-from lensrl.logging import console
+from lensrl.logging import console, progress_bar
 from lensrl.rewards.function import RewardFunctionError, reward_sample
 from lensrl.rewards.pool import RewardPool
 from lensrl.rollout.base import SamplingParams
@@ -38,24 +38,32 @@ def evaluate(
     count = len(dataset) if max_samples is None else min(max_samples, len(dataset))
     indices = list(range(count))[dist.rank() :: dist.world_size()]
     records: list[dict] = []
-    for start in range(0, len(indices), batch_size):
-        samples = [dataset[i] for i in indices[start : start + batch_size]]
-        prompts = [processor(s) for s in samples]
-        # positions in the whole set: sampled validation draws the same at any rank count or batch size
-        completions = rollout.generate(prompts, params, positions=indices[start : start + batch_size])
-        flat = [(c, s) for s, group in zip(samples, completions) for c in group]
-        results = pool.score_batch([(c.text, reward_sample(s, processor.assistant_prefix)) for c, s in flat])
-        for (c, s), r in zip(flat, results):
-            records.append({
-                "source": s.meta.get("source", ""), "row": s.meta.get("row"), "prompt": s.prompt,
-                "images": [im.origin for im in s.images], "answer": s.answer, "completion": c.text,
-                "reward": r.score, **{f"reward_{k}": v for k, v in r.parts.items()},
-                "finish_reason": c.finish_reason, "response_length": len(c.token_ids), "status": r.status,
-                **({"error": (s.where(), r.detail)} if r.status == "error" else {}),
-            })
+    with progress_bar(f"{prefix}: prompts", len(indices), show=dist.is_main()) as advance:
+        for start in range(0, len(indices), batch_size):
+            positions = indices[start : start + batch_size]
+            _evaluate_batch(rollout, processor, pool, params, [dataset[i] for i in positions], positions, records)
+            advance(len(positions))
     records = [r for part in dist.all_gather_objects(records) for r in part]
     report_reward_failures(records, prefix, pool.cfg.timeout_s)
     return summarize(records, params.n, prefix), records
+
+
+def _evaluate_batch(rollout, processor, pool, params, samples, positions, records: list[dict]) -> None:
+    """Generate and score one batch of prompts (`positions`: their places in the whole set), one
+    record per completion appended to `records`."""
+    prompts = [processor(s) for s in samples]
+    # positions in the whole set: sampled validation draws the same at any rank count or batch size
+    completions = rollout.generate(prompts, params, positions=positions)
+    flat = [(c, s) for s, group in zip(samples, completions) for c in group]
+    results = pool.score_batch([(c.text, reward_sample(s, processor.assistant_prefix)) for c, s in flat])
+    for (c, s), r in zip(flat, results):
+        records.append({
+            "source": s.meta.get("source", ""), "row": s.meta.get("row"), "prompt": s.prompt,
+            "images": [im.origin for im in s.images], "answer": s.answer, "completion": c.text,
+            "reward": r.score, **{f"reward_{k}": v for k, v in r.parts.items()},
+            "finish_reason": c.finish_reason, "response_length": len(c.token_ids), "status": r.status,
+            **({"error": (s.where(), r.detail)} if r.status == "error" else {}),
+        })
 
 
 def report_reward_failures(rows: list[dict], what: str, timeout_s: float, shown: bool = False) -> bool:

@@ -64,7 +64,9 @@ def test_eval_only_when_train_files_is_null(tiny_qwen25_dir, color_data, tmp_pat
     assert not (tmp_path / "evalonly" / "hf").exists()
 
 
-def test_eval_cli_scores_a_model_folder(tiny_qwen25_dir, color_data, tmp_path):
+def test_eval_cli_scores_a_model_folder(tiny_qwen25_dir, color_data, tmp_path, monkeypatch):
+    monkeypatch.setenv("TTY_INTERACTIVE", "1")  # rich draws live progress as on a terminal
+    monkeypatch.setenv("TTY_COMPATIBLE", "1")
     result = run_cli("eval", "--model", str(tiny_qwen25_dir), "--data", str(color_data),
                      f"output_dir={tmp_path}", "run_name=ev", "rollout.max_new_tokens=6", "reward.format_pattern=null",
                      "rollout.backend=hf")
@@ -72,6 +74,7 @@ def test_eval_cli_scores_a_model_folder(tiny_qwen25_dir, color_data, tmp_path):
     metrics = json.loads((tmp_path / "ev" / "eval_metrics.json").read_text())
     samples = (tmp_path / "ev" / "samples" / "eval.jsonl").read_text().splitlines()
     assert len(samples) == metrics["eval/num_samples"] == 16
+    assert "eval: prompts" in result.stderr and "/16" in result.stderr  # the progress bar, prompts done of 16
     assert 0.0 <= metrics["eval/accuracy"] <= 1.0
     first = json.loads(samples[0])
     assert {"prompt", "images", "answer", "completion", "reward"} <= set(first)
