@@ -9,6 +9,7 @@
     lensrl convert --ckpt RUN/checkpoints/step_N --out DIR [--base MODEL] [--dtype bfloat16]
                    [--expert-layout per_expert]   a training checkpoint to a Hugging Face folder
     lensrl config show grpo|sft|eval              the defaults of a command
+    lensrl report RUN [RUN ...] [--out DIR]       plots and an HTML page of run folders (several: overlaid)
 """
 
 from __future__ import annotations
@@ -85,6 +86,11 @@ def build_parser() -> argparse.ArgumentParser:
     show = cfg.add_parser("show", help="print a command's defaults (or a resolved recipe) as YAML")
     show.add_argument("name", choices=["grpo", "sft", "eval"])
     _add_config_args(show)
+
+    rep = sub.add_parser("report", help="PNG plots and one HTML page of run folders (several: overlaid)")
+    rep.add_argument("runs", nargs="+", metavar="RUN", help="run folder(s) holding metrics.jsonl, e.g. runs/NAME")
+    rep.add_argument("--out", default=None, help="report folder (default RUN/report for one run; required for several)")
+    rep.add_argument("--samples", type=int, default=4, help="completions shown per samples file (default 4)")
     return parser
 
 
@@ -96,6 +102,7 @@ def main(argv: list[str] | None = None) -> None:
     from lensrl.config import ConfigError
     from lensrl.data.sample import DataError
     from lensrl.models.errors import ModelError
+    from lensrl.report import ReportError
     from lensrl.rewards.function import RewardFunctionError
     from lensrl.train.checkpoint import CheckpointError
     from lensrl.train.convert import ConvertError
@@ -110,7 +117,7 @@ def main(argv: list[str] | None = None) -> None:
 
     try:
         _dispatch(args)
-    except (ConfigError, DataError, ModelError, ConvertError, RewardFunctionError, CheckpointError,
+    except (ConfigError, DataError, ModelError, ConvertError, RewardFunctionError, CheckpointError, ReportError,
             FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
@@ -165,6 +172,12 @@ def _dispatch(args: argparse.Namespace) -> None:
         from lensrl.config import COMMAND_CONFIGS, load_config, to_yaml
 
         print(to_yaml(load_config(COMMAND_CONFIGS[args.name], args.config, args.overrides, check_rules=False)), end="")
+    elif args.command == "report":
+        from lensrl.report import write_report
+
+        report = write_report(args.runs, args.out, max_samples=args.samples)
+        empty = f"; no data for: {', '.join(report.empty_topics)}" if report.empty_topics else ""
+        print(f"wrote {report.html} ({len(report.figures)} figures{empty})")
 
 
 def _data(args: argparse.Namespace) -> None:
