@@ -196,6 +196,9 @@ class TrainerConfig:
     loggers: list[str] = field(default_factory=lambda: ["console", "jsonl", "tensorboard"])
     wandb_project: str = "lensrl"
     num_logged_samples: int = 4  # samples written to samples/ per step
+    # validation generations (prompt, image, completion, answer, reward) logged to TensorBoard (text
+    # and images) and wandb (a Table) at each validation, as EasyR1's val_generations_to_log; 0: none
+    val_generations_to_log: int = 4
     max_bad_steps: int = 3  # consecutive NaN/inf steps before the run stops
     fsdp: FSDPConfig = field(default_factory=FSDPConfig)
     cpu_threads: int = 0  # torch CPU threads per rank; 0: this machine's cores shared among its ranks

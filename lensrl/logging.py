@@ -12,6 +12,7 @@ import math
 import os
 import sys
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -89,8 +90,13 @@ class RunLogger:
                 import wandb
             except ImportError:
                 raise RuntimeError("trainer.loggers has 'wandb' but wandb is not installed: pip install 'lensrl[wandb]'") from None
-            self._wandb = wandb.init(project=wandb_project, name=run_name, config=config, dir=str(self.run_dir),
-                                     resume="allow")
+            # one wandb run per run folder: a resumed run continues the same curves (its id is kept
+            # in the folder; wandb's own resume="allow" needs it)
+            id_file = self.run_dir / "wandb_run_id"
+            run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:8]
+            id_file.write_text(run_id + "\n")
+            self._wandb = wandb.init(project=wandb_project, name=run_name, id=run_id, config=config,
+                                     dir=str(self.run_dir), resume="allow")
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         if not self.enabled:
@@ -127,6 +133,40 @@ class RunLogger:
     def info(self, message: str) -> None:
         if self.enabled and "console" in self.loggers:
             console.print(message)
+
+    def log_generations(self, step: int, rows: list[dict[str, Any]], tag: str = "val/generations") -> None:
+        """A few generations (EasyR1's val_generations_to_log) to TensorBoard and wandb. rows: dicts
+        with prompt, completion, answer, reward and "image" (a PIL image or None). TensorBoard: one
+        markdown table as text under `tag` and each image under `tag/<i>`; wandb: a Table under `tag`
+        and the images, captioned with their completions, under `tag/images`."""
+        if not self.enabled or not rows:
+            return
+        def cell(text: Any) -> str:
+            return str(text).replace("|", "\\|").replace("\n", "<br>")
+
+        if self._tb is not None:
+            import numpy as np
+
+            lines = ["| # | prompt | completion | answer | reward |", "|---|---|---|---|---|"]
+            lines += [f"| {i} | {cell(r['prompt'])} | {cell(r['completion'])} | {cell(r['answer'])} | {r['reward']:.3f} |"
+                      for i, r in enumerate(rows)]
+            self._tb.add_text(tag, "\n".join(lines), step)
+            for i, r in enumerate(rows):
+                if r.get("image") is not None:
+                    self._tb.add_image(f"{tag}/{i}", np.asarray(r["image"].convert("RGB")), step, dataformats="HWC")
+            self._tb.flush()
+        if self._wandb is not None:
+            import wandb
+
+            table = wandb.Table(columns=["step", "prompt", "image", "completion", "answer", "reward"])
+            images = []
+            for i, r in enumerate(rows):
+                image = wandb.Image(r["image"], caption=f"{i}: {r['completion'][:200]}") if r.get("image") is not None \
+                    else None
+                table.add_data(step, r["prompt"], image, r["completion"], str(r["answer"]), r["reward"])
+                images += [image] if image is not None else []
+            # the images also on their own (media panel): offline runs keep a Table's images only as a reference
+            self._wandb.log({tag: table, **({f"{tag}/images": images} if images else {})}, step=step)
 
     def write_samples(self, step: int, records: list[dict[str, Any]], name: str = "train") -> None:
         """Append a few samples (prompt, image reference, completion, reward) to samples/<name>_step_N.jsonl."""

@@ -318,8 +318,12 @@ def validate(trainer, step: int) -> dict[str, float]:
     sync_rollout(trainer)  # a backend with its own weight copy must see the latest
     with torch.no_grad(), autocast(trainer.device, trainer.amp_dtype):
         metrics, records = evaluate(trainer.rollout, trainer.processor, trainer.val_data, trainer.pool, params,
-                                    r.batch_size, trainer.cfg.data.val_size)
+                                    r.batch_size, trainer.cfg.data.val_size,
+                                    keep_images=trainer.cfg.trainer.val_generations_to_log)
     metrics["timing_s/testing"] = time.time() - start
+    shown = [r for r in records if "_image" in r][: trainer.cfg.trainer.val_generations_to_log]
+    trainer.logger.log_generations(step, [{**r, "image": r["_image"]} for r in shown])
+    records = [{k: v for k, v in r.items() if not k.startswith("_")} for r in records]
     trainer.logger.write_samples(step, records[: trainer.cfg.trainer.num_logged_samples], "val")
     return metrics
 

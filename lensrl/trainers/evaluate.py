@@ -28,12 +28,16 @@ def evaluate(
     batch_size: int = 64,
     max_samples: int | None = None,
     prefix: str = "val",
+    keep_images: int = 0,
 ) -> tuple[dict[str, float], list[dict]]:
     """Generate `params.n` completions per prompt and score them.
 
     Returns metrics (`{prefix}/accuracy` is mean@n accuracy; per data source
-    `val-core/<source>/acc/mean@n` as verl names it, or `{prefix}/<source>/acc/mean@n` for another prefix) and one record per completion (prompt, image reference, completion, reward).
-    Each rank evaluates its own share; metrics cover the whole set.
+    `val-core/<source>/acc/mean@n` as verl names it, or `{prefix}/<source>/acc/mean@n` for another
+    prefix) and one record per completion (prompt, image reference, completion, reward). Each rank
+    evaluates its own share; metrics cover the whole set. The first `keep_images` records of each
+    rank also hold their prompt's first image, decoded, under "_image" (for logged generations; not
+    JSON: drop the keys starting with "_" before writing records out).
     """
     count = len(dataset) if max_samples is None else min(max_samples, len(dataset))
     indices = list(range(count))[dist.rank() :: dist.world_size()]
@@ -41,7 +45,12 @@ def evaluate(
     with progress_bar(f"{prefix}: prompts", len(indices), show=dist.is_main()) as advance:
         for start in range(0, len(indices), batch_size):
             positions = indices[start : start + batch_size]
-            _evaluate_batch(rollout, processor, pool, params, [dataset[i] for i in positions], positions, records)
+            first = len(records)
+            samples = [dataset[i] for i in positions]
+            _evaluate_batch(rollout, processor, pool, params, samples, positions, records)
+            for k in range(first, min(len(records), keep_images)):  # record k is of sample (k - first) // n
+                images = samples[(k - first) // params.n].images
+                records[k]["_image"] = images[0].load() if images else None
             advance(len(positions))
     records = [r for part in dist.all_gather_objects(records) for r in part]
     report_reward_failures(records, prefix, pool.cfg.timeout_s)

@@ -54,6 +54,16 @@ def test_grpo_cli_writes_a_complete_run(tiny_qwen25_dir, color_data, tmp_path):
     reward = events.Scalars("critic/score/mean")
     assert [e.step for e in reward] == [1, 2]
     assert reward[0].value == pytest.approx(records[1]["critic/score/mean"], rel=1e-6)
+    # Validation generations: a markdown table and the prompts' images, at each validation (steps 0 and 2).
+    events = EventAccumulator(str(run / "tensorboard"), size_guidance={"images": 0, "tensors": 0})
+    events.Reload()
+    text = events.Tensors("val/generations/text_summary")
+    assert [e.step for e in text] == [0, 2]
+    table = text[-1].tensor_proto.string_val[0].decode()
+    val_sample = json.loads((run / "samples" / "val_step_2.jsonl").read_text().splitlines()[0])
+    assert "| prompt | completion |" in table and val_sample["completion"].split("\n")[0][:20] in table
+    images = events.Images("val/generations/0")
+    assert [e.step for e in images] == [0, 2] and images[0].width > 0
     # Samples: prompt, image reference, completion, reward.
     sample = json.loads((run / "samples" / "train_step_1.jsonl").read_text().splitlines()[0])
     assert {"prompt", "images", "completion", "reward", "answer"} <= set(sample)
