@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import struct
 from collections.abc import Iterator
 from pathlib import Path
@@ -118,16 +119,31 @@ def load_policy(
     from safetensors import SafetensorError
 
     try:
-        model, info = model_class(arch).from_pretrained(
-            name, dtype=dtype, trust_remote_code=False, use_safetensors=True,
-            output_loading_info=True, ignore_mismatched_sizes=True,  # reported below, with the folder named
-        )
+        with _weights_progress(int(os.environ.get("RANK", "0")) == 0):
+            model, info = model_class(arch).from_pretrained(
+                name, dtype=dtype, trust_remote_code=False, use_safetensors=True,
+                output_loading_info=True, ignore_mismatched_sizes=True,  # reported below, with the folder named
+            )
     except SafetensorError as e:  # damage check_model_folder's header check does not see
         raise ModelError(f"model folder {folder}: a *.safetensors weight file cannot be read: {e}") from None
     _check_loading_info(folder, info)
     model = model.to(device).eval()
     use_grouped_experts(model, device)
     return model, Processor.from_pretrained(name, **pixels)
+
+
+@contextlib.contextmanager
+def _weights_progress(show: bool) -> Iterator[None]:
+    """transformers' own progress bar (with ETA) over the weights it loads, on the main rank only
+    (the CLI turns transformers' bars off elsewhere)."""
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    (hf_logging.enable_progress_bar if show else hf_logging.disable_progress_bar)()
+    try:
+        yield
+    finally:
+        (hf_logging.enable_progress_bar if was else hf_logging.disable_progress_bar)()
 
 
 def experts_implementation(device: str | torch.device) -> str:

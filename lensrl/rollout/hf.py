@@ -11,6 +11,7 @@ transformers samples as it always has (torch's random stream, `do_sample=True`).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import contextmanager
 
 import numpy as np
@@ -25,7 +26,10 @@ from lensrl.train.sequences import image_inputs
 
 
 class HFRollout:
-    """Rollout through transformers `generate`; `batch_size`: sequences (prompts x n) per call."""
+    """Rollout through transformers `generate`; `batch_size`: sequences (prompts x n) per call.
+    `on_progress`, when set: called with the number of sequences each call finished."""
+
+    on_progress: Callable[[int], None] | None = None
 
     def __init__(self, model: torch.nn.Module, processor, batch_size: int = 64):
         self.model = model
@@ -62,6 +66,8 @@ class HFRollout:
             for start in range(0, len(prompts), per_call):
                 end = start + per_call
                 results += self._generate_chunk(prompts[start:end], params, start, positions[start:end], seed)
+                if self.on_progress is not None:
+                    self.on_progress(len(prompts[start:end]) * params.n)
             return results
         finally:
             self.model.train(was_training)

@@ -23,7 +23,7 @@ from lensrl.algorithms.losses import (
 )
 from lensrl.config import GRPOConfig, check
 from lensrl.data.datasets import BatchSampler, process_rows
-from lensrl.logging import console
+from lensrl.logging import console, progress_bar
 from lensrl.models.load import active_parameters
 from lensrl.rewards.function import reward_sample
 from lensrl.rewards.pool import RewardPool
@@ -223,7 +223,8 @@ class GRPOTrainer:
                 positions = dist.shard(list(range(len(batch))), block_size=actor.mini_batch_size)
                 samples, prompts = process_rows(self.train_data, self.sampler, batch, positions, self.processor,
                                                 cfg.data.skip_bad_rows)
-            with _timer(timing, "gen"), torch.no_grad(), autocast(self.device, self.amp_dtype):
+            with _timer(timing, "gen"), torch.no_grad(), autocast(self.device, self.amp_dtype), \
+                    rollout_progress(self.rollout, len(prompts) * cfg.rollout.n, dist.is_main()):
                 groups = self.rollout.generate(prompts, self.sampling_params(step),
                                                positions=[offset + p for p in positions])
             flat = [(i, c) for i, group in enumerate(groups) for c in group]
@@ -520,6 +521,17 @@ def _pad(rows: list[list[float]], width: int) -> torch.Tensor:
     for i, row in enumerate(rows):
         out[i, : len(row)] = torch.tensor(row, dtype=torch.float32)
     return out
+
+
+@contextmanager
+def rollout_progress(rollout, total: int, show: bool):
+    """A progress bar of the sequences `rollout` finishes inside this block (its `on_progress`)."""
+    with progress_bar("rollout: sequences", total, show=show) as advance:
+        rollout.on_progress = advance
+        try:
+            yield
+        finally:
+            rollout.on_progress = None
 
 
 @contextmanager

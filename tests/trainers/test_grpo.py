@@ -23,8 +23,11 @@ from lensrl.trainers.grpo import GRPOTrainer
 TIMING_PREFIXES = ("timing_s/", "perf/")
 
 
-def test_grpo_cli_writes_a_complete_run(tiny_qwen25_dir, color_data, tmp_path):
-    """`lensrl grpo` writes config, metrics, TensorBoard events, samples, checkpoints and an HF folder."""
+def test_grpo_cli_writes_a_complete_run(tiny_qwen25_dir, color_data, tmp_path, monkeypatch):
+    """`lensrl grpo` writes config, metrics, TensorBoard events, samples, checkpoints and an HF folder,
+    and shows progress on a terminal while it loads the model, validates and rolls out."""
+    monkeypatch.setenv("TTY_INTERACTIVE", "1")  # rich and tqdm draw their bars as on a terminal
+    monkeypatch.setenv("TTY_COMPATIBLE", "1")
     overrides = grpo_overrides(tiny_qwen25_dir, color_data, tmp_path, "cli", "trainer.save_freq=1",
                                "trainer.save_limit=1", "trainer.test_freq=2", "trainer.val_before_train=true",
                                "rollout.val_n=2", "rollout.val_temperature=1.0",
@@ -70,8 +73,10 @@ def test_grpo_cli_writes_a_complete_run(tiny_qwen25_dir, color_data, tmp_path):
     assert "row" in sample["images"][0]
     # Checkpoints: complete ones only, the oldest pruned.
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_2"]
-    # Progress on the console.
+    # Progress on the console: the step line, and bars while loading, validating and rolling out.
     assert "step 2/2" in result.stderr
+    for bar in ("Loading weights", "val: prompts", "rollout: sequences"):
+        assert bar in result.stderr, bar
     # The final HF folder loads with plain transformers and generates.
     from transformers import AutoModelForImageTextToText, AutoTokenizer
 

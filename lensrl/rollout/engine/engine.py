@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import time
 from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -61,7 +62,10 @@ class EngineOptions:
 
 
 class EngineRollout:
-    """A `RolloutBackend` that generates with the policy's own weights (see module doc)."""
+    """A `RolloutBackend` that generates with the policy's own weights (see module doc).
+    `on_progress`, when set: called with the number of sequences that finished at each step."""
+
+    on_progress: Callable[[int], None] | None = None
 
     def __init__(
         self, model: torch.nn.Module, processor, cfg, options: EngineOptions | None = None, **overrides
@@ -204,7 +208,7 @@ class EngineRollout:
         records: list[tuple[np.ndarray, torch.Tensor, np.ndarray]] = []
         routing: list[tuple[np.ndarray, np.ndarray]] | None = [] if runner.capture_routing else None
         prefill_s = decode_s = 0.0
-        steps = decode_tokens = prefill_tokens = kv_token_reads = prefill_calls = 0
+        steps = decode_tokens = prefill_tokens = kv_token_reads = prefill_calls = reported = 0
         while scheduler.has_work():
             planned = scheduler.plan_prefill()
             if planned:
@@ -240,6 +244,9 @@ class EngineRollout:
                 routed = runner.routed_rows(len(tokens_np)).to("cpu", copy=True)  # (B, L, K) int16
                 routing.append((routed.numpy(), scheduler.row_seq_ids))
             keep = scheduler.step_done(tokens_np)
+            if self.on_progress is not None and len(scheduler.finished) > reported:
+                self.on_progress(len(scheduler.finished) - reported)
+                reported = len(scheduler.finished)
             if keep is not None:
                 runner.keep_rows(keep.tolist())
             steps += 1
