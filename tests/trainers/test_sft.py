@@ -23,10 +23,11 @@ def sft_overrides(model_dir, data, out, name, *extra):
     ]
 
 
-def test_sft_multiple_choice_learns_and_writes_hf(tiny_qwen25_dir, choice_data, tmp_path):
+def test_sft_multiple_choice_learns_and_writes_hf(tiny_qwen25_dir, choice_data, tmp_path, capsys):
     overrides = sft_overrides(tiny_qwen25_dir, choice_data, tmp_path, "mc", "data.prompt_key=question",
                               "data.choice_key=choices", "data.answer_key=correct_answer", "data.image_keys=[image]",
-                              "reward.type=choice", "trainer.total_steps=12", "trainer.val_before_train=true")
+                              "reward.type=choice", "trainer.total_steps=12", "trainer.val_before_train=true",
+                              "trainer.loggers=[console,jsonl]")
     trainer = SFTTrainer(load_config(SFTConfig, None, overrides))
     sample = trainer.train_data[0]
     assert sample.target.startswith(f"{sample.answer}. ") and "Choices:\nA. " in sample.prompt
@@ -34,6 +35,8 @@ def test_sft_multiple_choice_learns_and_writes_hf(tiny_qwen25_dir, choice_data, 
     records = read_metrics(tmp_path / "mc")
     losses = [r["train/loss"] for r in records if "train/loss" in r]
     assert len(losses) == 12 and losses[-1] < 0.5 * losses[0]
+    console = capsys.readouterr().err  # the step line names SFT's loss as the loss
+    assert "step 12/12" in console and f"loss={losses[-1]:.3f}" in console and "reward=" not in console
     assert "val/accuracy" in records[0] and "val/accuracy" in records[-1]
     assert (tmp_path / "mc" / "hf" / "model.safetensors").is_file()
     assert (tmp_path / "mc" / "hf" / "preprocessor_config.json").is_file()
