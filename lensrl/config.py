@@ -33,6 +33,19 @@ class ConfigError(ValueError):
 
 
 @dataclass
+class LoraSettings:
+    # LoRA (peft, lensrl.train.lora): rank > 0 trains adapters only, on a frozen base that may stay
+    # bf16 (model.dtype=bfloat16); GRPO's KL reference is then the base with adapters off (no copy)
+    rank: int = 0  # 0: full-parameter training
+    alpha: float = 16.0  # scale alpha / rank
+    dropout: float = 0.0
+    # projections adapted, inside the language model (and the vision tower with vision_tower=true)
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                               "up_proj", "down_proj"])
+    vision_tower: bool = False
+
+
+@dataclass
 class ModelConfig:
     path: str = "runs/tiny_model"  # HF folder (downloaded Qwen-VL or `lensrl model tiny`) or a shape name
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: bf16 params+autocast on GPU, fp32 on CPU
@@ -49,6 +62,7 @@ class ModelConfig:
     # training loss (lensrl.train.router); None: config.json's router_aux_loss_coef (0.001 for
     # Qwen3-VL-30B-A3B); 0: not added (still logged). Ignored for dense models.
     router_aux_loss_coef: float | None = None
+    lora: LoraSettings = field(default_factory=LoraSettings)
 
 
 @dataclass
@@ -372,7 +386,19 @@ def check(config: Any, world_size: int | None = None) -> None:
         raise ConfigError("set data.train_files (training) and/or data.val_files (evaluation)")
     if isinstance(config, EvalConfig) and not config.data.val_files:
         raise ConfigError("lensrl eval needs data: --data DIR (its test.parquet) or data.val_files=[...]")
-    if training and config.model.dtype == "bfloat16":
+    lora = config.model.lora
+    if lora.rank < 0 or (lora.rank and not (lora.alpha > 0 and 0 <= lora.dropout < 1 and lora.target_modules)):
+        raise ConfigError(f"model.lora: rank must be >= 0 (0: off), alpha > 0, 0 <= dropout < 1 and target_modules "
+                          f"not empty; got rank={lora.rank}, alpha={lora.alpha}, dropout={lora.dropout}, "
+                          f"target_modules={list(lora.target_modules)}")
+    if training and lora.rank:
+        if isinstance(config, GRPOConfig) and config.rollout.backend == "engine":
+            raise ConfigError("model.lora with rollout.backend=engine: the engine does not apply LoRA adapters yet "
+                              "and would sample from the base model; use rollout.backend=hf")
+        if world > 1 or config.trainer.fsdp.enable == "always":
+            raise ConfigError("model.lora runs on one rank without FSDP for now (trainer.fsdp.enable=auto, one "
+                              "process): sharding a LoRA policy is not supported yet")
+    if training and config.model.dtype == "bfloat16" and not lora.rank:  # LoRA: the frozen base may be bf16
         raise ConfigError(
             "model.dtype=bfloat16 trains bf16 weights with a plain AdamW: an update at RL learning rates "
             "(1e-6) is below half a bf16 ulp of most weights and is lost (one step leaves ~98% of them "

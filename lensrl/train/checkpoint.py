@@ -95,13 +95,16 @@ def save_checkpoint(
     scheduler: Any,
     trainer_state: dict[str, Any],
     save_limit: int = 0,
+    trainable_only: bool = False,
 ) -> Path:
     """Write `ckpt_root/step_{step}` atomically; keep the newest `save_limit` (0: all).
 
     Every rank writes its DCP shard and `extra_rank{r}.pt`, records their size and CRC-32, and
     fsyncs them; rank 0 writes checksums.json and meta.json, fsyncs the folder and renames it into
     place. Raises CheckpointError (on every rank) when any rank's write failed, after removing the
-    partial folder; a full disk is named as such with the space the checkpoint needs."""
+    partial folder; a full disk is named as such with the space the checkpoint needs.
+    `trainable_only`: the model's trainable parameters only (LoRA: the adapters; the frozen base
+    is the model folder's) and their optimizer state."""
     ckpt_root = Path(ckpt_root)
     final = ckpt_root / f"step_{step}"
     tmp = ckpt_root / f".tmp_step_{step}"
@@ -112,7 +115,8 @@ def save_checkpoint(
             shutil.rmtree(stale, ignore_errors=True)
         tmp.mkdir(parents=True)
     _barrier()
-    model_sd, optim_sd = get_state_dict(model, optimizer)
+    model_sd, optim_sd = get_state_dict(model, optimizer, options=StateDictOptions(ignore_frozen_params=trainable_only))
+    model_sd = _trainable(model, model_sd) if trainable_only else model_sd
     error: BaseException | None = None
     sums: dict[str, dict] = {}
     try:
@@ -363,8 +367,16 @@ def set_aside(paths: list[Path]) -> list[Path]:
     return moved
 
 
+def _trainable(model: torch.nn.Module, state: dict[str, Any]) -> dict[str, Any]:
+    """The entries of a model state dict that are trainable parameters (a frozen weight tied to
+    another name, such as a tied lm_head, can still appear under ignore_frozen_params)."""
+    names = {name for name, param in model.named_parameters() if param.requires_grad}
+    return {k: v for k, v in state.items() if k in names}
+
+
 def load_checkpoint(
-    path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any
+    path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
+    trainable_only: bool = False,
 ) -> dict[str, Any]:
     """Restore model, optimizer, scheduler and RNG from `path`; return the trainer state. Verifies
     the checkpoint first (`verify_everywhere`); CheckpointError names the damaged file."""
@@ -372,13 +384,15 @@ def load_checkpoint(
     problem = verify_everywhere(path)
     if problem:
         raise CheckpointError(f"cannot resume from {path}: {problem}")
-    model_sd, optim_sd = get_state_dict(model, optimizer)
+    options = StateDictOptions(strict=True, ignore_frozen_params=trainable_only)  # as saved
+    model_sd, optim_sd = get_state_dict(model, optimizer, options=options)
+    model_sd = _trainable(model, model_sd) if trainable_only else model_sd
     state = {"model": model_sd, "optim": optim_sd}
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*single process.*")
         dcp.load(state, checkpoint_id=str(path))
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
-                   options=StateDictOptions(strict=True))
+                   options=StateDictOptions(strict=not trainable_only, ignore_frozen_params=trainable_only))
     extra_file = path / f"extra_rank{_rank()}.pt"
     new_rank = not extra_file.exists()  # resumed with more ranks than were saved
     extra = torch.load(path / "extra_rank0.pt" if new_rank else extra_file, weights_only=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import shutil
 import signal
 import time
 from dataclasses import dataclass
@@ -86,10 +87,18 @@ def setup_policy(trainer, cfg, with_ref: bool = False) -> None:
         policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.model.freeze_vision_tower:
         policy.model.visual.requires_grad_(False)
-    ref = copy.deepcopy(policy).requires_grad_(False).eval() if with_ref else None
+    trainer.lora = cfg.model.lora.rank > 0
+    if trainer.lora:  # adapters only; the base with adapters off is the reference (lensrl.train.lora)
+        from lensrl.train.lora import add_lora
+
+        trainable = add_lora(policy, cfg.model.lora)
+        if dist.is_main():
+            console.print(f"LoRA rank {cfg.model.lora.rank}: {trainable:,} trainable parameters", soft_wrap=True)
+    ref = copy.deepcopy(policy).requires_grad_(False).eval() if with_ref and not trainer.lora else None
+    ref = policy if with_ref and trainer.lora else ref
     compiled = compile_enabled(cfg.model.compile, device)
     if compiled:  # before sharding: FSDP's hooks stay outside the compiled code
-        for model in (policy, ref):
+        for model in (policy, ref if ref is not policy else None):  # LoRA: the reference is the policy
             if model is not None:
                 compile_blocks(model)
         compile_head()
@@ -245,6 +254,10 @@ def build_rollout(cfg: RolloutConfig, model: torch.nn.Module, processor, device:
         backend = auto_backend(device)
     if backend == "engine":
         from lensrl.rollout.engine import EngineRollout
+        from lensrl.train.lora import has_lora
+
+        if has_lora(model):  # rollout.backend=auto on CUDA: the engine would sample from the base model
+            raise ConfigError("model.lora: the engine does not apply LoRA adapters yet; set rollout.backend=hf")
 
         return EngineRollout(model, processor, cfg, capture_routing=cfg.router_mismatch_seqs > 0)  # MoE only
     from lensrl.rollout.hf import HFRollout
@@ -342,7 +355,7 @@ def save(trainer) -> Path:
     state = {"step": trainer.step, "sampler": trainer.sampler.state_dict(),
              "bad_steps_in_row": trainer.bad_steps_in_row, "optim_groups": groups}
     return save_checkpoint(trainer.ckpt_dir, trainer.step, trainer.policy, trainer.optimizer, trainer.scheduler,
-                           state, trainer.cfg.trainer.save_limit)
+                           state, trainer.cfg.trainer.save_limit, trainable_only=trainer.lora)
 
 
 def resume(trainer) -> None:
@@ -372,7 +385,7 @@ def resume(trainer) -> None:
                           "those newer checkpoints are replaced as the run reaches their steps[/yellow]", soft_wrap=True)
     if path is None:
         return
-    state = load_checkpoint(path, trainer.policy, trainer.optimizer, trainer.scheduler)
+    state = load_checkpoint(path, trainer.policy, trainer.optimizer, trainer.scheduler, trainable_only=trainer.lora)
     trainer.step = state["step"]
     optim = trainer.cfg.actor.optim if hasattr(trainer.cfg, "actor") else trainer.cfg.optim
     follow_schedule(trainer.scheduler, optim, trainer.step * getattr(trainer, "updates_per_step", 1))
@@ -468,11 +481,30 @@ def save_final_hf(trainer) -> None:
 
     if not (trainer.total_steps and trainer.cfg.trainer.save_hf):
         return
+    if trainer.lora:  # the merged model, and the adapters as peft writes them
+        from lensrl.train.lora import merged_state_dict, save_adapter
+
+        if dist.is_main():
+            path = save_hf(trainer.policy, trainer.processor, trainer.run_dir / "hf",
+                           state_dict=merged_state_dict(trainer.policy))
+            save_adapter(trainer.policy, trainer.run_dir / "hf_adapter", trainer.cfg.model.path)
+            _record_run(trainer.run_dir, path)
+            trainer.logger.info(f"Hugging Face model (LoRA merged): {path}; adapters: {trainer.run_dir / 'hf_adapter'}")
+        dist.barrier()
+        return
     state = full_state_dict(trainer.policy)
     if dist.is_main():
         path = save_hf(trainer.policy, trainer.processor, trainer.run_dir / "hf", state_dict=state)
+        _record_run(trainer.run_dir, path)
         trainer.logger.info(f"Hugging Face model: {path}")
     dist.barrier()
+
+
+def _record_run(run_dir: Path, hf_dir: Path) -> None:
+    """The run's config.yaml into its HF folder as lensrl_run.yaml (as `lensrl convert` does): the
+    folder keeps which reward graded it wherever it is copied (`lensrl eval` reads it)."""
+    if (run_dir / "config.yaml").is_file():
+        shutil.copyfile(run_dir / "config.yaml", hf_dir / "lensrl_run.yaml")
 
 
 def cpu_memory_gb() -> float:

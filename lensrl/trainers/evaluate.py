@@ -4,13 +4,14 @@ evaluation and `lensrl eval`."""
 from __future__ import annotations
 
 import json
+import re
 import time
 from pathlib import Path
 
 import torch
 from rich.markup import escape
 
-from lensrl.config import EvalConfig, load_config
+from lensrl.config import ConfigError, EvalConfig, load_config
 from lensrl.data.datasets import PromptDataset
 from lensrl.logging import console, progress_bar
 from lensrl.rewards.function import RewardFunctionError, reward_sample
@@ -95,6 +96,20 @@ def report_reward_failures(rows: list[dict], what: str, timeout_s: float, shown:
     return shown or bool(errors)
 
 
+def source_names(sources: set[str]) -> dict[str, str]:
+    """A name per data source file for the per-source metrics: the file's stem without a shard
+    suffix (`test-00000-of-00002` -> `test`, so a dataset's shards are one source), prefixed by its
+    folder's name where two folders would give the same name (`geo3k/test`, `robo/test`)."""
+    def stem(source: str) -> str:
+        return re.sub(r"-\d{5}-of-\d{5}$", "", Path(source).stem) or "data"
+
+    folders: dict[str, set[str]] = {}
+    for source in sources:
+        folders.setdefault(stem(source), set()).add(str(Path(source).parent))
+    return {source: (f"{Path(source).parent.name}/{stem(source)}" if len(folders[stem(source)]) > 1 else stem(source))
+            for source in sources}
+
+
 def summarize(records: list[dict], n: int, prefix: str) -> dict[str, float]:
     if not records:
         return {}
@@ -112,9 +127,10 @@ def summarize(records: list[dict], n: int, prefix: str) -> dict[str, float]:
         metrics[f"{prefix}/{part}"] = mean([r.get(f"reward_{part}", 0.0) for r in records])
     # mean@n per data source, of the accuracy part (a reward without one: of the score)
     key = "reward_accuracy" if "accuracy" in parts else "reward"
+    names = source_names({r["source"] for r in records})
     by_source: dict[str, list[float]] = {}
     for r in records:
-        by_source.setdefault(Path(r["source"]).stem or "data", []).append(r.get(key, 0.0))
+        by_source.setdefault(names[r["source"]], []).append(r.get(key, 0.0))
     group = "val-core" if prefix == "val" else prefix  # verl's name for validation per data source
     for source, values in by_source.items():
         metrics[f"{group}/{source}/{'acc' if key == 'reward_accuracy' else 'reward'}/mean@{n}"] = mean(values)
@@ -126,29 +142,53 @@ GRADING_KEYS = ("function", "function_kwargs", "type", "format_pattern", "format
                 "reward_max_val")
 
 
-def training_reward(config_path: str | None, overrides: list[str]) -> list[str]:
-    """`reward.*` overrides that grade as the lensrl run that trained the model folder did (its
-    GRADING_KEYS): from the run's config.yaml beside the folder (a run's `RUN/hf`) or the copy
-    `lensrl convert` writes into it (`lensrl_run.yaml`). [] when the folder did not come from a
-    run, or when the user set a grading setting (a `reward.<key>=` override or a `reward:` section
-    in --config with one)."""
+def training_reward(config_path: str | None, overrides: list[str]) -> tuple[list[str], Path | None]:
+    """(`reward.*` overrides that grade as the lensrl run that trained the model folder did, the
+    record they come from). The run's GRADING_KEYS are read from the config.yaml beside the
+    folder (a run's `RUN/hf`) or from the copy in it (`lensrl_run.yaml`, which `RUN/hf` and
+    `lensrl convert` write). They are the base: a key the user sets (`reward.<key>=` or a `reward:`
+    section in --config) replaces that key only. A relative reward.function path that does not
+    exist from here is looked up from where the run was started (the folder above its output
+    folder). ([], None) when the folder did not come from a run."""
     import yaml
 
     user = yaml.safe_load(Path(config_path).read_text()) or {} if config_path else {}
     given = {o.split("=", 1)[0][len("reward."):] for o in overrides if o.startswith("reward.")}
     given |= set((user.get("reward") or {}) if isinstance(user.get("reward"), dict) else ())
-    if given & set(GRADING_KEYS):
-        return []
     model = next((o.split("=", 1)[1] for o in reversed(overrides) if o.startswith("model.path=")), None)
     model = model or (user.get("model") or {}).get("path")
     if not model or not Path(model).is_dir():
-        return []
+        return [], None
     for record in (Path(model) / "lensrl_run.yaml", Path(model).parent / "config.yaml"):
-        if record.is_file():
-            reward = (yaml.safe_load(record.read_text()) or {}).get("reward")
-            if isinstance(reward, dict):
-                return [f"reward.{k}={json.dumps(reward[k])}" for k in GRADING_KEYS if k in reward]
-    return []
+        if not record.is_file():
+            continue
+        run = yaml.safe_load(record.read_text()) or {}
+        reward = run.get("reward")
+        if not isinstance(reward, dict):
+            continue
+        reward = {k: reward[k] for k in GRADING_KEYS if k in reward and k not in given}
+        file, _, name = str(reward.get("function") or "").partition(":")
+        started = _run_started_in(record, run)
+        if file.endswith(".py") and not Path(file).exists() and started and (started / file).is_file():
+            reward["function"] = f"{(started / file).resolve()}:{name}"
+        return [f"reward.{k}={json.dumps(v)}" for k, v in reward.items()], record
+    return [], None
+
+
+def _run_started_in(record: Path, run: dict) -> Path | None:
+    """The working directory a run was started in, from its config record's place: RUN/config.yaml
+    or RUN/hf/lensrl_run.yaml, RUN being trainer.output_dir/trainer.run_name from there. None when
+    that cannot be known (a converted folder elsewhere, an absolute output_dir)."""
+    run_dir = record.parent if record.name == "config.yaml" else record.parent.parent
+    if record.name != "config.yaml" and not (run_dir / "config.yaml").is_file():
+        return None
+    output_dir = Path((run.get("trainer") or {}).get("output_dir", "runs"))
+    if output_dir.is_absolute():
+        return None
+    up = run_dir.resolve()
+    for _ in range(len(output_dir.parts) + 1):  # run_name, then each part of output_dir
+        up = up.parent
+    return up
 
 
 def fresh_run_name(output_dir: str, run_name: str) -> str:
@@ -178,8 +218,14 @@ def run_eval(config_path: str | None, overrides: list[str]) -> dict[str, float]:
         seed_everything,
     )
 
-    run_reward = training_reward(config_path, overrides)
-    cfg = load_config(EvalConfig, config_path, [*run_reward, *overrides])
+    run_reward, record = training_reward(config_path, overrides)
+    try:
+        cfg = load_config(EvalConfig, config_path, [*run_reward, *overrides])
+    except ConfigError as e:
+        if not run_reward:
+            raise
+        raise ConfigError(f"{e} (the reward settings came from {record}, the run that trained the model; set "
+                          "reward.* here to grade otherwise)") from None
     cfg.run_name = fresh_run_name(cfg.output_dir, cfg.run_name)
     check_data(cfg.data)
     device = dist.resolve_device(cfg.device)
@@ -195,8 +241,8 @@ def run_eval(config_path: str | None, overrides: list[str]) -> dict[str, float]:
     run_dir = prepare_run_dir(cfg.output_dir, cfg.run_name, cfg)
     record_config(run_dir, cfg)
     if run_reward and dist.is_main():
-        console.print(f"grading with the reward settings of the run that trained {cfg.model.path} "
-                      "(reward.* on the command line or in --config to grade otherwise)")
+        console.print(f"grading with the reward settings of the run that trained {cfg.model.path} ({record}); "
+                      "reward.* on the command line or in --config replaces single keys", soft_wrap=True)
     rollout = build_rollout(cfg.rollout, model, processor, device)
     params = SamplingParams(n=cfg.rollout.val_n, temperature=cfg.rollout.val_temperature,
                             top_p=cfg.rollout.val_top_p, max_new_tokens=cfg.rollout.max_new_tokens, seed=cfg.seed)

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from contextlib import contextmanager
@@ -157,12 +158,11 @@ class GRPOTrainer:
         if not self.on_policy(minibatches):
             with _timer(timing, "old_log_prob"):
                 old_logp = self.logprobs(self.logprob_model, seqs, width)
-        with _timer(timing, "router_mismatch"):  # MoE: the engine's experts vs the model's own routing
-            routing = self.routing_gap(seqs, [held[g]["routed"] for g in order])
+        routing = self.routing_gap(seqs, [held[g]["routed"] for g in order], timing)  # MoE + engine
         ref_logp = None
         if self.ref is not None:
             with _timer(timing, "ref"):
-                ref_logp = self.logprobs(self.ref, seqs, width)
+                ref_logp = self.logprobs(self.ref, seqs, width, base=self.lora)  # LoRA: adapters off
         is_weights, is_metrics = self.is_weights(old_logp, rollout_logp, mask)
 
         # 6. Policy update over ppo_epochs x mini-batches.
@@ -301,21 +301,26 @@ class GRPOTrainer:
         return SamplingParams(n=r.n, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
                               max_new_tokens=r.max_new_tokens, seed=seed)
 
-    def logprobs(self, model: torch.nn.Module, seqs: list[Sequence], width: int) -> torch.Tensor:
-        """Response log-probabilities under `model`, no gradient, in micro-batches: (B, width)."""
+    def logprobs(self, model: torch.nn.Module, seqs: list[Sequence], width: int, base: bool = False) -> torch.Tensor:
+        """Response log-probabilities under `model`, no gradient, in micro-batches: (B, width).
+        `base`: with its LoRA adapters off (the reference of a LoRA policy)."""
+        from lensrl.train.lora import adapters_disabled
+
         out = torch.zeros(len(seqs), width)
-        with torch.no_grad(), autocast(self.device, self.amp_dtype):
+        with torch.no_grad(), autocast(self.device, self.amp_dtype), \
+                (adapters_disabled(model) if base else contextlib.nullcontext()):
             for micro in self.micro_batches(list(range(len(seqs))), seqs):
                 logp, _, _ = self.forward(model, [seqs[i] for i in micro], width)
                 out[micro] = logp.cpu()
         return out
 
-    def routing_gap(self, seqs: list[Sequence], routed: list) -> tuple[dict[str, float], float]:
+    def routing_gap(self, seqs: list[Sequence], routed: list, timing: dict[str, float]) -> tuple[dict[str, float], float]:
         """({"rollout/router_mismatch": fraction of (token, MoE layer) top-k expert sets where the
         engine's decode differs from the model's own packed forward}, decisions compared), over up to
         `rollout.router_mismatch_seqs` of this rank's sequences, under the training autocast. The
         forward runs on the rollout's weights: the bf16 copy under FSDP, else the policy. ({}, 0)
-        for a dense model, with the hf backend or when off (the same answer on every rank)."""
+        for a dense model, with the hf backend or when off (the same answer on every rank); the time
+        it takes goes to timing["router_mismatch"] when it runs."""
         from lensrl.rollout.engine import EngineRollout
         from lensrl.rollout.engine.moe import router_mismatch, trainer_routing
 
@@ -325,7 +330,7 @@ class GRPOTrainer:
         pairs = [(s, r) for s, r in zip(seqs, routed) if r is not None and len(r)][: self.cfg.rollout.router_mismatch_seqs]
         if not pairs:
             return {"rollout/router_mismatch": 0.0}, 0.0
-        with torch.no_grad(), autocast(self.device, self.amp_dtype):
+        with _timer(timing, "router_mismatch"), torch.no_grad(), autocast(self.device, self.amp_dtype):
             trainer = trainer_routing(self.rollout_model, [s for s, _ in pairs])
         engine = [r for _, r in pairs]
         return {"rollout/router_mismatch": router_mismatch(engine, trainer)}, float(sum(r.shape[0] * r.shape[1] for r in engine))

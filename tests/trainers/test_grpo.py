@@ -231,7 +231,8 @@ def test_all_wrong_groups_are_counted_from_the_accuracy_part(tiny_qwen25_dir, co
 
 def test_eval_of_a_trained_folder_grades_as_its_run_did_in_a_folder_of_its_own(tiny_qwen25_dir, color_data, tmp_path):
     """`lensrl eval` of a run's hf/ folder takes the run's reward settings (this run: no format
-    reward) unless reward.* is given, and each invocation writes a new folder (ev, then ev_2)."""
+    reward, format weight 0.25), a reward.* key given replacing that key only, and each invocation
+    writes a new folder (ev, then ev_2)."""
     import yaml
 
     overrides = grpo_overrides(tiny_qwen25_dir, color_data, tmp_path, "trained", "trainer.total_steps=1",
@@ -246,11 +247,42 @@ def test_eval_of_a_trained_folder_grades_as_its_run_did_in_a_folder_of_its_own(t
     graded = yaml.safe_load((tmp_path / "ev" / "config.yaml").read_text())["reward"]
     assert graded["format_pattern"] is None and graded["format_weight"] == 0.25  # the run's, not the defaults
     before = (tmp_path / "ev" / "eval_metrics.json").read_text()
-    second = run_cli(*common, "reward.format_weight=0.5")  # told otherwise: its own settings
+    second = run_cli(*common, "reward.format_weight=0.5")  # that key told otherwise, the others the run's
     assert second.returncode == 0, second.stderr[-3000:]
     graded = yaml.safe_load((tmp_path / "ev_2" / "config.yaml").read_text())["reward"]
-    assert graded["format_weight"] == 0.5 and graded["format_pattern"] is not None
+    assert graded["format_weight"] == 0.5 and graded["format_pattern"] is None
+    assert (tmp_path / "trained" / "hf" / "lensrl_run.yaml").is_file()  # the folder carries its run's record
     assert (tmp_path / "ev" / "eval_metrics.json").read_text() == before  # the first result is untouched
+
+
+def test_per_source_metrics_keep_a_datasets_shards_together_and_two_datasets_apart():
+    from lensrl.trainers.evaluate import summarize
+
+    records = [{"source": f"/d/{folder}/{file}", "reward": r, "reward_accuracy": r, "response_length": 3,
+                "status": "ok"} for folder, file, r in [("shards", "test-00000-of-00002.parquet", 1.0),
+                                                        ("shards", "test-00001-of-00002.parquet", 0.0),
+                                                        ("other", "test.parquet", 1.0), ("geo", "val.parquet", 0.0)]]
+    metrics = summarize(records, 1, "val")
+    assert {k: v for k, v in metrics.items() if k.startswith("val-core/")} == {
+        "val-core/shards/test/acc/mean@1": 0.5, "val-core/other/test/acc/mean@1": 1.0, "val-core/val/acc/mean@1": 0.0}
+
+
+def test_eval_finds_a_runs_reward_file_from_where_the_run_was_started(tmp_path, monkeypatch):
+    """A run trained with reward.function=rw/mine.py:score (relative to where it was started), its
+    model evaluated from another folder: the inherited path is resolved from the run's place."""
+    from lensrl.trainers.evaluate import training_reward
+
+    project = tmp_path / "project"
+    (project / "rw").mkdir(parents=True)
+    (project / "rw" / "mine.py").write_text("def score(completion, sample):\n    return 1.0\n")
+    run = project / "out" / "exp" / "r1"
+    (run / "hf").mkdir(parents=True)
+    (run / "config.yaml").write_text("trainer:\n  output_dir: out/exp\nreward:\n  function: rw/mine.py:score\n"
+                                     "  format_weight: 0.3\n")
+    monkeypatch.chdir(tmp_path)  # elsewhere
+    overrides, record = training_reward(None, [f"model.path={run / 'hf'}", "reward.format_weight=0.5"])
+    assert record == run / "config.yaml"
+    assert overrides == [f'reward.function="{(project / "rw" / "mine.py").resolve()}:score"']  # format_weight: the user's
 
 
 @pytest.mark.gpu

@@ -262,12 +262,12 @@ def test_grpo_with_the_engine_logs_router_mismatch_train_kl_and_tis(tiny_moe_dir
     groups = trainer.rollout.generate(prompts, trainer.sampling_params(2))
     seqs = [make_sequence(p, c.token_ids) for p, group in zip(prompts, groups) for c in group]
     routed = [c.routed_experts for group in groups for c in group]
-    same, decisions = trainer.routing_gap(seqs, routed)
+    same, decisions = trainer.routing_gap(seqs, routed, {})
     assert same == {"rollout/router_mismatch": 0.0} and decisions > 0
     with torch.no_grad():  # another router in the first MoE layer than the one the engine decoded with
         router = trainer.router.routers[0]
         router.weight.copy_(torch.roll(router.weight, 1, dims=0))
-    changed, _ = trainer.routing_gap(seqs, routed)
+    changed, _ = trainer.routing_gap(seqs, routed, {})
     assert changed["rollout/router_mismatch"] > 0.5 / len(trainer.router.routers)  # that layer's, at least
 
 
