@@ -40,8 +40,13 @@ def target_regex(cfg) -> str:
 def add_lora(model: torch.nn.Module, cfg) -> int:
     """Inject LoRA adapters (rank cfg.rank, scale cfg.alpha / cfg.rank, dropout cfg.dropout) into
     `model` in place and freeze everything else. Returns the number of trainable parameters.
-    Raises ValueError when no module matches the targets."""
-    from peft import LoraConfig, inject_adapter_in_model
+    Raises ValueError when no module matches the targets, ConfigError when peft is missing."""
+    try:
+        from peft import LoraConfig, inject_adapter_in_model
+    except ImportError:
+        from lensrl.config import ConfigError
+
+        raise ConfigError("model.lora needs peft: pip install 'lensrl[lora]'") from None
 
     peft_cfg = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
                           target_modules=target_regex(cfg), bias="none")
