@@ -90,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     rep = sub.add_parser("report", help="PNG plots and one HTML page of run folders (several: overlaid)")
     rep.add_argument("runs", nargs="+", metavar="RUN", help="run folder(s) holding metrics.jsonl, e.g. runs/NAME")
     rep.add_argument("--out", default=None, help="report folder (default RUN/report for one run; required for several)")
-    rep.add_argument("--samples", type=int, default=4, help="completions shown per samples file (default 4)")
+    rep.add_argument("--samples", type=_non_negative, default=4, help="completions shown per samples file (default 4)")
     return parser
 
 
@@ -128,6 +128,13 @@ def main(argv: list[str] | None = None) -> None:
         print("interrupted (no checkpoint of the step in flight)", file=sys.stderr)
         sys.exit(130)
     shutdown()  # after a run that succeeded (a failing one exits without waiting on its peers)
+
+
+def _non_negative(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
 
 
 def _dispatch(args: argparse.Namespace) -> None:

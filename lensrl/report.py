@@ -698,7 +698,10 @@ def write_report(runs: list[str | Path], out: str | Path | None = None, max_samp
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ReportError(f"{out}: exists and is not a folder; --out must be a folder")
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ReportError(f"--out {out}: cannot create the report folder ({e.strerror})") from None
     warnings = [w for run in loaded for w in run.warnings]
 
     panels = topic_panels(loaded)

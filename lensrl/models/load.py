@@ -54,6 +54,9 @@ def detect_arch(path: str | Path) -> str:
     if not path.is_dir():
         raise FileNotFoundError(f"model folder {path} does not exist; {_HOW_TO_GET_ONE}")
     if not config_path.is_file():
+        if (path / "meta.json").is_file() or any(path.glob("*.distcp")):
+            raise FileNotFoundError(f"{path} is a training checkpoint, not a Hugging Face model folder: make one "
+                                    f"with `lensrl convert --ckpt {path} --out DIR`, or use the run's hf/ folder")
         raise FileNotFoundError(
             f"{path} has no config.json, so it is not a Hugging Face model folder; {_HOW_TO_GET_ONE}"
         )

@@ -281,3 +281,13 @@ def test_eval_on_a_damaged_folder_exits_2_naming_the_file(tiny_qwen25_dir, tmp_p
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith(f"error: model folder {folder}: model.safetensors is truncated"), result.stderr[-2000:]
     assert "Traceback" not in result.stderr + result.stdout
+
+
+def test_a_training_checkpoint_given_as_a_model_says_how_to_convert_it(tmp_path):
+    from lensrl.models.load import check_model_folder
+
+    ckpt = tmp_path / "run" / "checkpoints" / "step_3"
+    ckpt.mkdir(parents=True)
+    (ckpt / "meta.json").write_text("{}")
+    with pytest.raises(FileNotFoundError, match=f"lensrl convert --ckpt {ckpt}"):
+        check_model_folder(ckpt)
