@@ -319,6 +319,16 @@ def test_sigterm_under_torchrun_saves_on_every_rank(tiny_qwen25_dir, color_data,
         assert process.returncode == 0, output[-3000:]
 
 
+def _kill_matching(text: str) -> None:
+    """SIGKILL every process whose command line contains `text` (Linux /proc)."""
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and text in (proc / "cmdline").read_bytes().decode(errors="replace"):
+                os.kill(int(proc.name), signal.SIGKILL)
+        except (OSError, ProcessLookupError):
+            pass
+
+
 def test_a_hung_rank_is_named_not_the_rank_that_waited(tiny_qwen25_dir, color_data, tmp_path):
     """Rank 1 hangs in its reward function at step 1; rank 0 waits at the next collective until
     trainer.dist_timeout_s, then the job fails with a message naming rank 1 and where it stopped."""
@@ -346,6 +356,7 @@ def test_a_hung_rank_is_named_not_the_rank_that_waited(tiny_qwen25_dir, color_da
     finally:
         os.killpg(process.pid, signal.SIGKILL)
         process.wait()
+        _kill_matching(str(tmp_path))  # torchrun's ranks live in sessions of their own: the hung one outlived it
     output = "".join(lines)
     assert "rank 1 (host" in output and "hung" in output and "'reward'" in output, \
         output[-4000:]
