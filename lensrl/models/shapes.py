@@ -18,7 +18,6 @@ the model, and the embedding matrix keeps its real size.
 
 from __future__ import annotations
 
-
 import json
 import os
 import shutil

@@ -113,7 +113,7 @@ class GRPOTrainer:
             release_run_lock(self.run_dir)
 
     def train_step(self, step: int) -> dict[str, float]:
-        cfg, actor = self.cfg, self.cfg.actor
+        cfg = self.cfg
         n = cfg.rollout.n
         timing: dict[str, float] = {}
         step_start = time.time()

@@ -240,12 +240,13 @@ def test_grpo_with_the_engine_logs_router_mismatch_train_kl_and_tis(tiny_moe_dir
     each decode step and the step logs how often they differ from the model's own forward
     (rollout/router_mismatch: 0 where both compute alike), next to rollout/train_kl and TIS. Then
     the same comparison on a fresh batch sees a router changed after the rollout."""
+    from trainer_helpers import grpo_overrides
+
     from lensrl.config import GRPOConfig
     from lensrl.data.datasets import process_rows
     from lensrl.rollout.engine.moe import trainer_routing  # noqa: F401  (the path the step takes)
     from lensrl.train.sequences import make_sequence
     from lensrl.trainers.grpo import GRPOTrainer
-    from trainer_helpers import grpo_overrides
 
     overrides = grpo_overrides(tiny_moe_dir, color_data, tmp_path, "engine", "rollout.backend=engine",
                                "data.max_prompt_length=96", "trainer.total_steps=1",
