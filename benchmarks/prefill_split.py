@@ -81,7 +81,7 @@ def main() -> None:
         prefill = timed(lambda: engine.generate(prompts, params), device)
         for budget in args.prefill_tokens:
             other = EngineRollout(model, processor, RolloutConfig(gpu_memory_utilization=0.5), prefill_tokens=budget)
-            print(f"prefill at {budget} tokens per call: {timed(lambda: other.generate(prompts, params), device):.3f} s",
+            print(f"prefill at {budget} tokens per call: {timed(lambda other=other: other.generate(prompts, params), device):.3f} s",
                   flush=True)
             del other
         visual = model.model.visual
