@@ -228,7 +228,7 @@ def test_not_a_run_folder(tmp_path):
         write_report([tmp_path, tmp_path])
 
 
-def test_cli_missing_folder_is_one_clear_error(tmp_path):
+def test_cli_missing_folder_is_one_clear_error(tmp_path, capsys):
     path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
     result = subprocess.run([sys.executable, "-m", "lensrl", "report", "/nonexistent/run"], capture_output=True,
                             text=True, timeout=120, cwd=REPO, env={**os.environ, "PYTHONPATH": path})
@@ -237,10 +237,13 @@ def test_cli_missing_folder_is_one_clear_error(tmp_path):
     assert len(lines) == 1 and lines[0].startswith("error: /nonexistent/run: no such folder")
     assert "metrics.jsonl" in lines[0]
     (tmp_path / "metrics.jsonl").write_text('{"step": 1, "critic/score/mean": 0.5}\n')
+    from lensrl.cli import main  # the same entry point, in this process
+
     for bad, said in (("--samples=-1", "must be >= 0"), ("--out=/proc/no/such", "cannot create the report folder")):
-        result = subprocess.run([sys.executable, "-m", "lensrl", "report", str(tmp_path), bad], capture_output=True,
-                                text=True, timeout=120, cwd=REPO, env={**os.environ, "PYTHONPATH": path})
-        assert result.returncode == 2 and said in result.stderr, result.stderr[-500:]
+        with pytest.raises(SystemExit) as exit_:
+            main(["report", str(tmp_path), bad])
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2 and said in err, err[-500:]
 
 
 def test_report_of_a_real_grpo_run(tiny_qwen25_dir, synth_data, tmp_path):

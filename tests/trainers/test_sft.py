@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from trainer_helpers import run_cli
+from trainer_helpers import run_cli, run_main
 
 from lensrl.config import SFTConfig, load_config
 from lensrl.logging import read_metrics
@@ -83,12 +83,13 @@ def test_eval_cli_scores_a_model_folder(tiny_qwen25_dir, color_data, tmp_path, m
     assert {"prompt", "images", "answer", "completion", "reward"} <= set(first)
 
 
-def test_missing_model_or_data_path_says_how_to_get_it(tiny_qwen25_dir, color_data, tmp_path):
-    result = run_cli("sft", f"model.path={tmp_path / 'nope'}", f"data.train_files=[{color_data / 'train.parquet'}]")
-    assert result.returncode != 0 and "lensrl model tiny" in result.stderr
-    result = run_cli("eval", "--model", str(tmp_path / "nope"), "--data", str(tmp_path / "nodata"))
-    assert result.returncode == 2 and "nodata" in result.stderr  # the data is checked before any model loads
-    result = run_cli("eval", "--model", str(tmp_path / "nope"), "--data", str(color_data))
-    assert result.returncode != 0 and "nope" in result.stderr
-    result = run_cli("sft", f"model.path={tiny_qwen25_dir}", f"data.train_files=[{tmp_path / 'geo3k' / 'train.parquet'}]")
-    assert result.returncode != 0 and "geo3k" in result.stderr and "lensrl data" in result.stderr
+def test_missing_model_or_data_path_says_how_to_get_it(tiny_qwen25_dir, color_data, tmp_path, capsys):
+    code, err = run_main(capsys, "sft", f"model.path={tmp_path / 'nope'}", f"data.train_files=[{color_data / 'train.parquet'}]")
+    assert code != 0 and "lensrl model tiny" in err
+    code, err = run_main(capsys, "eval", "--model", str(tmp_path / "nope"), "--data", str(tmp_path / "nodata"))
+    assert code == 2 and "nodata" in err  # the data is checked before any model loads
+    code, err = run_main(capsys, "eval", "--model", str(tmp_path / "nope"), "--data", str(color_data))
+    assert code != 0 and "nope" in err
+    code, err = run_main(capsys, "sft", f"model.path={tiny_qwen25_dir}",
+                         f"data.train_files=[{tmp_path / 'geo3k' / 'train.parquet'}]")
+    assert code != 0 and "geo3k" in err and "lensrl data" in err

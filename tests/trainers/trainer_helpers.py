@@ -24,3 +24,23 @@ def run_cli(*args: str, timeout: float = 300, **kwargs) -> subprocess.CompletedP
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     return subprocess.run([sys.executable, "-m", "lensrl", *args], capture_output=True, text=True, timeout=timeout,
                           env=env, cwd=kwargs.pop("cwd", None), **kwargs)
+
+
+def run_main(capsys, *args: str) -> tuple[int, str]:
+    """`lensrl ARGS` in this process (the CLI's own main: argument parsing, checks, error
+    messages): (exit code, stderr). For commands that stop before a model trains: a subprocess
+    costs seconds of imports each."""
+    from transformers.utils import logging as hf_logging
+
+    from lensrl.cli import main
+
+    capsys.readouterr()
+    bars = hf_logging.is_progress_bar_enabled()
+    try:
+        main(list(args))
+        code = 0
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 1
+    finally:
+        (hf_logging.enable_progress_bar if bars else hf_logging.disable_progress_bar)()
+    return code, capsys.readouterr().err
