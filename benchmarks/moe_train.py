@@ -56,6 +56,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from train_step import measure_matmul_rate, sync  # noqa: E402  (benchmarks/, the script's own folder)
+
 from lensrl.models.compile import compile_blocks, uncompile_blocks  # noqa: E402
 from lensrl.models.load import build_random_model, experts_implementation, language_model  # noqa: E402
 from lensrl.models.shapes import SHAPES, build_config  # noqa: E402
@@ -152,28 +154,6 @@ def count_flops(text_model: torch.nn.Module, lengths: list[int]) -> dict:
             "flops_dense": dense, "flops_attention": attn, "flops": dense + attn}
 
 
-def measure_matmul_rate(device: torch.device) -> float:
-    """Dense matmul FLOP/s: bf16 8192^3 on CUDA, fp32 1024^3 on the CPU; best of 5 runs of 10."""
-    n, dtype = (8192, torch.bfloat16) if device.type == "cuda" else (1024, torch.float32)
-    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
-    for _ in range(3):
-        a @ b
-    best = float("inf")
-    for _ in range(5):
-        sync(device)
-        t0 = time.perf_counter()
-        for _ in range(10):
-            a @ b
-        sync(device)
-        best = min(best, (time.perf_counter() - t0) / 10)
-    return 2 * n**3 / best
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def set_experts(model, name: str) -> str:
     """Switch the experts kernel; returns what the experts modules now dispatch to."""
     model.set_experts_implementation(name)
@@ -244,7 +224,7 @@ def main(argv=None) -> dict:
     def save() -> None:
         out.write_text(json.dumps(results, indent=2, default=str))
 
-    rate = measure_matmul_rate(device)
+    rate = measure_matmul_rate(device, tiny=device.type != "cuda")  # bf16 8192^3 on CUDA, fp32 512^3 on the CPU
     results["matmul_tflops"] = rate / 1e12
     log(f"matmul rate ({'bf16' if device.type == 'cuda' else 'fp32'}): {rate / 1e12:.2f} TFLOP/s")
     torch.manual_seed(args.seed)
