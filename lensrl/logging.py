@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 
 console = Console(stderr=True, highlight=False)
 
@@ -40,7 +41,7 @@ def progress_bar(description: str, total: int, show: bool = True) -> Iterator[Ca
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                TextColumn("eta"), TimeRemainingColumn())
     with Progress(*columns, console=console, transient=True) as bar:
-        task = bar.add_task(description, total=total)
+        task = bar.add_task(escape(description), total=total)  # "[train] ..." is text, not markup
         yield lambda n: bar.advance(task, n)
 
 
@@ -227,7 +228,6 @@ def settle_metrics(path: Path, start_step: int) -> int:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text("".join(keep))
     os.replace(tmp, path)
-    from rich.markup import escape
 
     console.print(f"[yellow]{escape(str(path))}: {len(aside)} line(s) after step {start_step} (a run that stopped "
                   f"before its next checkpoint, or a cut line) moved to metrics.after_step_{start_step}.jsonl"

@@ -68,3 +68,14 @@ def test_generations_need_no_image(tmp_path):
     events.Reload()
     table = events.Tensors("val/generations/text_summary")[0].tensor_proto.string_val[0].decode()
     assert "p \\| q" in table and "a<br>b" in table  # escaped for the markdown table
+
+
+def test_a_progress_bar_shows_its_description_as_written():
+    """Bracketed words ("[train] ...", the dataset scan's) are text, not rich markup to swallow."""
+    code = ("from lensrl.logging import progress_bar\n"
+            "with progress_bar('[train] measuring prompts', 3) as advance:\n"
+            "    advance(3)\n")
+    env = {**os.environ, "TTY_INTERACTIVE": "1", "TTY_COMPATIBLE": "1"}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "[train] measuring prompts" in result.stderr and "3/3" in result.stderr

@@ -328,11 +328,15 @@ def _scanning(rows: list, description: str, show: bool):
     """`rows`, with a progress bar (rich, with ETA) when `show` and the scan is long."""
     if not show or len(rows) < 2000:
         return rows
-    from rich.progress import track
+    from lensrl.logging import progress_bar
 
-    from lensrl.logging import console
+    def tracked():
+        with progress_bar(description, len(rows)) as advance:
+            for row in rows:
+                yield row
+                advance(1)
 
-    return track(rows, description=description, transient=True, console=console)
+    return tracked()
 
 
 def _holds_binary(type_: pa.DataType) -> bool:
