@@ -94,8 +94,12 @@ def setup_policy(trainer, cfg, with_ref: bool = False) -> None:
         trainable = add_lora(policy, cfg.model.lora)
         if dist.is_main():
             console.print(f"LoRA rank {cfg.model.lora.rank}: {trainable:,} trainable parameters", soft_wrap=True)
-    ref = copy.deepcopy(policy).requires_grad_(False).eval() if with_ref and not trainer.lora else None
-    ref = policy if with_ref and trainer.lora else ref
+    if not with_ref:
+        ref = None
+    elif trainer.lora:
+        ref = policy  # computed with its adapters off (GRPOTrainer.logprobs(base=True)): no second copy
+    else:
+        ref = copy.deepcopy(policy).requires_grad_(False).eval()
     compiled = compile_enabled(cfg.model.compile, device)
     if compiled:  # before sharding: FSDP's hooks stay outside the compiled code
         for model in (policy, ref if ref is not policy else None):  # LoRA: the reference is the policy

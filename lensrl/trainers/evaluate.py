@@ -49,9 +49,12 @@ def evaluate(
             first = len(records)
             samples = [dataset[i] for i in positions]
             _evaluate_batch(rollout, processor, pool, params, samples, positions, records)
+            decoded: dict[int, object] = {}  # each sample's image once, for its n records
             for k in range(first, min(len(records), keep_images)):  # record k is of sample (k - first) // n
-                images = samples[(k - first) // params.n].images
-                records[k]["_image"] = images[0].load() if images else None
+                i = (k - first) // params.n
+                if i not in decoded:
+                    decoded[i] = samples[i].images[0].load() if samples[i].images else None
+                records[k]["_image"] = decoded[i]
             advance(len(positions))
     records = [r for part in dist.all_gather_objects(records) for r in part]
     report_reward_failures(records, prefix, pool.cfg.timeout_s)

@@ -167,7 +167,7 @@ class GRPOTrainer:
 
         # 6. Policy update over ppo_epochs x mini-batches.
         data = {"old_logp": old_logp, "ref_logp": ref_logp, "adv": adv, "mask": mask, "is_weights": is_weights,
-                "rollout_logp": rollout_logp, "current_logp": torch.zeros(len(seqs), width)}
+                "rollout_logp": rollout_logp, "current_logp": torch.zeros(len(seqs), width) if old_logp is None else None}
         local_minibatches = [[local[g] for g in mb if g in local] for mb in minibatches]
         with _timer(timing, "update_actor"):
             update_metrics = self.update(seqs, data, local_minibatches, width)
