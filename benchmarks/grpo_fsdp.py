@@ -10,7 +10,9 @@ Each case is the real command a user runs, `torchrun --nproc-per-node N -m lensr
 Every case runs in its own process group; one that fails (OOM) is recorded as such and the
 next one runs. From each run's metrics.jsonl (steps after the first, which includes warm-up and
 CUDA graph capture) it prints: peak GPU memory, step time and its split (generation / old
-logprob / update / weight sync), tokens/s per GPU and MFU.
+logprob / update / weight sync), tokens/s per GPU, MFU and the time to first step (from the
+command's start to the first step's record in metrics.jsonl: model build, compilation, graph
+capture and the step itself; `--runs 2` runs each case again, reusing the compile caches).
 
 Cases (--cases):
   3b        Qwen2.5-VL-3B shape, fp32 master weights, bf16 compute (FSDP mixed precision)
@@ -60,22 +62,32 @@ CASES = {
 
 
 def run_case(name: str, nproc: int, data: Path, out: Path, prompts: int, steps: int, extra: list[str],
-             timeout: float) -> dict:
-    run_name = f"{name}_n{nproc}"
+             timeout: float, run_name: str | None = None) -> dict:
+    run_name = run_name or f"{name}_n{nproc}"
     overrides = [o.format(prompts=prompts * nproc, steps=steps) for o in COMMON] + CASES[name] + extra + [
         f"data.train_files=[{data / 'train.parquet'}]", f"trainer.output_dir={out}", f"trainer.run_name={run_name}"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", "-m", "lensrl",
            "grpo", *overrides]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "NCCL_NVLS_ENABLE": "0"}
-    start = time.time()
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
-        rc, log = proc.returncode, proc.stdout + proc.stderr
-    except subprocess.TimeoutExpired as e:
-        rc, log = 124, (e.stdout or b"").decode() if isinstance(e.stdout, bytes) else str(e.stdout or "")
-    (out / f"{run_name}.log").write_text(log)
-    result = {"case": name, "nproc": nproc, "rc": rc, "wall_s": round(time.time() - start, 1), "command": " ".join(cmd)}
     metrics_file = out / run_name / "metrics.jsonl"
+    log_file = out / f"{run_name}.log"
+    start = time.time()
+    first_step_s = None  # command start -> the first step's record in metrics.jsonl (model build, compile, graphs)
+    with open(log_file, "w") as log_out:
+        proc = subprocess.Popen(cmd, stdout=log_out, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT,
+                                start_new_session=True)  # its own process group: a timeout kills the ranks too
+        while proc.poll() is None:
+            if first_step_s is None and metrics_file.exists() and metrics_file.stat().st_size > 0:
+                first_step_s = round(time.time() - start, 1)
+            if time.time() - start > timeout:
+                os.killpg(proc.pid, 9)
+                break
+            time.sleep(0.2)
+        rc = proc.wait()
+        rc = 124 if rc in (-9, 137) and time.time() - start > timeout else rc
+    log = log_file.read_text()
+    result = {"case": name, "nproc": nproc, "rc": rc, "wall_s": round(time.time() - start, 1),
+              "time_to_first_step_s": first_step_s, "run": run_name, "command": " ".join(cmd)}
     records = [json.loads(line) for line in metrics_file.read_text().splitlines()] if metrics_file.exists() else []
     if rc != 0:
         oom = "out of memory" in log.lower() or "OutOfMemoryError" in log
@@ -111,6 +123,8 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=16, help="prompts per GPU per step (x rollout.n=8)")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--timeout", type=float, default=420)
+    parser.add_argument("--runs", type=int, default=1,
+                        help="run each case this many times (the second reuses the compile caches: time to first step)")
     parser.add_argument("--tiny", action="store_true", help="CPU smoke test on a tiny model")
     parser.add_argument("extra", nargs="*", help="more key=value overrides for every case")
     args = parser.parse_args()
@@ -133,19 +147,22 @@ def main() -> None:
     results = []
     for case in cases:
         for nproc in args.nproc:
-            result = run_case(case, nproc, data, out, args.prompts, args.steps, extra, args.timeout)
-            results.append(result)
-            print(json.dumps(result), flush=True)
-            (out / "results.json").write_text(json.dumps(results, indent=2))
+            for k in range(args.runs):
+                run_name = f"{case}_n{nproc}" + (f"_r{k + 1}" if args.runs > 1 else "")
+                result = run_case(case, nproc, data, out, args.prompts, args.steps, extra, args.timeout, run_name)
+                results.append(result)
+                print(json.dumps(result), flush=True)
+                (out / "results.json").write_text(json.dumps(results, indent=2))
     print(f"\n{'case':<11} {'N':>2} {'rc':>3} {'peak GB':>8} {'step s':>7} {'gen':>6} {'logp':>6} {'update':>7} "
-          f"{'sync':>6} {'tok/s/GPU':>10} {'MFU':>6}")
+          f"{'sync':>6} {'tok/s/GPU':>10} {'MFU':>6} {'1st step':>8}")
     for r in results:
         def f(key, fmt="{:.2f}", r=r):
             return fmt.format(r[key]) if r.get(key) is not None else "-"
 
         print(f"{r['case']:<11} {r['nproc']:>2} {r['rc']:>3} {f('peak_mem_gb', '{:.1f}'):>8} {f('step_s'):>7} "
               f"{f('gen_s'):>6} {f('old_logprob_s'):>6} {f('update_s'):>7} {f('weight_sync_s', '{:.3f}'):>6} "
-              f"{f('tokens_per_s_per_gpu', '{:.0f}'):>10} {f('mfu', '{:.3f}'):>6}  {r.get('error', '')}")
+              f"{f('tokens_per_s_per_gpu', '{:.0f}'):>10} {f('mfu', '{:.3f}'):>6} "
+              f"{f('time_to_first_step_s', '{:.0f}s'):>8}  {r.get('error', '')}")
     for r in results:
         if r.get("split"):
             print(f"split {r['case']} N={r['nproc']}: " + ", ".join(f"{k} {v:.3f}" for k, v in r["split"].items()))

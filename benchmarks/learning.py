@@ -30,17 +30,18 @@ recorded (rc, last error line) and the phases that do not need its output still 
    `rollout/is_weight_mean`, `rollout/is_clip_frac`.
 5. report: `lensrl report RUNS/grpo_tis RUNS/grpo --out OUT/report`, both runs' curves in one page.
 
-GPU sizes (an estimate: not yet run on a GPU). 50m preset; 112-px images (16 image tokens, a shape
-spanning one or two 28-px tokens, instead of 4 tokens each holding parts of several shapes); 20,000
-train / 500 test images (an accuracy's standard error <= 2.2 points); SFT at most 1,000 steps of 32 at lr
-3e-4 and GRPO 150 steps of 32 prompts x 8 samples in two mini-batches of 16 at lr 2e-4 (the recipes'
-1e-3 and 6e-4 are for the 5m width; scaled by 256/768), validation every 25 steps. An H200 is
-latency-bound at this size (~0.1 s an SFT step, ~0.3-0.5 s a GRPO step with the engine): setup
-~1 min, SFT <= ~2.5 min, each GRPO run ~2 min with start-up and compilation; ~7-8 min in all.
-Risk: on the 2-core CPU the 5m model never got past chance on `count` (500 SFT steps at lr 1e-3, 300 at
-3e-4, 150 with 112-px images; `color` reads the image by step 57 in the same setup), and GRPO from a
-chance-level policy lost the answer format in 10 steps; the run prints a note when SFT used all its
-steps without reaching the stop loss. `--sft-set` / `--grpo-set key=value` override anything
+GPU sizes. 50m preset; 112-px images (16 image tokens, a shape spanning one or two 28-px tokens,
+instead of 4 tokens each holding parts of several shapes); 20,000 train / 500 test images (an
+accuracy's standard error <= 2.2 points); SFT at most 1,000 steps of 32 at lr 3e-4; GRPO 150 steps of
+32 prompts x 8 samples, one mini-batch (exactly on-policy) at lr 1e-4, truncated completions masked
+(`actor.mask_truncated_completions`, DAPO's overlong filtering); validation every 25 steps.
+Measured on an H200 (2026-12-01, sharing the host with another benchmark): setup 35 s; SFT reached
+its stop loss at step 521 (held-out 0.0% -> 70.2%). A first GRPO setting (lr 2e-4, two mini-batches
+of 16, truncated completions trained on) taught the policy to stop emitting EOS: the truncated
+fraction went 0 -> 1.0 by step 55 while truncated completions kept being rewarded (mean score
+still 0.55 at a truncated fraction of 1.0) and held-out accuracy fell 70.2% -> 55.2% by step 25; hence the masking, one mini-batch
+and the lower rate. On the 2-core CPU the 5m model never got past chance on `count` (500 SFT steps
+at lr 1e-3); `--tiny` only has to run. `--sft-set` / `--grpo-set key=value` override anything
 (`--grpo-set` applies to both GRPO runs); `--steps-sft 2000` gives SFT more room.
 
 Numbers go to benchmarks/RESULTS.md with the command, the device and the date.
@@ -65,7 +66,8 @@ TASK = "count"
 SIZES = {  # (setup, SFT and GRPO sizes and overrides) per mode
     "gpu": dict(preset="50m", n_train=20000, n_test=500, image_size=112, sft_steps=1000, grpo_steps=150, test_freq=25,
                 sft=["optim.lr=3e-4", "optim.warmup_steps=20"],
-                grpo=["actor.optim.lr=2e-4", "trainer.rollout_batch_size=32", "actor.mini_batch_size=16"]),
+                grpo=["actor.optim.lr=1e-4", "trainer.rollout_batch_size=32", "actor.mini_batch_size=32",
+                          "actor.mask_truncated_completions=true"]),
     # the demo's data sizes (lensrl/demo.py QUICK), fewer steps; count is not learned on the CPU: it only has to run
     "tiny": dict(preset="5m", n_train=2000, n_test=100, image_size=None, sft_steps=60, grpo_steps=20, test_freq=10,
                  sft=["trainer.device=cpu"], grpo=["trainer.device=cpu", "rollout.backend=hf"]),
