@@ -226,6 +226,15 @@ class GRPOTrainerConfig(TrainerConfig):
 
 
 @dataclass
+class RefConfig:
+    # GRPO's frozen KL reference, built only when algorithm.use_kl_loss needs it (a LoRA policy's
+    # reference is its own base with adapters off: no copy, these do not apply). It only runs
+    # forward, so it need not hold fp32 master weights; verl likewise loads its ref in bf16.
+    dtype: Literal["auto", "bfloat16", "float32"] = "auto"  # auto: the policy's compute dtype (bf16 on GPU, fp32 on CPU)
+    offload_params: bool = False  # its parameters in host memory between uses (FSDP CPUOffloadPolicy, verl's ref.fsdp_config.param_offload)
+
+
+@dataclass
 class GRPOConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -233,6 +242,7 @@ class GRPOConfig:
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
     actor: ActorConfig = field(default_factory=ActorConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
+    ref: RefConfig = field(default_factory=RefConfig)
     trainer: GRPOTrainerConfig = field(default_factory=GRPOTrainerConfig)
 
 
@@ -407,6 +417,10 @@ def check(config: Any, world_size: int | None = None) -> None:
         )
     if isinstance(config, GRPOConfig):
         t, actor, n = config.trainer, config.actor, config.rollout.n
+        if config.ref.offload_params and config.algorithm.use_kl_loss and not config.model.lora.rank and (
+                t.fsdp.enable == "never" or (t.fsdp.enable == "auto" and world == 1)):
+            raise ConfigError("ref.offload_params keeps the KL reference's parameters in host memory with FSDP's CPU "
+                              "offload, and this run is not sharded; add trainer.fsdp.enable=always (one rank works too)")
         for key, value in (("trainer.rollout_batch_size", t.rollout_batch_size), ("actor.mini_batch_size",
                            actor.mini_batch_size), ("rollout.n", n), ("actor.ppo_epochs", actor.ppo_epochs),
                            ("rollout.val_n", config.rollout.val_n),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import random
 import shutil
@@ -66,8 +67,6 @@ def setup_policy(trainer, cfg, with_ref: bool = False) -> None:
     """Device, process group, policy (+ frozen reference), FSDP and the model rollout generates
     with. Sets trainer.device, .amp_dtype, .policy, .processor, .ref, .rollout_model, .logprob_model,
     .anchor."""
-    import copy
-
     from lensrl.models.compile import compile_blocks, compile_enabled
     from lensrl.models.load import load_policy
     from lensrl.train import fsdp
@@ -98,8 +97,8 @@ def setup_policy(trainer, cfg, with_ref: bool = False) -> None:
         ref = None
     elif trainer.lora:
         ref = policy  # computed with its adapters off (GRPOTrainer.logprobs(base=True)): no second copy
-    else:
-        ref = copy.deepcopy(policy).requires_grad_(False).eval()
+    else:  # a copy in its own dtype (bf16 on GPU: it only runs forward), never a transient fp32 one
+        ref = frozen_copy(policy, reference_dtype(cfg.ref.dtype, param_dtype, trainer.amp_dtype))
     compiled = compile_enabled(cfg.model.compile, device)
     if compiled:  # before sharding: FSDP's hooks stay outside the compiled code
         for model in (policy, ref if ref is not policy else None):  # LoRA: the reference is the policy
@@ -110,8 +109,9 @@ def setup_policy(trainer, cfg, with_ref: bool = False) -> None:
     trainer.rollout_copy = None
     if sharded:
         fsdp.shard_model(policy, t.fsdp, device)
-        if ref is not None:
-            fsdp.shard_model(ref, t.fsdp, device, train=False)
+        if ref is not None and ref is not policy:
+            ref_fsdp = dataclasses.replace(t.fsdp, offload_params=cfg.ref.offload_params)
+            fsdp.shard_model(ref, ref_fsdp, device, train=False)
         rollout_dtype = trainer.amp_dtype or param_dtype
         trainer.rollout_copy = fsdp.RolloutCopy(policy, rollout_dtype, device)
         if compiled:  # the engine's prefill runs its vision blocks and decoder layers
@@ -125,6 +125,36 @@ def setup_policy(trainer, cfg, with_ref: bool = False) -> None:
     gather_dtype = torch.bfloat16 if device.type == "cuda" and t.fsdp.param_dtype != "float32" else param_dtype
     same = sharded and (trainer.amp_dtype or param_dtype) == gather_dtype
     trainer.logprob_model = trainer.rollout_copy.model if same else policy
+
+
+def reference_dtype(setting: str, param_dtype: torch.dtype, amp_dtype: torch.dtype | None) -> torch.dtype:
+    """The KL reference's parameter dtype for `ref.dtype`: "auto" is the dtype the policy computes
+    in (its autocast dtype, bf16 on GPU, else its parameter dtype), "bfloat16"/"float32" as named."""
+    if setting == "auto":
+        return amp_dtype or param_dtype
+    return {"bfloat16": torch.bfloat16, "float32": torch.float32}[setting]
+
+
+def frozen_copy(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """A frozen, eval-mode copy of an unsharded `model` (GRPO's KL reference) whose parameters are
+    `model`'s, cast to `dtype` one tensor at a time: built on the meta device, so the peak is the
+    copy plus one parameter (a deepcopy then cast would first hold a second copy in the model's
+    own dtype: 30 GB more for a 7B with fp32 master weights). Buffers (rotary frequencies) are
+    cloned as they are; tied weights stay tied."""
+    from lensrl.train.fsdp import _plain_class, _set_tensor
+
+    with torch.device("meta"):
+        copy = _plain_class(model)._from_config(model.config, dtype=dtype)
+    for name, param in model.named_parameters():
+        _set_tensor(copy, name, torch.nn.Parameter(param.detach().to(dtype, copy=True), requires_grad=False))
+    for name, buf in model.named_buffers():
+        _set_tensor(copy, name, buf.detach().clone())
+    copy.tie_weights()
+    left = [n for n, t in [*copy.named_parameters(), *copy.named_buffers()] if t.is_meta]
+    if left:
+        raise RuntimeError(f"reference copy: no value for {left[:3]}")
+    copy.generation_config = model.generation_config
+    return copy.eval().requires_grad_(False)
 
 
 def spread(items: dict[int, object], num_tokens: dict[int, int], blocks: list[list[int]]) -> dict[int, object]:

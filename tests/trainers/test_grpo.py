@@ -486,6 +486,45 @@ def test_more_than_one_epoch_or_mini_batch_keeps_the_old_logprob_pass(tiny_qwen2
     assert not trainer.on_policy(trainer.minibatch_plan(8))
 
 
+@pytest.mark.parametrize("setting", [["ref.dtype=auto"], ["ref.dtype=bfloat16"],
+                                     ["ref.offload_params=true", "trainer.fsdp.enable=always"]],
+                         ids=["auto", "bf16", "offload"])
+def test_the_kl_reference_is_the_starting_policy_in_the_dtype_it_computes_in(tiny_qwen25_dir, color_data, tmp_path,
+                                                                             setting):
+    """GRPO's KL reference holds the starting policy's weights, frozen, in its own dtype (`auto`:
+    the compute dtype, fp32 on CPU; bf16 on request: half the memory), optionally offloaded: the
+    first update's KL to it is 0 in fp32 and bf16 rounding at most in bf16, and it does not move."""
+    overrides = grpo_overrides(tiny_qwen25_dir, color_data, tmp_path, "ref", "trainer.total_steps=1",
+                               "trainer.save_hf=false", "algorithm.use_kl_loss=true", "algorithm.kl_loss_type=low_var_kl",
+                               *setting)
+    trainer = GRPOTrainer(load_config(GRPOConfig, None, overrides))
+    bf16 = "ref.dtype=bfloat16" in setting
+    ref = {n: p.full_tensor() if hasattr(p, "full_tensor") else p for n, p in trainer.ref.named_parameters()}
+    start = {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()
+             for n, p in trainer.policy.named_parameters()}
+    assert ref.keys() == start.keys()
+    assert {p.dtype for p in ref.values()} == {torch.bfloat16 if bf16 else torch.float32}
+    assert not any(p.requires_grad for p in trainer.ref.parameters())
+    for name, value in start.items():
+        assert torch.equal(ref[name].to("cpu"), value.to(ref[name].dtype)), name
+    trainer.fit()
+    kl = read_metrics(tmp_path / "ref")[-1]["actor/kl_loss"]
+    assert (0 < kl < 1e-3) if bf16 else kl == pytest.approx(0, abs=1e-7)
+    after = {n: p.full_tensor() if hasattr(p, "full_tensor") else p for n, p in trainer.ref.named_parameters()}
+    assert all(torch.equal(after[n].to("cpu"), ref[n].to("cpu")) for n in ref)
+    assert any(not torch.equal(start[n], p.detach().to("cpu")) for n, p in
+               ((n, q.full_tensor() if hasattr(q, "full_tensor") else q) for n, q in trainer.policy.named_parameters()))
+
+
+def test_offloading_the_reference_needs_fsdp(tiny_qwen25_dir, color_data, tmp_path):
+    from lensrl.config import ConfigError, check
+
+    overrides = grpo_overrides(tiny_qwen25_dir, color_data, tmp_path, "ref", "algorithm.use_kl_loss=true",
+                               "ref.offload_params=true")
+    with pytest.raises(ConfigError, match="trainer.fsdp.enable=always"):
+        check(load_config(GRPOConfig, None, overrides), world_size=1)
+
+
 REPO = __import__("pathlib").Path(__file__).resolve().parents[2]
 
 
