@@ -7,7 +7,8 @@
     lensrl data geo3k|robo2vlm|synth ...          datasets into lensrl's parquet layout
     lensrl model tiny --arch qwen2_5_vl --out DIR a random-init tiny Qwen-VL folder
     lensrl convert --ckpt RUN/checkpoints/step_N --out DIR [--base MODEL] [--dtype bfloat16]
-                   [--expert-layout per_expert]   a training checkpoint to a Hugging Face folder
+                   [--expert-layout per_expert] [--lora-format peft]
+                                                  a training checkpoint to a Hugging Face folder
     lensrl config show grpo|sft|eval              the defaults of a command
     lensrl report RUN [RUN ...] [--out DIR]       plots and an HTML page of run folders (several: overlaid)
 """
@@ -80,6 +81,11 @@ def build_parser() -> argparse.ArgumentParser:
                            "gate_up_proj and down_proj per layer; 'per_expert' as experts.{i}.gate_proj/up_proj/"
                            "down_proj.weight for loaders that expect that layout (the seed converter's --groupgemm); "
                            "a model without experts refuses per_expert")
+    conv.add_argument("--lora-format", choices=["merged", "peft"], default="merged",
+                      help="a LoRA checkpoint (adapters only): 'merged' (default) the base model's weights with the "
+                           "adapters merged in, a folder plain transformers loads; 'peft' adapter_config.json + "
+                           "adapter_model.safetensors for PeftModel.from_pretrained(<base model>, DIR); a "
+                           "full-parameter checkpoint refuses peft")
     conv.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     cfg = sub.add_parser("config", help="configuration").add_subparsers(dest="config_command", required=True)
@@ -173,7 +179,7 @@ def _dispatch(args: argparse.Namespace) -> None:
 
         path = convert_checkpoint(args.ckpt, args.out, base=args.base, dtype=args.dtype,
                                   max_shard_size_bytes=parse_size(args.max_shard_size), progress=not args.no_progress,
-                                  expert_layout=args.expert_layout)
+                                  expert_layout=args.expert_layout, lora_format=args.lora_format)
         print(f"wrote {path}")
     elif args.command == "config":
         from lensrl.config import COMMAND_CONFIGS, load_config, to_yaml

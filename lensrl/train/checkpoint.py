@@ -3,7 +3,9 @@
 A checkpoint is `checkpoints/step_N/`:
     model + optimizer   torch.distributed.checkpoint (DCP) shards: any number of ranks can load them
     extra_rank{r}.pt    scheduler, RNG states, trainer state (step, data position), one per rank
-    meta.json           step, world size, wall time
+    meta.json           step, world size, wall time; a LoRA checkpoint (adapters only) also its
+                        settings, "lora": {rank, alpha, dropout, target_modules, vision_tower}, so
+                        `lensrl convert` can merge or export the adapters from the checkpoint alone
     checksums.json      size and CRC-32 of every other file, verified before anything is loaded
 It is written to `checkpoints/.tmp_step_N/`, fsynced, and renamed when complete, so a crash never
 leaves a half-written `step_N`; pruning renames a checkpoint out of the `step_N` pattern before
@@ -15,6 +17,7 @@ verifies the newest checkpoint and falls back to the newest intact one, saying w
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import json
 import os
@@ -156,8 +159,11 @@ def save_checkpoint(
         world = dist.get_world_size() if dist.is_initialized() else 1
         try:
             _write_synced(tmp / CHECKSUMS, json.dumps(merged, indent=1, sort_keys=True))
-            _write_synced(tmp / "meta.json", json.dumps({"step": step, "world_size": world, "time": time.time(),
-                                                         "checksums": len(merged)}))
+            meta = {"step": step, "world_size": world, "time": time.time(), "checksums": len(merged)}
+            lora = getattr(model, "lensrl_lora", None)  # set by lensrl.train.lora.add_lora
+            if trainable_only and dataclasses.is_dataclass(lora):
+                meta["lora"] = dataclasses.asdict(lora)
+            _write_synced(tmp / "meta.json", json.dumps(meta))
             _fsync_dir(tmp)
             if final.exists():
                 _delete(final)
