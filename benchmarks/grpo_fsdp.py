@@ -18,6 +18,8 @@ Cases (--cases):
   3b        Qwen2.5-VL-3B shape, fp32 master weights, bf16 compute (FSDP mixed precision)
   3b-gc     the same with gradient checkpointing
   3b-gc-step  3b-gc with trainer.fsdp.reduce_grads=per_step and reshard_after_forward=false
+  3b-gc-kl  3b-gc with algorithm.use_kl_loss=true: the reference in bf16 (ref.dtype=auto)
+  3b-gc-kl-fp32ref  the same with the reference in fp32, as the policy's master weights (the old behaviour)
   7b-fp32   Qwen2.5-VL-7B shape, fp32 master weights, gradient checkpointing (does it fit?)
   7b-offload  fp32 master weights with parameters, gradients and AdamW state in host memory
   moe-12l   the Qwen3-VL-30B-A3B widths at 12 of its 48 layers (8.64B parameters), fp32 master weights,
@@ -53,6 +55,10 @@ CASES = {
     # each FSDP unit gathered and its gradients reduced once per optimizer step, not per micro-batch
     "3b-gc-step": ["model.path=qwen2_5_vl_3b", "model.gradient_checkpointing=true", "trainer.fsdp.reduce_grads=per_step",
                    "trainer.fsdp.reshard_after_forward=false"],
+    # with a KL term: the frozen reference in bf16 (ref.dtype=auto on GPU), or in fp32 as it was before
+    "3b-gc-kl": ["model.path=qwen2_5_vl_3b", "model.gradient_checkpointing=true", "algorithm.use_kl_loss=true"],
+    "3b-gc-kl-fp32ref": ["model.path=qwen2_5_vl_3b", "model.gradient_checkpointing=true", "algorithm.use_kl_loss=true",
+                         "ref.dtype=float32"],
     "7b-fp32": ["model.path=qwen2_5_vl_7b", "model.gradient_checkpointing=true"],
     "7b-offload": ["model.path=qwen2_5_vl_7b", "model.gradient_checkpointing=true", "trainer.fsdp.offload_params=true"],
     "moe-12l": ["model.path=qwen3_vl_30b_a3b_12l", "model.gradient_checkpointing=true"],
@@ -108,7 +114,7 @@ def run_case(name: str, nproc: int, data: Path, out: Path, prompts: int, steps: 
             "update_s": mean("timing_s/update_actor"), "weight_sync_s": mean("timing_s/update_weights"),
             "tokens_per_s_per_gpu": mean("perf/throughput_per_gpu"), "mfu": mean("perf/mfu/actor"),
             "loss": [r.get("actor/loss") for r in records], "reward": [r.get("critic/score/mean") for r in records],
-            "response_length": mean("response_length/mean"),
+            "response_length": mean("response_length/mean"), "ref_s": mean("timing_s/ref"),
             # every phase of the step, this rank's (rank 0) and the slowest rank's
             "split": {k[len("timing_s/"):]: mean(k) for k in sorted(timed[-1]) if k.startswith("timing_s/")},
         })
