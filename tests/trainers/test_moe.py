@@ -23,6 +23,7 @@ from test_distributed import assert_same_steps, assert_same_weights, grpo_args, 
 from lensrl.config import SFTConfig, load_config
 from lensrl.logging import read_metrics
 from lensrl.models.load import active_parameters, load_policy
+from lensrl.rollout.engine.moe import trainer_routing
 from lensrl.train.router import RouterRecorder
 from lensrl.train.sequences import forward_response_logprobs
 
@@ -216,6 +217,24 @@ def test_compiled_blocks_with_checkpointing_equal_eager(tiny_moe_dir, make_image
     assert not breaks, breaks  # not transformers' ContextVar collector, not the experts' Python loop
     uncompile_blocks(compiled)
     assert "forward" not in compiled.model.language_model.layers[0].mlp.experts.__dict__
+
+
+def test_router_mismatch_reads_every_layer_of_compiled_blocks(tiny_moe_dir, make_image_bytes):
+    """rollout/router_mismatch's forward (`trainer_routing`) on a model whose blocks are compiled and
+    already ran a no-grad forward (the engine's prefill does): the routing of every MoE layer,
+    equal to eager. It read 4 of the 12 layers of the 30B-A3B-12l shape's rollout copy on the GPU
+    (transformers' collector is a ContextVar that the cached graphs do not see), and the step failed."""
+    from lensrl.models.compile import compile_blocks
+
+    eager, processor = load_policy(tiny_moe_dir)
+    compiled, _ = load_policy(tiny_moe_dir)
+    compile_blocks(compiled)
+    seqs = _batch(processor, make_image_bytes, seed=4)
+    with torch.no_grad():
+        forward_response_logprobs(compiled, seqs, processor.pad_token_id, 1.0, packed=True)
+        want, got = trainer_routing(eager, seqs), trainer_routing(compiled, seqs)
+    assert [w.shape[1] for w in want] == [3] * len(seqs)  # the tiny MoE's 3 layers
+    assert [g.shape for g in got] == [w.shape for w in want] and all(torch.equal(g, w) for g, w in zip(got, want))
 
 
 # ----------------------------------------------------------------------------------------------

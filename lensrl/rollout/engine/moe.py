@@ -186,12 +186,21 @@ def trainer_routing(model: torch.nn.Module, seqs: Sequence, top_k: int | None = 
     """
     from lensrl.train.attention import enable_packed_attention
     from lensrl.train.packing import pack_sequences
+    from lensrl.train.router import moe_routers
 
     text = model.config.get_text_config()
     top_k = top_k or text.num_experts_per_tok
     enable_packed_attention(model)
     device = next(model.parameters()).device
-    output = model.model(**pack_sequences(list(seqs), device), use_cache=False, output_router_logits=True)
+    # Eager, also where the blocks are compiled (`model.compile`): transformers collects router
+    # logits through a ContextVar that a compiled block's cached graph does not see, so a block
+    # traced before without the collector (the engine's prefill, the old-logprob pass) records
+    # nothing: 4 of 12 layers on the GPU, none in the CPU test.
+    with torch.compiler.set_stance("force_eager"):
+        output = model.model(**pack_sequences(list(seqs), device), use_cache=False, output_router_logits=True)
+    if len(output.router_logits) != len(moe_routers(model)):
+        raise RuntimeError(f"router logits of {len(output.router_logits)} layers from a model with "
+                           f"{len(moe_routers(model))} MoE layers")
     logits = torch.stack(
         [layer.reshape(-1, layer.shape[-1]) for layer in output.router_logits], 1
     )  # (T, L, E)
