@@ -24,6 +24,7 @@ Cases (--cases):
   7b-offload  fp32 master weights with parameters, gradients and AdamW state in host memory
   moe-12l   the Qwen3-VL-30B-A3B widths at 12 of its 48 layers (8.64B parameters), fp32 master weights,
             gradient checkpointing: the MoE shape's GRPO step where it fits (two 141 GB GPUs)
+  moe-4l    the same widths at 4 layers (3.65B parameters): the MoE GRPO step on one 141 GB GPU
   q3-4b     Qwen3-VL-4B shape, fp32 master weights, gradient checkpointing (the largest published
             Qwen-VL dense model whose 16 bytes a parameter, 71 GB, leave room on one 141 GB GPU)
 """
@@ -62,6 +63,7 @@ CASES = {
     "7b-fp32": ["model.path=qwen2_5_vl_7b", "model.gradient_checkpointing=true"],
     "7b-offload": ["model.path=qwen2_5_vl_7b", "model.gradient_checkpointing=true", "trainer.fsdp.offload_params=true"],
     "moe-12l": ["model.path=qwen3_vl_30b_a3b_12l", "model.gradient_checkpointing=true"],
+    "moe-4l": ["model.path=qwen3_vl_30b_a3b_4l", "model.gradient_checkpointing=true"],
     "q3-4b": ["model.path=qwen3_vl_4b", "model.gradient_checkpointing=true"],
     "tiny": ["rollout.backend=hf", "rollout.max_new_tokens=16"],
 }

@@ -355,6 +355,12 @@ SHAPES["qwen3_vl_30b_a3b_12l"] = replace(
     SHAPES["qwen3_vl_30b_a3b"], text={**SHAPES["qwen3_vl_30b_a3b"].text, "num_hidden_layers": 12},
     notes="Qwen3-VL-30B-A3B widths at 12 of its 48 decoder layers (benchmarks only)",
 )
+# ... and at 4 of its 48 layers (about 3.65B parameters, 58 GB at 16 bytes a parameter): its GRPO step
+# fits one 141 GB GPU with the rollout copy and KV cache beside it.
+SHAPES["qwen3_vl_30b_a3b_4l"] = replace(
+    SHAPES["qwen3_vl_30b_a3b"], text={**SHAPES["qwen3_vl_30b_a3b"].text, "num_hidden_layers": 4},
+    notes="Qwen3-VL-30B-A3B widths at 4 of its 48 decoder layers (benchmarks only)",
+)
 
 
 def _unknown_shape(name: str) -> ValueError:

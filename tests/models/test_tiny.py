@@ -173,6 +173,7 @@ def test_tiny_moe_folder_holds_stacked_experts_and_qwen3_conventions(tiny_moe_di
         ("qwen3_vl_4b", 4.44, 2560),
         ("qwen3_vl_30b_a3b", 31.07, 2048),
         ("qwen3_vl_30b_a3b_12l", 8.64, 2048),
+        ("qwen3_vl_30b_a3b_4l", 3.65, 2048),
     ],
 )
 def test_real_shapes(name, billions, hidden):
