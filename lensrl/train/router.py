@@ -89,6 +89,11 @@ class RouterRecorder:
         """Whether the model has routed experts."""
         return bool(self.routers)
 
+    # Not traced by torch.compile (a graph break at each router): traced, its `if self.active` is
+    # guarded, so a compiled decoder layer ran one graph in the captured forward (logits kept) and
+    # another in activation checkpointing's recompute (nothing kept); the two saved different
+    # tensors and the backward failed with a CheckpointError (Qwen3-VL-MoE GRPO step, H200, bf16).
+    @torch.compiler.disable
     def _keep_logits(self, module, args, output) -> None:
         if self.active:
             self._logits.append(output[0])  # (tokens, experts): the router's logits

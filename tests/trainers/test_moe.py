@@ -237,6 +237,29 @@ def test_router_mismatch_reads_every_layer_of_compiled_blocks(tiny_moe_dir, make
     assert [g.shape for g in got] == [w.shape for w in want] and all(torch.equal(g, w) for g, w in zip(got, want))
 
 
+def test_a_compiled_layer_runs_the_same_graph_with_the_router_capture_on_or_off(tiny_moe_dir, make_image_bytes):
+    """Activation checkpointing recomputes a layer outside the router capture that its forward ran
+    inside; the compiled layer must run the same graph both times, or the two save different tensors
+    and the backward fails (a CheckpointError in the Qwen3-VL-MoE GRPO step on the H200, where the
+    recorder's `if self.active` had been traced and guarded). Switching the capture compiles nothing new."""
+    from torch._dynamo.utils import counters
+
+    from lensrl.models.compile import compile_blocks
+
+    model, processor = load_policy(tiny_moe_dir)
+    model.train()
+    compile_blocks(model)
+    router = RouterRecorder(model, coef=0.5)
+    seqs = _batch(processor, make_image_bytes, seed=4)
+    counters.clear()
+    with router.capture() as routed:
+        forward_response_logprobs(model, seqs, processor.pad_token_id, 1.0, packed=True)
+    graphs = counters["stats"]["unique_graphs"]
+    assert graphs > 0 and routed.num_tokens > 0
+    forward_response_logprobs(model, seqs, processor.pad_token_id, 1.0, packed=True)  # the capture off
+    assert counters["stats"]["unique_graphs"] == graphs
+
+
 # ----------------------------------------------------------------------------------------------
 # the trainers
 
