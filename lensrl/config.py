@@ -177,6 +177,11 @@ class RewardConfig:
     format_weight: float = 0.1  # score = (1 - w) * accuracy + w * format
     reward_min_val: float = 0.0
     reward_max_val: float = 1.0
+    # DAPO's overlong reward shaping (verl's reward_model.overlong_buffer), GRPO only: a completion longer
+    # than rollout.max_new_tokens - overlong_buffer_len loses up to overlong_penalty_factor, linearly
+    # over the buffer (the whole factor at max_new_tokens); 0: off. Logged as reward/overlong_penalty.
+    overlong_buffer_len: int = 0
+    overlong_penalty_factor: float = 1.0
     num_workers: int = 2
     timeout_s: float = 10.0
 
@@ -387,6 +392,11 @@ def check(config: Any, world_size: int | None = None) -> None:
         if reward.num_workers < 0 or not reward.timeout_s > 0:
             raise ConfigError(f"reward.num_workers must be >= 0 (0: score inline) and reward.timeout_s > 0, got "
                               f"{reward.num_workers} and {reward.timeout_s}")
+        if isinstance(config, GRPOConfig) and not (0 <= reward.overlong_buffer_len <= config.rollout.max_new_tokens
+                                                   and reward.overlong_penalty_factor >= 0):
+            raise ConfigError(f"reward.overlong_buffer_len must be within 0..rollout.max_new_tokens "
+                              f"({config.rollout.max_new_tokens}) and reward.overlong_penalty_factor >= 0; got "
+                              f"{reward.overlong_buffer_len} and {reward.overlong_penalty_factor}")
         if reward.reward_min_val > reward.reward_max_val:
             raise ConfigError(f"reward.reward_min_val ({reward.reward_min_val}) must not exceed "
                               f"reward.reward_max_val ({reward.reward_max_val})")

@@ -80,3 +80,15 @@ def extract_answer(completion: str, cfg: RewardConfig) -> str | None:
     if cfg.type == "choice":
         return extract_choice(completion)
     raise ValueError(f"reward.type must be 'math' or 'choice', got {cfg.type!r}")
+
+
+def overlong_penalty(length: int, max_new_tokens: int, buffer_len: int, factor: float) -> float:
+    """DAPO's soft overlong punishment (Yu et al. 2025, "DAPO", overlong reward shaping; verl's
+    `reward_model.overlong_buffer`): 0 up to `max_new_tokens - buffer_len` tokens, then falling
+    linearly to `-factor` at `max_new_tokens`. length: the completion's tokens (its stop token
+    included). Returns a value <= 0 to add to the score; 0 when `buffer_len` is 0 (off)."""
+    if buffer_len <= 0:
+        return 0.0
+    exceed = length - (max_new_tokens - buffer_len)
+    return min(-exceed / buffer_len * factor, 0.0)
+

@@ -229,7 +229,7 @@ class GRPOTrainer:
                                                positions=[offset + p for p in positions])
             flat = [(i, c) for i, group in enumerate(groups) for c in group]
             with _timer(timing, "reward"):
-                results = self.score(samples, flat)
+                results = self.shape_overlong(self.score(samples, flat), flat)
             first = first or (samples, flat, results)
             local = []
             for k, ((i, c), r) in enumerate(zip(flat, results)):
@@ -290,6 +290,23 @@ class GRPOTrainer:
         timeouts; lensrl.rewards.function)."""
         prefix = self.processor.assistant_prefix
         return self.pool.score_batch([(c.text, reward_sample(samples[i], prefix)) for i, c in flat])
+
+    def shape_overlong(self, results: list, flat) -> list:
+        """With `reward.overlong_buffer_len`: each completion's score plus DAPO's overlong penalty
+        (`lensrl.rewards.overlong_penalty`, <= 0), which also becomes its `overlong_penalty` part
+        (logged as reward/overlong_penalty). Unchanged when off."""
+        from lensrl.rewards import RewardResult, overlong_penalty
+
+        r = self.cfg.reward
+        if r.overlong_buffer_len <= 0:
+            return results
+        shaped = []
+        for (_, c), res in zip(flat, results):
+            penalty = overlong_penalty(len(c.token_ids), self.cfg.rollout.max_new_tokens, r.overlong_buffer_len,
+                                       r.overlong_penalty_factor)
+            shaped.append(RewardResult(res.score + penalty, {**res.parts, "overlong_penalty": penalty}, res.status,
+                                       res.detail))
+        return shaped
 
     def sampling_params(self, step: int) -> SamplingParams:
         """The step's sampling. With `rollout.seed`, seeded by (seed, step) and, in the backend, by

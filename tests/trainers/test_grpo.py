@@ -516,6 +516,25 @@ def test_the_kl_reference_is_the_starting_policy_in_the_dtype_it_computes_in(tin
                ((n, q.full_tensor() if hasattr(q, "full_tensor") else q) for n, q in trainer.policy.named_parameters()))
 
 
+def test_overlong_completions_lose_reward_over_the_buffer(tiny_qwen25_dir, color_data, tmp_path):
+    """DAPO's overlong reward shaping: nothing up to max_new_tokens - buffer, then linearly down to
+    -factor at max_new_tokens; in a real step the batch's score is its accuracy plus the penalty,
+    logged as reward/overlong_penalty (a random tiny model runs to the 6-token limit)."""
+    from lensrl.config import ConfigError, check
+    from lensrl.rewards import overlong_penalty
+
+    assert [overlong_penalty(n, 6, 3, 1.0) for n in range(7)] == pytest.approx([0, 0, 0, 0, -1 / 3, -2 / 3, -1])
+    assert overlong_penalty(6, 6, 0, 1.0) == 0.0 and overlong_penalty(6, 6, 2, 0.5) == -0.5
+    overrides = grpo_overrides(tiny_qwen25_dir, color_data, tmp_path, "overlong", "trainer.total_steps=1",
+                               "trainer.save_hf=false", "reward.overlong_buffer_len=3")
+    GRPOTrainer(load_config(GRPOConfig, None, overrides)).fit()
+    record = read_metrics(tmp_path / "overlong")[-1]
+    assert record["reward/overlong_penalty"] < 0
+    assert record["critic/score/mean"] == pytest.approx(record["reward/accuracy"] + record["reward/overlong_penalty"])
+    with pytest.raises(ConfigError, match="overlong_buffer_len"):
+        check(load_config(GRPOConfig, None, overrides[:-1] + ["reward.overlong_buffer_len=7"]), world_size=1)
+
+
 def test_offloading_the_reference_needs_fsdp(tiny_qwen25_dir, color_data, tmp_path):
     from lensrl.config import ConfigError, check
 
