@@ -16,7 +16,8 @@ recorded (rc, last error line) and the phases that do not need its output still 
    parameters) and `lensrl data synth --task count` (1 to 5 shapes on white: the answer is a number
    that exists only in the image; `angle` needs reading digits and arithmetic, too much from scratch).
 2. sft: `lensrl sft --config lensrl/configs/tiny_demo_sft.yaml ...`, the demo's recipe: it stops once
-   the mean loss of 5 steps is below 0.15 (the model reads the image but has not mastered it).
+   the mean loss of 5 steps is below its stop loss (0.15 in the recipe, 0.2 on the GPU: the model reads
+   the image but has not mastered it).
 3. grpo: `lensrl grpo --config lensrl/configs/tiny_demo_grpo.yaml model.path=RUNS/sft/hf ...` with
    validation before training and every `test_freq` steps. Held-out accuracy (greedy, `val/accuracy`)
    untrained (SFT's step-0 validation), after SFT, at GRPO's start and after GRPO; the gain is after
@@ -32,17 +33,18 @@ recorded (rc, last error line) and the phases that do not need its output still 
 
 GPU sizes. 50m preset; 112-px images (16 image tokens, a shape spanning one or two 28-px tokens,
 instead of 4 tokens each holding parts of several shapes); 20,000 train / 500 test images (an
-accuracy's standard error <= 2.2 points); SFT at most 1,000 steps of 32 at lr 3e-4; GRPO 150 steps of
-32 prompts x 8 samples, one mini-batch (exactly on-policy) at lr 1e-4, truncated completions masked
-(`actor.mask_truncated_completions`, DAPO's overlong filtering); validation every 25 steps.
-Measured on an H200 (2026-12-01, sharing the host with another benchmark): setup 35 s; SFT reached
-its stop loss at step 521 (held-out 0.0% -> 70.2%). A first GRPO setting (lr 2e-4, two mini-batches
-of 16, truncated completions trained on) taught the policy to stop emitting EOS: the truncated
-fraction went 0 -> 1.0 by step 55 while truncated completions kept being rewarded (mean score
-still 0.55 at a truncated fraction of 1.0) and held-out accuracy fell 70.2% -> 55.2% by step 25; hence the masking, one mini-batch
-and the lower rate. On the 2-core CPU the 5m model never got past chance on `count` (500 SFT steps
-at lr 1e-3); `--tiny` only has to run. `--sft-set` / `--grpo-set key=value` override anything
-(`--grpo-set` applies to both GRPO runs); `--steps-sft 2000` gives SFT more room.
+accuracy's standard error <= 2.2 points); SFT at most 1,000 steps of 32 at lr 3e-4, stopping at a
+mean loss of 0.2; GRPO 150 steps of 32 prompts x 8 samples, one mini-batch (exactly on-policy) at lr
+1e-4, with DAPO's overlong penalty over the last 4 of the 8 new tokens (`reward.overlong_buffer_len=4`);
+validation every 25 steps. Why (H200, 2026-12-01, benchmarks/RESULTS.md "Seventh session"): SFT
+stopping at loss 0.15 reached step 521 and 70.2% held-out, and two GRPO settings from there did not
+gain (lr 2e-4 in two mini-batches: 55.2% at step 50; lr 1e-4 on-policy with truncated completions
+masked: 65.6% at step 150): both learned to stop emitting EOS (truncated fraction 0 -> 1.0), since a
+cut-off completion was rewarded, or, masked, cost nothing. Hence the penalty, and an earlier SFT stop
+that leaves GRPO room (the demo's design). This setting has not run yet. On the 2-core CPU the 5m
+model never got past chance on `count` (500 SFT steps at lr 1e-3); `--tiny` only has to run.
+`--sft-set` / `--grpo-set key=value` override anything (`--grpo-set` applies to both GRPO runs);
+`--steps-sft 2000` gives SFT more room.
 
 Numbers go to benchmarks/RESULTS.md with the command, the device and the date.
 """
@@ -65,9 +67,9 @@ TASK = "count"
 
 SIZES = {  # (setup, SFT and GRPO sizes and overrides) per mode
     "gpu": dict(preset="50m", n_train=20000, n_test=500, image_size=112, sft_steps=1000, grpo_steps=150, test_freq=25,
-                sft=["optim.lr=3e-4", "optim.warmup_steps=20"],
+                sft=["optim.lr=3e-4", "optim.warmup_steps=20", "trainer.stop_at_loss=0.2"],
                 grpo=["actor.optim.lr=1e-4", "trainer.rollout_batch_size=32", "actor.mini_batch_size=32",
-                          "actor.mask_truncated_completions=true"]),
+                      "reward.overlong_buffer_len=4"]),
     # the demo's data sizes (lensrl/demo.py QUICK), fewer steps; count is not learned on the CPU: it only has to run
     "tiny": dict(preset="5m", n_train=2000, n_test=100, image_size=None, sft_steps=60, grpo_steps=20, test_freq=10,
                  sft=["trainer.device=cpu"], grpo=["trainer.device=cpu", "rollout.backend=hf"]),
@@ -143,7 +145,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True)
     parser.add_argument("--tiny", action="store_true", help="CPU smoke test: 5m preset, the demo's sizes")
-    parser.add_argument("--steps-sft", type=int, default=None, help="SFT steps at most (it stops at loss 0.15)")
+    parser.add_argument("--steps-sft", type=int, default=None, help="SFT steps at most (it stops earlier at its stop loss)")
     parser.add_argument("--steps-grpo", type=int, default=None, help="steps of each GRPO run")
     parser.add_argument("--skip-tis", action="store_true", help="no TIS-on run, no report")
     parser.add_argument("--seed", type=int, default=1)
