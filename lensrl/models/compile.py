@@ -110,7 +110,9 @@ def _inner_forward(cls: type):
 
 
 def _dispatch(block, compiled_forward, checkpoints: bool, *args, **kwargs):
-    if kwargs.get("past_key_values") is not None:  # cached generation: the class's own forward
+    # cached generation: the class's own forward (transformers 5.2x passes the cache as `cache`,
+    # earlier releases as `past_key_values`); compiled, every decode step recompiled per layer index
+    if kwargs.get("cache") is not None or kwargs.get("past_key_values") is not None:
         return type(block).forward(block, *args, **kwargs)
     if checkpoints and block.gradient_checkpointing and block.training:
         return block._gradient_checkpointing_func(functools.partial(compiled_forward, block, **kwargs), *args)

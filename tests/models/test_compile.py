@@ -87,6 +87,11 @@ def test_cached_generation_runs_the_blocks_eagerly_and_unchanged(tiny_qwen25_dir
     params = SamplingParams(n=2, temperature=0.0, max_new_tokens=5, seed=0)
     want = HFRollout(model, processor).generate(prompts, params)
     compile_blocks(model)
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    HFRollout(model, processor).generate(prompts[1:], params)  # text only: no vision block runs
+    assert _unique_graphs() == 0, "cached generation compiled the decoder layers"  # transformers 5.24's `cache=`
     got = HFRollout(model, processor).generate(prompts, params)
     uncompile_blocks(model)
     assert not any(getattr(b, "_lensrl_compiled", False) or "forward" in vars(b) for b in blocks(model))
