@@ -246,6 +246,7 @@ def test_a_compiled_layer_runs_the_same_graph_with_the_router_capture_on_or_off(
 
     from lensrl.models.compile import compile_blocks
 
+    torch._dynamo.reset()  # graphs compiled by earlier tests (the compiled function is shared per class) would hide it
     model, processor = load_policy(tiny_moe_dir)
     model.train()
     compile_blocks(model)
