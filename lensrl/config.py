@@ -411,13 +411,6 @@ def check(config: Any, world_size: int | None = None) -> None:
         raise ConfigError(f"model.lora: rank must be >= 0 (0: off), alpha > 0, 0 <= dropout < 1 and target_modules "
                           f"not empty; got rank={lora.rank}, alpha={lora.alpha}, dropout={lora.dropout}, "
                           f"target_modules={list(lora.target_modules)}")
-    if training and lora.rank:
-        if isinstance(config, GRPOConfig) and config.rollout.backend == "engine":
-            raise ConfigError("model.lora with rollout.backend=engine: the engine does not apply LoRA adapters yet "
-                              "and would sample from the base model; use rollout.backend=hf")
-        if world > 1 or config.trainer.fsdp.enable == "always":
-            raise ConfigError("model.lora runs on one rank without FSDP for now (trainer.fsdp.enable=auto, one "
-                              "process): sharding a LoRA policy is not supported yet")
     if training and config.model.dtype == "bfloat16" and not lora.rank:  # LoRA: the frozen base may be bf16
         raise ConfigError(
             "model.dtype=bfloat16 trains bf16 weights with a plain AdamW: an update at RL learning rates "

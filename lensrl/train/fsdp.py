@@ -2,10 +2,13 @@
 discipline a vision-language model needs.
 
     shard_model(policy, cfg.trainer.fsdp, device)      # fully_shard per vision block, per decoder layer, root
-    rollout_model = RolloutCopy(policy, dtype, device)   # full weights for generation
-    rollout_model.sync(policy)                           # gathered one parameter at a time
+    rollout_model = RolloutCopy(policy, dtype, device)   # full, plain weights for generation
+    rollout_model.sync(policy)                           # gathered one unit at a time
 
-World size 1 is the smallest case of the same code (`trainer.fsdp.enable=always`).
+World size 1 is the smallest case of the same code (`trainer.fsdp.enable=always`). A LoRA policy
+shards like any other (frozen base and fp32 adapters in the same units; only the adapters have
+gradients to reduce), and its rollout copy holds the merged weights, W + (alpha / r) * B @ A; the
+engine needs that copy on one rank too (it decodes from plain weights).
 
 Two rules keep ranks in step. Every FSDP unit's forward (and backward) is a collective that
 every rank must run in the same order, so:
@@ -110,31 +113,46 @@ def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 class RolloutCopy:
-    """A plain (unsharded) model that the rollout backend generates with, kept equal to a
-    sharded policy by `sync`.
+    """A plain model (no FSDP, no peft) that the rollout backend generates with, kept equal to the
+    policy by `sync`: a sharded policy's weights gathered unit by unit, and a LoRA policy's
+    adapters merged into the weights they adapt, W + (alpha / r) * B @ A (lensrl.train.lora).
 
-    Built on the meta device, then each parameter either *aliases* the policy's own storage
-    (one rank, a shard that is the whole parameter in the rollout dtype: bf16 master weights on
-    one GPU cost no second copy) or is allocated directly in `dtype` on `device` (never a full
-    fp32 model). Buffers (rotary frequencies) are the policy's. `sync` all-gathers the policy one
-    parameter at a time and copies it in, so the peak is one full parameter on top of the copy.
+    Built on the meta device, then each parameter either *aliases* the policy's own tensor or is
+    allocated directly in `dtype` on `device` (never a full fp32 model). It aliases when the
+    policy holds it whole on this rank (one rank) on `device`, and either in `dtype` or unsharded
+    (an unsharded policy computes with that very tensor), and LoRA does not adapt it: bf16 master
+    weights on one GPU, and a LoRA policy's frozen base on one rank, cost no second copy. Weights
+    LoRA adapts always get their own buffer in `dtype`, which `sync` fills with the merged weight,
+    computed in fp32 on the device. Buffers (rotary frequencies) are the policy's.
+
+    Frozen weights are copied once (and again with `sync(policy, frozen=True)`, after a
+    checkpoint was loaded): a LoRA policy's sharded base is gathered again only where a unit holds
+    adapters to merge.
     """
 
     def __init__(self, policy: torch.nn.Module, dtype: torch.dtype, device: torch.device):
+        from lensrl.train.lora import lora_scales, plain_name
+
         with torch.device("meta"):
             model = _plain_class(policy)._from_config(policy.config, dtype=dtype)
+        # a LoRA layer's base weight (policy name) -> its module name, whose merged weight the copy holds
+        self.merged = {f"{name}.base_layer.weight": name for name in lora_scales(policy)}
         self.aliased: set[str] = set()
-        one_rank = dist.world_size() == 1
+        one_rank, sharded = dist.world_size() == 1, is_sharded(policy)
         for name, param in policy.named_parameters():
+            plain = plain_name(name)
+            if plain is None:  # an adapter: merged into its layer's weight
+                continue
             local = param.to_local() if isinstance(param, DTensor) else param
-            if one_rank and local.shape == param.shape and local.dtype == dtype and local.device == device:
+            if (name not in self.merged and one_rank and local.shape == param.shape and local.device == device
+                    and (local.dtype == dtype or not sharded)):
                 tensor = local.detach()
                 self.aliased.add(name)
             else:
                 tensor = torch.empty(param.shape, dtype=dtype, device=device)
-            _set_tensor(model, name, torch.nn.Parameter(tensor, requires_grad=False))
+            _set_tensor(model, plain, torch.nn.Parameter(tensor, requires_grad=False))
         for name, buf in policy.named_buffers():
-            _set_tensor(model, name, buf.detach().clone())
+            _set_tensor(model, plain_name(name), buf.detach().clone())
         model.tie_weights()  # tied parameters (Qwen2.5-VL-3B's head) point at the embedding again
         left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
         if left:
@@ -142,25 +160,30 @@ class RolloutCopy:
         model.generation_config = policy.generation_config
         self.model = model.eval().requires_grad_(False)
         self.params = dict(model.named_parameters())
-        self.sync(policy)
+        self.sync(policy, frozen=True)
 
     @torch.no_grad()
-    def sync(self, policy: torch.nn.Module) -> torch.nn.Module:
+    def sync(self, policy: torch.nn.Module, frozen: bool = False) -> torch.nn.Module:
         """Copy the policy's current weights in: FSDP unit by unit, each gathered with FSDP's own
-        all-gather (one flat collective per unit, in the all-gather dtype: bf16 on GPU), copied,
-        then resharded. Every rank must call it (collectives)."""
+        all-gather (one flat collective per unit, in the all-gather dtype: bf16 on GPU), copied
+        (LoRA layers: merged), then resharded; a unit with nothing to refresh is not gathered.
+        `frozen`: also the weights nothing trains. Every rank must call it (collectives)."""
+        from lensrl.train.lora import merged_weight, plain_name
+
         for unit, names in _units(policy):
-            names = [n for n in names if n not in self.aliased]  # the optimizer updated those in place
-            if not names:
+            copies = [n for n in names if n not in self.aliased and n not in self.merged and plain_name(n) is not None
+                      and (frozen or policy.get_parameter(n).requires_grad)]
+            merges = [n for n in names if n in self.merged]
+            if not copies and not merges:
                 continue
-            if unit is None:  # not under FSDP
-                for name in names:
-                    self.params[name].copy_(policy.get_parameter(name))
-                continue
-            unit.unshard()
-            for name in names:
-                self.params[name].copy_(policy.get_parameter(name))
-            unit.reshard()
+            if unit is not None:
+                unit.unshard()
+            for name in copies:
+                self.params[plain_name(name)].copy_(policy.get_parameter(name))
+            for name in merges:  # W + scale * B @ A, computed in fp32 where the weights are, then cast
+                self.params[plain_name(name)].copy_(merged_weight(policy.get_submodule(self.merged[name])))
+            if unit is not None:
+                unit.reshard()
         return self.model
 
 

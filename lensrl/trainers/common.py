@@ -90,7 +90,7 @@ def setup_policy(trainer, cfg, with_ref: bool = False) -> None:
     if trainer.lora:  # adapters only; the base with adapters off is the reference (lensrl.train.lora)
         from lensrl.train.lora import add_lora
 
-        trainable = add_lora(policy, cfg.model.lora)
+        trainable = add_lora(policy, cfg.model.lora, seed=t.seed)  # the same adapters on every rank
         if dist.is_main():
             console.print(f"LoRA rank {cfg.model.lora.rank}: {trainable:,} trainable parameters", soft_wrap=True)
     if not with_ref:
@@ -112,18 +112,22 @@ def setup_policy(trainer, cfg, with_ref: bool = False) -> None:
         if ref is not None and ref is not policy:
             ref_fsdp = dataclasses.replace(t.fsdp, offload_params=cfg.ref.offload_params)
             fsdp.shard_model(ref, ref_fsdp, device, train=False)
-        rollout_dtype = trainer.amp_dtype or param_dtype
-        trainer.rollout_copy = fsdp.RolloutCopy(policy, rollout_dtype, device)
+        trainer.anchor = image_anchor(trainer.processor)
+    # The rollout generates from plain, whole weights: a sharded policy's gathered, a LoRA policy's
+    # merged (the engine decodes from weights, not through peft's layers; the hf backend on one
+    # rank runs the peft model's own forward, the trainer's).
+    if sharded or (trainer.lora and rollout_backend(cfg.rollout, device) == "engine"):
+        trainer.rollout_copy = fsdp.RolloutCopy(policy, trainer.amp_dtype or param_dtype, device)
         if compiled:  # the engine's prefill runs its vision blocks and decoder layers
             compile_blocks(trainer.rollout_copy.model)
-        trainer.anchor = image_anchor(trainer.processor)
     trainer.policy, trainer.ref = policy, ref
-    trainer.rollout_model = trainer.rollout_copy.model if sharded else policy
+    trainer.rollout_model = trainer.rollout_copy.model if trainer.rollout_copy is not None else policy
     # No-grad passes over the current policy (GRPO's old log-probabilities) run on the full-weight
     # copy when it holds exactly the weights FSDP computes with (its all-gather dtype): the same
-    # numbers, without an all-gather per unit per micro-batch or a rank waiting for another.
+    # numbers, without an all-gather per unit per micro-batch or a rank waiting for another. Not
+    # for LoRA: merged weights round differently from the separate adapter path the update takes.
     gather_dtype = torch.bfloat16 if device.type == "cuda" and t.fsdp.param_dtype != "float32" else param_dtype
-    same = sharded and (trainer.amp_dtype or param_dtype) == gather_dtype
+    same = sharded and not trainer.lora and (trainer.amp_dtype or param_dtype) == gather_dtype
     trainer.logprob_model = trainer.rollout_copy.model if same else policy
 
 
@@ -180,11 +184,11 @@ def spread(items: dict[int, object], num_tokens: dict[int, int], blocks: list[li
     return dist.exchange(items, owner)
 
 
-def sync_rollout(trainer) -> None:
-    """The policy's current weights into the rollout backend (through the full-weight copy when
-    the policy is sharded)."""
+def sync_rollout(trainer, frozen: bool = False) -> None:
+    """The policy's current weights into the rollout backend (through the plain copy when there
+    is one: a sharded or LoRA policy). `frozen`: the frozen weights too (a checkpoint was loaded)."""
     if trainer.rollout_copy is not None:
-        trainer.rollout_copy.sync(trainer.policy)
+        trainer.rollout_copy.sync(trainer.policy, frozen=frozen)
     trainer.rollout.sync_weights(trainer.rollout_model)
 
 
@@ -283,20 +287,20 @@ def load_split(files: list[str] | None, cfg: DataConfig, split: str, processor) 
 
 
 def build_rollout(cfg: RolloutConfig, model: torch.nn.Module, processor, device: torch.device):
-    backend = cfg.backend
-    if backend == "auto":
-        backend = auto_backend(device)
-    if backend == "engine":
+    """The rollout backend `cfg.backend` over `model` (a LoRA policy's must be its plain copy for
+    the engine: `setup_policy` makes it)."""
+    if rollout_backend(cfg, device) == "engine":
         from lensrl.rollout.engine import EngineRollout
-        from lensrl.train.lora import has_lora
-
-        if has_lora(model):  # rollout.backend=auto on CUDA: the engine would sample from the base model
-            raise ConfigError("model.lora: the engine does not apply LoRA adapters yet; set rollout.backend=hf")
 
         return EngineRollout(model, processor, cfg, capture_routing=cfg.router_mismatch_seqs > 0)  # MoE only
     from lensrl.rollout.hf import HFRollout
 
     return HFRollout(model, processor, batch_size=cfg.batch_size)
+
+
+def rollout_backend(cfg: RolloutConfig, device: torch.device) -> str:
+    """`rollout.backend` resolved: "engine" or "hf"."""
+    return auto_backend(device) if cfg.backend == "auto" else cfg.backend
 
 
 def auto_backend(device: torch.device) -> str:
@@ -430,7 +434,7 @@ def resume(trainer) -> None:
                           "or start a new one under another trainer.run_name)") from None
     trainer.bad_steps_in_row = state.get("bad_steps_in_row", 0)
     if getattr(trainer, "rollout", None) is not None:
-        sync_rollout(trainer)  # the backend's own copies (engine, FSDP's full-weight copy) are stale
+        sync_rollout(trainer, frozen=True)  # the backend's own copies (engine, the plain copy) are stale
     if dist.is_main():
         console.print(escape(f"resumed from {path} at step {trainer.step}"), soft_wrap=True)
 
@@ -515,18 +519,18 @@ def save_final_hf(trainer) -> None:
 
     if not (trainer.total_steps and trainer.cfg.trainer.save_hf):
         return
+    state = full_state_dict(trainer.policy)
     if trainer.lora:  # the merged model, and the adapters as peft writes them
         from lensrl.train.lora import merged_state_dict, save_adapter
 
         if dist.is_main():
             path = save_hf(trainer.policy, trainer.processor, trainer.run_dir / "hf",
-                           state_dict=merged_state_dict(trainer.policy))
-            save_adapter(trainer.policy, trainer.run_dir / "hf_adapter", trainer.cfg.model.path)
+                           state_dict=merged_state_dict(trainer.policy, state=state))
+            save_adapter(trainer.policy, trainer.run_dir / "hf_adapter", trainer.cfg.model.path, state=state)
             _record_run(trainer.run_dir, path)
             trainer.logger.info(f"Hugging Face model (LoRA merged): {path}; adapters: {trainer.run_dir / 'hf_adapter'}")
         dist.barrier()
         return
-    state = full_state_dict(trainer.policy)
     if dist.is_main():
         path = save_hf(trainer.policy, trainer.processor, trainer.run_dir / "hf", state_dict=state)
         _record_run(trainer.run_dir, path)

@@ -233,6 +233,58 @@ def test_sync_weights_makes_outputs_follow_the_new_weights(tiny_qwen25_dir, copy
     assert_same(expected, engine.generate(prompts, params))
 
 
+def test_a_lora_policy_is_served_with_its_adapters_merged(tiny_qwen25_dir):
+    """A LoRA policy (peft layers, adapters far from zero) generates through its plain copy
+    (RolloutCopy: W + (alpha / r) B A in the adapted weights, the policy's own tensors elsewhere):
+    greedy tokens are transformers `generate`'s on the peft model, sampled log-probabilities the
+    trainer's forward of the peft model, and after an in-place update of the adapters `sync` brings
+    the engine along. The peft model itself is refused: decode would read its base weights."""
+    from lensrl.config import LoraSettings
+    from lensrl.train.fsdp import RolloutCopy
+    from lensrl.train.lora import adapters_disabled, add_lora
+
+    policy, processor = sharpened_policy(tiny_qwen25_dir)  # fresh: as setup_policy makes the copy, before any rollout
+    prompts = [processor(s) for s in mixed_samples()]
+    add_lora(policy, LoraSettings(rank=4, alpha=8))
+    generator = torch.Generator().manual_seed(0)
+
+    def update_adapters(name: str) -> None:  # an optimizer step, in place
+        with torch.no_grad():
+            for pname, p in policy.named_parameters():
+                if name in pname:
+                    p.add_(torch.randn(p.shape, generator=generator) * 0.1)
+
+    update_adapters("lora_B")  # B starts at 0: the base
+    served = RolloutCopy(policy, torch.float32, torch.device("cpu"))
+    lm, plain = policy.model.language_model, served.model.model.language_model
+    assert plain.embed_tokens.weight.data_ptr() == lm.embed_tokens.weight.data_ptr()  # the base is shared
+    assert plain.layers[0].self_attn.q_proj.bias.data_ptr() == lm.layers[0].self_attn.q_proj.base_layer.bias.data_ptr()
+    assert plain.layers[0].self_attn.q_proj.weight.data_ptr() != lm.layers[0].self_attn.q_proj.base_layer.weight.data_ptr()
+    with pytest.raises(ValueError, match="merged copy"):
+        make_engine(policy, processor)
+    engine = make_engine(served.model, processor, block_size=8)
+    expected = HFRollout(policy, processor).generate(prompts, GREEDY)
+    assert_same(expected, engine.generate(prompts, GREEDY))
+    with adapters_disabled(policy):
+        assert tokens(HFRollout(policy, processor).generate(prompts, GREEDY)) != tokens(expected)  # adapters matter
+
+    params = SamplingParams(n=2, temperature=0.8, max_new_tokens=8, seed=0)
+    groups = engine.generate(prompts, params)
+    seqs = [make_sequence(p, c.token_ids) for p, g in zip(prompts, groups) for c in g]
+    with torch.no_grad():
+        logp, _, mask = forward_response_logprobs(policy, seqs, processor.pad_token_id, temperature=0.8,
+                                                  suppress_ids=processor.suppress_token_ids)
+    for i, c in enumerate(c for g in groups for c in g):
+        torch.testing.assert_close(logp[i, mask[i]], torch.tensor(c.logprobs), rtol=0, atol=1e-4)
+
+    update_adapters("lora_A")
+    expected_after = HFRollout(policy, processor).generate(prompts, GREEDY)
+    assert tokens(expected_after) != tokens(expected)
+    served.sync(policy)
+    engine.sync_weights(served.model)
+    assert_same(expected_after, engine.generate(prompts, GREEDY))
+
+
 def test_kv_memory_is_released_after_generate_unless_kept(qwen25):
     model, processor, prompts = qwen25
     params = SamplingParams(n=2, temperature=0.0, max_new_tokens=4)

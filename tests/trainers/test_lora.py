@@ -1,22 +1,28 @@
 """LoRA (peft) on the tiny model, fp32 on the CPU: adapters alone train, the base is the KL
-reference, checkpoints hold the adapters, and both saved forms load in plain transformers / peft
-with the live model's logits."""
+reference, the rollout engine samples the merged policy, 2 FSDP2 ranks train what 1 rank trains,
+checkpoints hold the adapters (and resume at another rank count), and both saved forms load in
+plain transformers / peft with the live model's logits."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_distributed import LETTER_SHARE, assert_same_steps
+from test_distributed import assert_same_steps, assert_same_weights, grpo_args, launch
 from test_sft import sft_overrides
 from trainer_helpers import grpo_overrides
 
 from lensrl.config import ConfigError, GRPOConfig, SFTConfig, load_config
 from lensrl.logging import read_metrics
+from lensrl.rollout.engine import EngineRollout
+from lensrl.train.lora import adapters_disabled
 from lensrl.trainers.grpo import GRPOTrainer
 from lensrl.trainers.sft import SFTTrainer
 
 LORA = ["model.lora.rank=8", "model.lora.alpha=16"]
+LORA_GRPO = [*LORA, "algorithm.use_kl_loss=true", "rollout.backend=engine"]
 
 
 def _logits(model, ids: torch.Tensor) -> torch.Tensor:
@@ -34,13 +40,16 @@ def test_lora_sft_trains_the_adapters_alone_and_saves_a_merged_and_a_peft_folder
     trainer = SFTTrainer(load_config(SFTConfig, None, overrides))
     trained = {n for n, p in trainer.policy.named_parameters() if p.requires_grad}
     assert trained and all("lora_" in n for n in trained)
+    ids = torch.tensor([[5, 17, 42, 99, 3, 8]])
+    with adapters_disabled(trainer.policy):
+        start = _logits(trainer.policy, ids)
+    assert torch.equal(_logits(trainer.policy, ids), start)  # B = 0: the step-0 policy is the base (GRPO's reference)
     base = load_file(tiny_qwen25_dir / "model.safetensors")
     trainer.fit()
     losses = [r["train/loss"] for r in read_metrics(tmp_path / "sft") if "train/loss" in r]
     assert losses[-1] < losses[0] - 0.5  # nats per target token, from a random-init tiny base
     state = {n.replace(".base_layer.", "."): p for n, p in trainer.policy.state_dict().items() if "lora_" not in n}
     assert all(torch.equal(state[k], base[k]) for k in base if k in state)  # the base never moved
-    ids = torch.tensor([[5, 17, 42, 99, 3, 8]])
     live = _logits(trainer.policy.eval(), ids)
     merged = AutoModelForImageTextToText.from_pretrained(tmp_path / "sft" / "hf")
     torch.testing.assert_close(_logits(merged, ids), live, rtol=1e-4, atol=1e-4)
@@ -51,39 +60,87 @@ def test_lora_sft_trains_the_adapters_alone_and_saves_a_merged_and_a_peft_folder
     torch.testing.assert_close(_logits(adapted, ids), live, rtol=1e-4, atol=1e-4)
 
 
-def test_lora_grpo_uses_the_base_as_reference_and_resumes_from_adapters_only(tiny_qwen25_dir, color_data, tmp_path):
-    common = [*LORA, "algorithm.use_kl_loss=true", f"reward.function={LETTER_SHARE}:letter_share", "rollout.seed=5",
-              "trainer.save_freq=1", "trainer.save_hf=false"]
-    trainer = GRPOTrainer(load_config(GRPOConfig, None, grpo_overrides(tiny_qwen25_dir, color_data, tmp_path, "full",
-                                                                         *common, "trainer.total_steps=3")))
-    assert trainer.ref is trainer.policy  # no second copy of the model
+@pytest.fixture(scope="module")
+def lora_grpo(tiny_qwen25_dir, color_data, tmp_path_factory):
+    """3 LoRA GRPO steps (test_distributed's run: a reward with signal at every step, seeded
+    sampling, two mini-batches a step, a checkpoint after each) with a KL loss against the base,
+    the engine serving the merged policy: in this process at one rank, and under torchrun at 2
+    gloo ranks (FSDP2: frozen base and adapters sharded together) with activation checkpointing.
+    Returns (folder, the one-rank trainer)."""
+    out = tmp_path_factory.mktemp("lora_grpo")
+    trainer = GRPOTrainer(load_config(GRPOConfig, None, grpo_args(tiny_qwen25_dir, color_data, out, "one", *LORA_GRPO)))
     trainer.fit()
-    full = read_metrics(tmp_path / "full")
-    assert full[0]["actor/kl_loss"] == 0.0 < full[-1]["actor/kl_loss"]  # B = 0 at the start: the policy is the base
-    assert any(r["actor/grad_norm"] > 0 for r in full)
-    ckpt = tmp_path / "full" / "checkpoints" / "step_2"
+    launch(2, "grpo", grpo_args(tiny_qwen25_dir, color_data, out, "two", *LORA_GRPO, "model.gradient_checkpointing=true"))
+    return out, trainer
+
+
+def test_lora_grpo_uses_the_base_as_reference_and_the_engine_serves_the_merged_policy(lora_grpo):
+    out, trainer = lora_grpo
+    assert trainer.ref is trainer.policy  # no second copy of the model
+    assert isinstance(trainer.rollout, EngineRollout) and trainer.rollout_model is trainer.rollout_copy.model
+    served = trainer.rollout_copy
+    base = [n for n, _ in trainer.policy.named_parameters() if ".lora_" not in n]
+    assert served.merged and set(served.aliased) == set(base) - set(served.merged)  # only adapted weights copied
+    steps = read_metrics(out / "one")
+    assert all(r["actor/kl_loss"] > 0 and r["actor/grad_norm"] > 0 for r in steps)
+    # the engine's log-probabilities are the trainer's (peft's forward), after every update of the adapters
+    assert all(r["rollout/train_logprob_absdiff"] < 1e-5 for r in steps), [r["rollout/train_logprob_absdiff"] for r in steps]
+    assert_adapters_only(out / "one" / "checkpoints" / "step_2")
+
+
+def test_lora_grpo_two_ranks_equal_one_rank(lora_grpo):
+    out, _ = lora_grpo
+    one, two = read_metrics(out / "one"), read_metrics(out / "two")
+    assert_same_steps(one, two)
+    assert_same_weights(out / "one" / "hf", out / "two" / "hf")
+    a = load_file(out / "one" / "hf_adapter" / "adapter_model.safetensors")
+    b = load_file(out / "two" / "hf_adapter" / "adapter_model.safetensors")
+    assert sorted(a) == sorted(b) and max((a[k] - b[k]).abs().max().item() for k in a) < 5e-5
+    assert len(list((out / "two" / "checkpoints" / "step_3").glob("*.distcp"))) == 2  # one shard file per rank
+    assert_adapters_only(out / "two" / "checkpoints" / "step_2")
+
+
+def test_a_two_rank_lora_checkpoint_resumes_at_one_rank(lora_grpo, tiny_qwen25_dir, color_data):
+    """The 2-rank run's step-2 checkpoint (adapters and their AdamW state, sharded) resumed in one
+    process, on the FSDP path with compiled blocks (trainer.fsdp.enable=always, model.compile=always:
+    the policy's peft layers and the engine's merged copy) and activation checkpointing: step 3 and
+    the weights are the uninterrupted run's."""
+    out, _ = lora_grpo
+    ckpt = out / "two" / "checkpoints" / "step_2"
+    launch(1, "grpo", grpo_args(tiny_qwen25_dir, color_data, out, "resumed", *LORA_GRPO, f"trainer.resume={ckpt}",
+                                "trainer.fsdp.enable=always", "model.compile=always",
+                                "model.gradient_checkpointing=true"))
+    resumed = read_metrics(out / "resumed")
+    assert [r["step"] for r in resumed] == [3]
+    assert_same_steps(read_metrics(out / "one")[2:], resumed)
+    assert_same_weights(out / "one" / "hf", out / "resumed" / "hf")
+
+
+def assert_adapters_only(ckpt: Path) -> None:
+    """The checkpoint's model entries are the adapters (their AdamW state beside them), not the base."""
     from torch.distributed.checkpoint import FileSystemReader
 
-    saved = [k for k in FileSystemReader(str(ckpt)).read_metadata().state_dict_metadata if k.startswith("model.")]
-    assert saved and all(".lora_" in k for k in saved)  # the adapters (and their AdamW state) only
-
-    resumed = GRPOTrainer(load_config(GRPOConfig, None, grpo_overrides(
-        tiny_qwen25_dir, color_data, tmp_path, "resumed", *common, "trainer.total_steps=3", f"trainer.resume={ckpt}")))
-    resumed.fit()
-    assert_same_steps(full[2:], read_metrics(tmp_path / "resumed"))
-    a = {n: p for n, p in trainer.policy.named_parameters() if "lora_" in n}
-    b = {n: p for n, p in resumed.policy.named_parameters() if "lora_" in n}
-    assert max((a[n] - b[n]).abs().max().item() for n in a) < 1e-5
+    saved = FileSystemReader(str(ckpt)).read_metadata().state_dict_metadata
+    model = [k for k in saved if k.startswith("model.")]
+    assert model and all(".lora_" in k for k in model)
+    assert all(".lora_" in k for k in saved if k.startswith("optim.state."))
 
 
-@pytest.mark.parametrize("setting, message", [
-    ("rollout.backend=engine", "rollout.backend=hf"),
-    ("trainer.fsdp.enable=always", "without FSDP"),
-    ("model.lora.target_modules=[]", "target_modules"),
-])
-def test_lora_settings_that_cannot_train_correctly_are_refused(tiny_qwen25_dir, color_data, tmp_path, setting, message):
-    with pytest.raises(ConfigError, match=message):
+def test_lora_settings_that_cannot_train_correctly_are_refused(tiny_qwen25_dir, color_data, tmp_path):
+    """No target is refused with the config; the engine and FSDP are accepted (the runs above)."""
+    with pytest.raises(ConfigError, match="target_modules"):
+        load_config(GRPOConfig, None, grpo_overrides(tiny_qwen25_dir, color_data, tmp_path, "x", *LORA,
+                                                     "model.lora.target_modules=[]"))
+    for setting in ("rollout.backend=engine", "trainer.fsdp.enable=always"):
         load_config(GRPOConfig, None, grpo_overrides(tiny_qwen25_dir, color_data, tmp_path, "x", *LORA, setting))
+
+
+def test_lora_on_a_layer_that_is_not_linear_is_refused(tiny_qwen25_dir, color_data, tmp_path):
+    """`proj` in the vision tower also names the patch embedding, a Conv3d: refused naming the key."""
+    overrides = sft_overrides(tiny_qwen25_dir, color_data, tmp_path, "conv", *LORA, "model.lora.target_modules=[proj]",
+                              "model.lora.vision_tower=true")
+    with pytest.raises(ConfigError, match=r"target_modules=\['proj'\] matches model.visual.patch_embed.proj \(Conv3d\)"):
+        SFTTrainer(load_config(SFTConfig, None, overrides))
 
 
 def test_lora_with_bf16_base_weights_is_accepted():

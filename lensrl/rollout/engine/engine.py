@@ -14,6 +14,9 @@ Per-token log-probabilities are log_softmax(logits / temperature) of the sampled
 full vocabulary (suppressed ids masked), the trainer's own quantity. Timings of the last call
 are in `stats`.
 
+A LoRA policy is served through its plain copy with the adapters merged
+(`lensrl.train.fsdp.RolloutCopy`): decode reads weights, so peft's layers would go unseen.
+
 A mixture-of-experts policy needs nothing else: prefill runs the model's own sparse blocks and
 decode runs the router and the experts from the model's stacked tensors (moe.py). With
 `capture_routing` the engine also keeps the experts each decode step chose
@@ -70,6 +73,7 @@ class EngineRollout:
     def __init__(
         self, model: torch.nn.Module, processor, cfg, options: EngineOptions | None = None, **overrides
     ):
+        _check_plain(model)
         self.model = model
         self.processor = processor
         self.cfg = cfg
@@ -114,6 +118,7 @@ class EngineRollout:
         engine's buffers where dtypes differ). Time in stats['sync_s']."""
         start = time.perf_counter()
         if model is not self.model:
+            _check_plain(model)
             _varlen_vision(model)
         self.model = model
         if self.weights is not None and self.weights.sync(model):
@@ -370,6 +375,16 @@ class EngineRollout:
     def _synchronize(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+
+
+def _check_plain(model: torch.nn.Module) -> None:
+    """Decode reads weights, not layers: a model with LoRA adapters would decode from its base
+    while prefill applied them. Such a policy is served by its merged copy (RolloutCopy)."""
+    from lensrl.train.lora import has_lora
+
+    if has_lora(model):
+        raise ValueError("the engine decodes from plain weights and would sample a LoRA model's base: give it the "
+                         "policy's merged copy (lensrl.train.fsdp.RolloutCopy), as setup_policy does")
 
 
 def _varlen_vision(model: torch.nn.Module) -> None:
