@@ -11,6 +11,7 @@ from lensrl.config import (
     ConfigError,
     GRPOConfig,
     SFTConfig,
+    check,
     flat_keys,
     load_config,
     save_config,
@@ -354,14 +355,18 @@ def test_saved_config_round_trips(tmp_path):
 
 @pytest.mark.parametrize("recipe", ["tiny_demo_sft", "tiny_demo_grpo", "qwen2_5_vl_3b_geo3k_grpo",
                                     "qwen2_5_vl_7b_geo3k_grpo", "qwen3_vl_2b_geo3k_tis_grpo",
-                                    "qwen2_5_vl_3b_robo2vlm_sft", "tiny_box_iou_grpo"])
+                                    "qwen2_5_vl_3b_robo2vlm_sft", "tiny_box_iou_grpo", "qwen3_vl_30b_a3b_geo3k_grpo",
+                                    "qwen2_5_vl_7b_geo3k_grpo_lora"])
 def test_recipes_are_valid(recipe, monkeypatch):
     from pathlib import Path
 
     monkeypatch.chdir(Path(__file__).parents[1])  # recipes name paths from the repository's root
     path = Path(__file__).parents[1] / "configs" / f"{recipe}.yaml"
     command = "sft" if recipe.endswith("sft") else "grpo"
-    load_config(COMMAND_CONFIGS[command], path)
+    cfg = load_config(COMMAND_CONFIGS[command], path)
+    if recipe.endswith("lora"):  # a LoRA recipe trains adapters on a bf16 base, under FSDP too
+        assert cfg.model.lora.rank > 0 and cfg.model.dtype == "bfloat16"
+        check(cfg, world_size=8)
 
 
 def test_config_show_prints_defaults():
