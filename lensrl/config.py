@@ -393,9 +393,9 @@ def check(config: Any, world_size: int | None = None) -> None:
             raise ConfigError(f"reward.num_workers must be >= 0 (0: score inline) and reward.timeout_s > 0, got "
                               f"{reward.num_workers} and {reward.timeout_s}")
         if isinstance(config, GRPOConfig) and not (0 <= reward.overlong_buffer_len <= config.rollout.max_new_tokens
-                                                   and reward.overlong_penalty_factor >= 0):
+                                                   and 0 <= reward.overlong_penalty_factor < float("inf")):
             raise ConfigError(f"reward.overlong_buffer_len must be within 0..rollout.max_new_tokens "
-                              f"({config.rollout.max_new_tokens}) and reward.overlong_penalty_factor >= 0; got "
+                              f"({config.rollout.max_new_tokens}) and reward.overlong_penalty_factor a finite number >= 0; got "
                               f"{reward.overlong_buffer_len} and {reward.overlong_penalty_factor}")
         if reward.reward_min_val > reward.reward_max_val:
             raise ConfigError(f"reward.reward_min_val ({reward.reward_min_val}) must not exceed "

@@ -67,6 +67,7 @@ def add_lora(model: torch.nn.Module, cfg, seed: int = 0) -> int:
     except ImportError:
         raise ConfigError("model.lora needs peft: pip install 'lensrl[lora]'") from None
 
+    check_targets(model, cfg)
     peft_cfg = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
                           target_modules=target_regex(cfg), bias="none")
     model.requires_grad_(False)
@@ -88,6 +89,29 @@ def add_lora(model: torch.nn.Module, cfg, seed: int = 0) -> int:
             param.data = param.data.float()  # fp32 adapters over a base of any dtype
     model.lensrl_lora = cfg  # what save_adapter writes into adapter_config.json
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def check_targets(model: torch.nn.Module, cfg) -> None:
+    """Every name in cfg.target_modules matches at least one module where LoRA goes (the language
+    model, and the vision tower with cfg.vision_tower), and every match is an nn.Linear. Raises
+    ConfigError naming the first name that matches nothing (a typo would otherwise train fewer
+    projections without a word) or a match of another type."""
+    import re
+
+    where = "(language_model|visual)" if cfg.vision_tower else "language_model"
+    modules = dict(model.named_modules())
+    for target in cfg.target_modules:
+        matches = [name for name in modules if re.fullmatch(rf".*{where}\..*\.{re.escape(target)}", name)]
+        if not matches:
+            raise ConfigError(f"model.lora.target_modules: {target!r} names no module of the "
+                              f"{'language model or vision tower' if cfg.vision_tower else 'language model'} "
+                              f"(e.g. the Linear projections q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, "
+                              "down_proj)")
+        other = next((name for name in matches if not isinstance(modules[name], torch.nn.Linear)), None)
+        if other is not None:
+            raise ConfigError(f"model.lora.target_modules: {target!r} names {other} "
+                              f"({type(modules[other]).__name__}), not a Linear layer; LoRA adapts Linear "
+                              "projections only (e.g. q_proj, gate_proj)")
 
 
 def lora_layers(model: torch.nn.Module) -> list[torch.nn.Module]:

@@ -396,6 +396,32 @@ def save(trainer) -> Path:
                            state, trainer.cfg.trainer.save_limit, trainable_only=trainer.lora)
 
 
+def check_lora_resume(path: Path, current) -> None:
+    """Refuse to resume checkpoint `path` with other LoRA settings than it was trained with: full
+    parameters vs adapters, or another rank, alpha, target_modules or vision_tower (dropout may
+    change). Loading would fail deep in torch's loader or, with fewer targets, silently drop
+    trained adapters. current: this run's LoraSettings, None for full-parameter training."""
+    from lensrl.train.convert import ConvertError, lora_settings
+
+    try:
+        saved = lora_settings(path)
+    except ConvertError as e:
+        raise ConfigError(str(e)) from None
+
+    def shape(s):
+        return None if s is None else (s.rank, float(s.alpha), sorted(s.target_modules), bool(s.vision_tower))
+
+    def say(s):
+        return "full-parameter training" if s is None else (
+            f"model.lora rank={s.rank} alpha={s.alpha} target_modules={sorted(s.target_modules)} "
+            f"vision_tower={s.vision_tower}")
+
+    if shape(saved) != shape(current):
+        raise ConfigError(f"{path} was trained with {say(saved)}, and this run asks for {say(current)}: resuming "
+                          "would drop or misplace trained weights. Resume with the checkpoint's settings, or start "
+                          "afresh under another trainer.run_name (or trainer.resume=never)")
+
+
 def resume(trainer) -> None:
     """Restore the trainer from `trainer.resume` (auto: the newest complete checkpoint, if any)."""
     setting = trainer.cfg.trainer.resume
@@ -423,6 +449,7 @@ def resume(trainer) -> None:
                           "those newer checkpoints are replaced as the run reaches their steps[/yellow]", soft_wrap=True)
     if path is None:
         return
+    check_lora_resume(path, trainer.cfg.model.lora if trainer.lora else None)
     state = load_checkpoint(path, trainer.policy, trainer.optimizer, trainer.scheduler, trainable_only=trainer.lora)
     trainer.step = state["step"]
     optim = trainer.cfg.actor.optim if hasattr(trainer.cfg, "actor") else trainer.cfg.optim

@@ -533,6 +533,8 @@ def test_overlong_completions_lose_reward_over_the_buffer(tiny_qwen25_dir, color
     assert record["critic/score/mean"] == pytest.approx(record["reward/accuracy"] + record["reward/overlong_penalty"])
     with pytest.raises(ConfigError, match="overlong_buffer_len"):
         check(load_config(GRPOConfig, None, overrides[:-1] + ["reward.overlong_buffer_len=7"]), world_size=1)
+    with pytest.raises(ConfigError, match="finite"):  # inf: every score -inf, every update skipped
+        check(load_config(GRPOConfig, None, overrides + ["reward.overlong_penalty_factor=inf"]), world_size=1)
 
 
 def test_offloading_the_reference_needs_fsdp(tiny_qwen25_dir, color_data, tmp_path):

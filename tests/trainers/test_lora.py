@@ -5,6 +5,7 @@ plain transformers / peft with the live model's logits."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -116,6 +117,30 @@ def test_a_two_rank_lora_checkpoint_resumes_at_one_rank(lora_grpo, tiny_qwen25_d
     assert_same_weights(out / "one" / "hf", out / "resumed" / "hf")
 
 
+def test_resuming_with_other_lora_settings_is_refused(lora_grpo):
+    """Fewer target_modules would load silently and drop trained adapters; another rank, or full
+    parameters, failed deep in torch's loader: each is refused naming both settings."""
+    from dataclasses import replace
+
+    from lensrl.trainers.common import check_lora_resume
+
+    out, trainer = lora_grpo
+    ckpt, saved = out / "two" / "checkpoints" / "step_2", trainer.cfg.model.lora
+    check_lora_resume(ckpt, saved)  # the same settings (dropout may differ)
+    check_lora_resume(ckpt, replace(saved, dropout=0.1))
+    for other, said in [(replace(saved, target_modules=["q_proj"]), "target_modules=['q_proj']"),
+                        (replace(saved, rank=16), "rank=16"), (None, "full-parameter training")]:
+        with pytest.raises(ConfigError, match=re.escape(said)):
+            check_lora_resume(ckpt, other)
+
+
+def test_a_lora_target_that_names_nothing_is_refused(tiny_qwen25_dir, color_data, tmp_path):
+    overrides = sft_overrides(tiny_qwen25_dir, color_data, tmp_path, "typo", *LORA,
+                              "model.lora.target_modules=[q_proj,bogus]")
+    with pytest.raises(ConfigError, match="'bogus' names no module"):
+        SFTTrainer(load_config(SFTConfig, None, overrides))
+
+
 def assert_adapters_only(ckpt: Path) -> None:
     """The checkpoint's model entries are the adapters (their AdamW state beside them), not the base."""
     from torch.distributed.checkpoint import FileSystemReader
@@ -139,7 +164,7 @@ def test_lora_on_a_layer_that_is_not_linear_is_refused(tiny_qwen25_dir, color_da
     """`proj` in the vision tower also names the patch embedding, a Conv3d: refused naming the key."""
     overrides = sft_overrides(tiny_qwen25_dir, color_data, tmp_path, "conv", *LORA, "model.lora.target_modules=[proj]",
                               "model.lora.vision_tower=true")
-    with pytest.raises(ConfigError, match=r"target_modules=\['proj'\] matches model.visual.patch_embed.proj \(Conv3d\)"):
+    with pytest.raises(ConfigError, match=r"'proj' names model.visual.patch_embed.proj \(Conv3d\), not a Linear"):
         SFTTrainer(load_config(SFTConfig, None, overrides))
 
 
