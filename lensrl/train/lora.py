@@ -95,13 +95,20 @@ def check_targets(model: torch.nn.Module, cfg) -> None:
     """Every name in cfg.target_modules matches at least one module where LoRA goes (the language
     model, and the vision tower with cfg.vision_tower), and every match is an nn.Linear. Raises
     ConfigError naming the first name that matches nothing (a typo would otherwise train fewer
-    projections without a word) or a match of another type."""
+    projections without a word; the default list is exempt, see below) or a match of another type."""
     import re
+
+    from lensrl.config import LoraSettings
 
     where = "(language_model|visual)" if cfg.vision_tower else "language_model"
     modules = dict(model.named_modules())
+    # the default list names the projections of every architecture: a MoE's decoder has no
+    # gate/up/down_proj Linear (its experts are stacked), so only a list of the user's own is held to each name
+    default = sorted(cfg.target_modules) == sorted(LoraSettings().target_modules)
     for target in cfg.target_modules:
         matches = [name for name in modules if re.fullmatch(rf".*{where}\..*\.{re.escape(target)}", name)]
+        if not matches and default:
+            continue
         if not matches:
             raise ConfigError(f"model.lora.target_modules: {target!r} names no module of the "
                               f"{'language model or vision tower' if cfg.vision_tower else 'language model'} "

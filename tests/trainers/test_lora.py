@@ -173,3 +173,16 @@ def test_lora_with_bf16_base_weights_is_accepted():
     assert cfg.model.lora.rank == 8
     with pytest.raises(ConfigError, match="bfloat16"):
         load_config(SFTConfig, None, ["model.dtype=bfloat16", "data.train_files=[x.parquet]"])
+
+
+def test_the_default_targets_adapt_a_moe_policys_attention(tiny_moe_dir):
+    """The default list names gate/up/down_proj, which a Qwen3-VL-MoE decoder lacks (stacked
+    experts): accepted, its attention adapted, the experts frozen."""
+    from lensrl.config import LoraSettings
+    from lensrl.models.load import load_policy
+    from lensrl.train.lora import add_lora
+
+    model, _ = load_policy(tiny_moe_dir)
+    assert add_lora(model, LoraSettings(rank=4)) > 0
+    trained = {n.split(".lora_")[0].rsplit(".", 1)[-1] for n, p in model.named_parameters() if p.requires_grad}
+    assert trained == {"q_proj", "k_proj", "v_proj", "o_proj"}
