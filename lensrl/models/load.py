@@ -57,6 +57,10 @@ def detect_arch(path: str | Path) -> str:
         if (path / "meta.json").is_file() or any(path.glob("*.distcp")):
             raise FileNotFoundError(f"{path} is a training checkpoint, not a Hugging Face model folder: make one "
                                     f"with `lensrl convert --ckpt {path} --out DIR`, or use the run's hf/ folder")
+        if (path / "adapter_config.json").is_file():
+            raise FileNotFoundError(f"{path} is a peft LoRA adapter folder (adapter_config.json), not a whole model: "
+                                    "use the run's hf/ folder (adapters merged), or `lensrl convert --ckpt "
+                                    "RUN/checkpoints/step_N --out DIR` for a merged folder")
         raise FileNotFoundError(
             f"{path} has no config.json, so it is not a Hugging Face model folder; {_HOW_TO_GET_ONE}"
         )

@@ -291,3 +291,11 @@ def test_a_training_checkpoint_given_as_a_model_says_how_to_convert_it(tmp_path)
     (ckpt / "meta.json").write_text("{}")
     with pytest.raises(FileNotFoundError, match=f"lensrl convert --ckpt {ckpt}"):
         check_model_folder(ckpt)
+
+
+def test_a_lora_adapter_folder_is_named_as_one(tmp_path):
+    """`lensrl eval --model RUN/hf_adapter` (the peft folder a LoRA run writes): told what it is and
+    what to use instead, not the generic 'no config.json'."""
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 8}))
+    with pytest.raises(FileNotFoundError, match="peft LoRA adapter folder.*hf/"):
+        load_policy(tmp_path)
