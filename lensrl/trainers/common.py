@@ -403,6 +403,8 @@ def check_lora_resume(path: Path, current) -> None:
     trained adapters. current: this run's LoraSettings, None for full-parameter training."""
     from lensrl.train.convert import ConvertError, lora_settings
 
+    if not (Path(path) / ".metadata").is_file():  # no DCP index: load_checkpoint says what is wrong with it
+        return
     try:
         saved = lora_settings(path)
     except ConvertError as e:
