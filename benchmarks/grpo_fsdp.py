@@ -24,6 +24,8 @@ Cases (--cases):
   7b-offload  fp32 master weights with parameters, gradients and AdamW state in host memory
   moe-12l   the Qwen3-VL-30B-A3B widths at 12 of its 48 layers (8.64B parameters), fp32 master weights,
             gradient checkpointing: the MoE shape's GRPO step where it fits (two 141 GB GPUs)
+  3b-lora   the 3B with LoRA (rank 64, bf16 frozen base, fp32 adapters, KL to the base): beside 3b-gc
+  7b-lora   the 7B with LoRA, the same settings: does a 7B LoRA GRPO step fit one H200, and how fast
   moe-4l    the same widths at 4 layers (3.65B parameters): the MoE GRPO step on one 141 GB GPU
   q3-4b     Qwen3-VL-4B shape, fp32 master weights, gradient checkpointing (the largest published
             Qwen-VL dense model whose 16 bytes a parameter, 71 GB, leave room on one 141 GB GPU)
@@ -64,6 +66,11 @@ CASES = {
     "7b-offload": ["model.path=qwen2_5_vl_7b", "model.gradient_checkpointing=true", "trainer.fsdp.offload_params=true"],
     "moe-12l": ["model.path=qwen3_vl_30b_a3b_12l", "model.gradient_checkpointing=true"],
     "moe-4l": ["model.path=qwen3_vl_30b_a3b_4l", "model.gradient_checkpointing=true"],
+    # LoRA (issue 19): rank-64 adapters on the language model, the frozen base in bf16, KL to the base
+    "3b-lora": ["model.path=qwen2_5_vl_3b", "model.gradient_checkpointing=true", "model.lora.rank=64",
+                "model.lora.alpha=64", "model.dtype=bfloat16", "actor.optim.lr=1e-5", "algorithm.use_kl_loss=true"],
+    "7b-lora": ["model.path=qwen2_5_vl_7b", "model.gradient_checkpointing=true", "model.lora.rank=64",
+                "model.lora.alpha=64", "model.dtype=bfloat16", "actor.optim.lr=1e-5", "algorithm.use_kl_loss=true"],
     "q3-4b": ["model.path=qwen3_vl_4b", "model.gradient_checkpointing=true"],
     "tiny": ["rollout.backend=hf", "rollout.max_new_tokens=16"],
 }
