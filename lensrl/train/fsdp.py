@@ -133,32 +133,20 @@ class RolloutCopy:
     def __init__(self, policy: torch.nn.Module, dtype: torch.dtype, device: torch.device):
         from lensrl.train.lora import lora_scales, plain_name
 
-        with torch.device("meta"):
-            model = _plain_class(policy)._from_config(policy.config, dtype=dtype)
         # a LoRA layer's base weight (policy name) -> its module name, whose merged weight the copy holds
         self.merged = {f"{name}.base_layer.weight": name for name in lora_scales(policy)}
         self.aliased: set[str] = set()
         one_rank, sharded = dist.world_size() == 1, is_sharded(policy)
-        for name, param in policy.named_parameters():
-            plain = plain_name(name)
-            if plain is None:  # an adapter: merged into its layer's weight
-                continue
+
+        def tensor_for(name: str, param: torch.Tensor) -> torch.Tensor:
             local = param.to_local() if isinstance(param, DTensor) else param
             if (name not in self.merged and one_rank and local.shape == param.shape and local.device == device
                     and (local.dtype == dtype or not sharded)):
-                tensor = local.detach()
                 self.aliased.add(name)
-            else:
-                tensor = torch.empty(param.shape, dtype=dtype, device=device)
-            _set_tensor(model, plain, torch.nn.Parameter(tensor, requires_grad=False))
-        for name, buf in policy.named_buffers():
-            _set_tensor(model, plain_name(name), buf.detach().clone())
-        model.tie_weights()  # tied parameters (Qwen2.5-VL-3B's head) point at the embedding again
-        left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
-        if left:
-            raise RuntimeError(f"rollout copy: no value for {left[:3]}")
-        model.generation_config = policy.generation_config
-        self.model = model.eval().requires_grad_(False)
+                return local.detach()
+            return torch.empty(param.shape, dtype=dtype, device=device)
+
+        self.model = model = plain_model(policy, dtype, tensor_for, rename=plain_name, what="rollout copy")
         self.params = dict(model.named_parameters())
         self.sync(policy, frozen=True)
 
@@ -199,6 +187,29 @@ def _units(model: torch.nn.Module) -> list[tuple[FSDPModule | None, list[str]]]:
         (owned[owner] if owner is not None else loose).append(pname)
     out: list[tuple[FSDPModule | None, list[str]]] = [(units[n], owned[n]) for n in units]
     return out + ([(None, loose)] if loose else [])
+
+
+def plain_model(model: torch.nn.Module, dtype: torch.dtype, tensor_for, rename=lambda name: name,
+                what: str = "copy") -> torch.nn.Module:
+    """A frozen, eval-mode model of `model`'s own class (no FSDP) built on the meta device, whose
+    parameter `rename(name)` is `tensor_for(name, param)` for each of `model`'s parameters (skipped
+    where rename gives None: LoRA adapters), buffers cloned as they are, tied weights tied again.
+    The peak is what tensor_for allocates: never a transient copy in the model's own dtype. Raises
+    RuntimeError naming a parameter or buffer left without a value."""
+    with torch.device("meta"):
+        copy = _plain_class(model)._from_config(model.config, dtype=dtype)
+    for name, param in model.named_parameters():
+        plain = rename(name)
+        if plain is not None:
+            _set_tensor(copy, plain, torch.nn.Parameter(tensor_for(name, param), requires_grad=False))
+    for name, buf in model.named_buffers():
+        _set_tensor(copy, rename(name), buf.detach().clone())
+    copy.tie_weights()  # tied parameters (Qwen2.5-VL-3B's head) point at the embedding again
+    left = [n for n, t in [*copy.named_parameters(), *copy.named_buffers()] if t.is_meta]
+    if left:
+        raise RuntimeError(f"{what}: no value for {left[:3]}")
+    copy.generation_config = model.generation_config
+    return copy.eval().requires_grad_(False)
 
 
 def _plain_class(model: torch.nn.Module) -> type:

@@ -145,20 +145,9 @@ def frozen_copy(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
     copy plus one parameter (a deepcopy then cast would first hold a second copy in the model's
     own dtype: 30 GB more for a 7B with fp32 master weights). Buffers (rotary frequencies) are
     cloned as they are; tied weights stay tied."""
-    from lensrl.train.fsdp import _plain_class, _set_tensor
+    from lensrl.train.fsdp import plain_model
 
-    with torch.device("meta"):
-        copy = _plain_class(model)._from_config(model.config, dtype=dtype)
-    for name, param in model.named_parameters():
-        _set_tensor(copy, name, torch.nn.Parameter(param.detach().to(dtype, copy=True), requires_grad=False))
-    for name, buf in model.named_buffers():
-        _set_tensor(copy, name, buf.detach().clone())
-    copy.tie_weights()
-    left = [n for n, t in [*copy.named_parameters(), *copy.named_buffers()] if t.is_meta]
-    if left:
-        raise RuntimeError(f"reference copy: no value for {left[:3]}")
-    copy.generation_config = model.generation_config
-    return copy.eval().requires_grad_(False)
+    return plain_model(model, dtype, lambda name, param: param.detach().to(dtype, copy=True), what="reference copy")
 
 
 def spread(items: dict[int, object], num_tokens: dict[int, int], blocks: list[list[int]]) -> dict[int, object]:

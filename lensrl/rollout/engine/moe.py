@@ -198,9 +198,8 @@ def trainer_routing(model: torch.nn.Module, seqs: Sequence, top_k: int | None = 
     # nothing: 4 of 12 layers on the GPU, none in the CPU test.
     with torch.compiler.set_stance("force_eager"):
         output = model.model(**pack_sequences(list(seqs), device), use_cache=False, output_router_logits=True)
-    if len(output.router_logits) != len(moe_routers(model)):
-        raise RuntimeError(f"router logits of {len(output.router_logits)} layers from a model with "
-                           f"{len(moe_routers(model))} MoE layers")
+    if len(output.router_logits) != (layers := len(moe_routers(model))):
+        raise RuntimeError(f"router logits of {len(output.router_logits)} layers from a model with {layers} MoE layers")
     logits = torch.stack(
         [layer.reshape(-1, layer.shape[-1]) for layer in output.router_logits], 1
     )  # (T, L, E)
