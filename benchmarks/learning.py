@@ -35,14 +35,15 @@ GPU sizes. 50m preset; 112-px images (16 image tokens, a shape spanning one or t
 instead of 4 tokens each holding parts of several shapes); 20,000 train / 500 test images (an
 accuracy's standard error <= 2.2 points); SFT at most 1,000 steps of 32 at lr 3e-4, stopping at a
 mean loss of 0.2; GRPO 150 steps of 32 prompts x 8 samples, one mini-batch (exactly on-policy) at lr
-1e-4, with DAPO's overlong penalty over the last 4 of the 8 new tokens (`reward.overlong_buffer_len=4`);
-validation every 25 steps. Why (H200, 2026-12-01, benchmarks/RESULTS.md "Seventh session"): SFT
-stopping at loss 0.15 reached step 521 and 70.2% held-out, and two GRPO settings from there did not
-gain (lr 2e-4 in two mini-batches: 55.2% at step 50; lr 1e-4 on-policy with truncated completions
-masked: 65.6% at step 150): both learned to stop emitting EOS (truncated fraction 0 -> 1.0), since a
-cut-off completion was rewarded, or, masked, cost nothing. Hence the penalty, and an earlier SFT stop
-that leaves GRPO room (the demo's design). This setting has not run yet. On the 2-core CPU the 5m
-model never got past chance on `count` (500 SFT steps at lr 1e-3); `--tiny` only has to run.
+1e-4, 16 new tokens at most, with DAPO's overlong penalty from the 9th token on
+(`reward.overlong_buffer_len=8`); validation every 25 steps. Why (H200, benchmarks/RESULTS.md,
+seventh and eighth sessions): SFT stopping at loss 0.15 reached 70.2% held-out and GRPO from there
+learnt to stop emitting EOS (truncated fraction 0 -> 1.0: a cut-off completion was rewarded, or,
+masked, cost nothing); hence the penalty, and an earlier SFT stop (52.6%). The penalty must start
+past the answers' length (5 tokens): over the last 4 of 8 tokens it hit every completion and GRPO
+taught the policy to end early (52.6% -> 19.6%). With 16 and 8, no completion was cut or
+penalised, but 100 GRPO steps did not gain (52.6% -> 50.2%): the bar is not met yet. Running two of
+these on one host slows SFT 20x (each process's 16 CPU threads contend): one job per host.
 `--sft-set` / `--grpo-set key=value` override anything (`--grpo-set` applies to both GRPO runs);
 `--steps-sft 2000` gives SFT more room.
 
@@ -69,7 +70,7 @@ SIZES = {  # (setup, SFT and GRPO sizes and overrides) per mode
     "gpu": dict(preset="50m", n_train=20000, n_test=500, image_size=112, sft_steps=1000, grpo_steps=150, test_freq=25,
                 sft=["optim.lr=3e-4", "optim.warmup_steps=20", "trainer.stop_at_loss=0.2"],
                 grpo=["actor.optim.lr=1e-4", "trainer.rollout_batch_size=32", "actor.mini_batch_size=32",
-                      "reward.overlong_buffer_len=4"]),
+                      "rollout.max_new_tokens=16", "reward.overlong_buffer_len=8"]),
     # the demo's data sizes (lensrl/demo.py QUICK), fewer steps; count is not learned on the CPU: it only has to run
     "tiny": dict(preset="5m", n_train=2000, n_test=100, image_size=None, sft_steps=60, grpo_steps=20, test_freq=10,
                  sft=["trainer.device=cpu"], grpo=["trainer.device=cpu", "rollout.backend=hf"]),

@@ -334,19 +334,34 @@ def language_model(model: nn.Module) -> nn.Module:
     return getattr(inner, "language_model", inner)
 
 
-def active_parameters(model: nn.Module) -> int:
+def active_parameters(model: nn.Module, requires_grad: bool | None = None) -> int:
     """Parameters one token's forward uses: all of them for a dense model; for a mixture of
     experts, the stacked expert weights count top_k / num_experts of their size (every token runs
     K of the E experts of each sparse layer). Tied weights count once; under FSDP each parameter
-    counts at its full (unsharded) size. The N of MFU's 6 x N x tokens."""
-    total = sum(p.numel() for p in model.parameters())
+    counts at its full (unsharded) size. The N of MFU's 6 x N x tokens. `requires_grad` True or
+    False counts only the trained or only the frozen parameters (LoRA's base is frozen)."""
+    def counted(p: nn.Parameter) -> bool:
+        return requires_grad is None or p.requires_grad == requires_grad
+
+    total = sum(p.numel() for p in model.parameters() if counted(p))
     text = model.config.get_text_config()
     num_experts = getattr(text, "num_experts", 0) or 0
     if not num_experts:
         return total
     experts = sum(p.numel() for layer in language_model(model).layers
-                  if hasattr(layer.mlp, "experts") for p in layer.mlp.experts.parameters())
+                  if hasattr(layer.mlp, "experts") for p in layer.mlp.experts.parameters() if counted(p))
     return total - experts + experts * text.num_experts_per_tok // num_experts
+
+
+def update_flops_per_token(model: nn.Module) -> int:
+    """FLOPs of one token through the update's forward and backward, the numerator of
+    `perf/mfu/actor` (per token; multiply by tokens and epochs). A trained weight costs 6 per
+    parameter (forward 2, input gradient 2, weight gradient 2: the 6N of Kaplan et al. 2020 and
+    verl's flops counter); a frozen one 4, since no weight gradient is formed (LoRA's base). That
+    is an upper bound where nothing before a frozen block trains (a frozen vision tower needs no
+    backward at all); recomputation under gradient checkpointing is not counted, as is usual for MFU.
+    MoE experts count at their active share (`active_parameters`)."""
+    return 6 * active_parameters(model, requires_grad=True) + 4 * active_parameters(model, requires_grad=False)
 
 
 def model_blocks(model: nn.Module) -> tuple[list[nn.Module], list[nn.Module]]:

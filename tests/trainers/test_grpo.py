@@ -516,7 +516,7 @@ def test_the_kl_reference_is_the_starting_policy_in_the_dtype_it_computes_in(tin
                ((n, q.full_tensor() if hasattr(q, "full_tensor") else q) for n, q in trainer.policy.named_parameters()))
 
 
-def test_overlong_completions_lose_reward_over_the_buffer(tiny_qwen25_dir, color_data, tmp_path):
+def test_overlong_completions_lose_reward_over_the_buffer(tiny_qwen25_dir, color_data, tmp_path, capsys):
     """DAPO's overlong reward shaping: nothing up to max_new_tokens - buffer, then linearly down to
     -factor at max_new_tokens; in a real step the batch's score is its accuracy plus the penalty,
     logged as reward/overlong_penalty (a random tiny model runs to the 6-token limit)."""
@@ -535,6 +535,26 @@ def test_overlong_completions_lose_reward_over_the_buffer(tiny_qwen25_dir, color
         check(load_config(GRPOConfig, None, overrides[:-1] + ["reward.overlong_buffer_len=7"]), world_size=1)
     with pytest.raises(ConfigError, match="finite"):  # inf: every score -inf, every update skipped
         check(load_config(GRPOConfig, None, overrides + ["reward.overlong_penalty_factor=inf"]), world_size=1)
+    assert "overlong_buffer_len=3" not in capsys.readouterr().err  # cut-off completions: what the buffer is for
+
+
+def test_a_buffer_that_penalises_finished_answers_is_named(tiny_qwen25_dir, color_data, tmp_path, capsys):
+    """A buffer reaching into the answers' own length (GPU, 2026-12-01: 5-token answers, 8 new
+    tokens, buffer 4) penalises completions that ended on their own: said once, naming the keys."""
+    from lensrl.rewards import RewardResult
+    from lensrl.rollout.base import Completion
+
+    overrides = grpo_overrides(tiny_qwen25_dir, color_data, tmp_path, "overlong", "rollout.max_new_tokens=8",
+                               "reward.overlong_buffer_len=4")
+    trainer = GRPOTrainer(load_config(GRPOConfig, None, overrides))
+    flat = [(0, Completion(0, [5] * n, [0.0] * n, "stop" if n < 8 else "length")) for n in (5, 5, 5, 8)]
+    results = [RewardResult(1.0, {"accuracy": 1.0}, "ok", "")] * 4
+    assert [r.score for r in trainer.shape_overlong(results, flat)] == pytest.approx([0.75, 0.75, 0.75, 0.0])
+    out = " ".join(capsys.readouterr().err.split())  # the console writes to stderr, wrapped
+    assert "overlong_buffer_len=4: 3 of the 3 completions that ended on their own" in out
+    assert "starts at token 5" in out and "rollout.max_new_tokens" in out
+    trainer.shape_overlong(results, flat)
+    assert "overlong_buffer_len" not in capsys.readouterr().err  # once a run
 
 
 def test_offloading_the_reference_needs_fsdp(tiny_qwen25_dir, color_data, tmp_path):

@@ -186,3 +186,25 @@ def test_the_default_targets_adapt_a_moe_policys_attention(tiny_moe_dir):
     assert add_lora(model, LoraSettings(rank=4)) > 0
     trained = {n.split(".lora_")[0].rsplit(".", 1)[-1] for n, p in model.named_parameters() if p.requires_grad}
     assert trained == {"q_proj", "k_proj", "v_proj", "o_proj"}
+
+
+def test_mfu_counts_no_weight_gradient_for_the_frozen_base(tiny_qwen25_dir, tiny_moe_dir):
+    """perf/mfu/actor's FLOPs per token: 6 a trained parameter, 4 a frozen one (forward and input
+    gradient, no weight gradient). Full-parameter training is 6N; a LoRA policy is far below it,
+    and a LoRA MoE counts its frozen experts at their active share."""
+    from lensrl.config import LoraSettings
+    from lensrl.models.load import active_parameters, load_policy, update_flops_per_token
+    from lensrl.train.lora import add_lora
+
+    model, _ = load_policy(tiny_qwen25_dir)
+    every = sum(p.numel() for p in model.parameters())
+    assert update_flops_per_token(model) == 6 * every
+    trained = add_lora(model, LoraSettings(rank=4))
+    frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+    assert frozen == every and trained == sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert update_flops_per_token(model) == 6 * trained + 4 * every
+    moe, _ = load_policy(tiny_moe_dir)
+    dense_share = active_parameters(moe)
+    add_lora(moe, LoraSettings(rank=4))
+    assert active_parameters(moe, requires_grad=False) == dense_share  # the frozen base: experts at K / E
+    assert update_flops_per_token(moe) == 6 * active_parameters(moe, requires_grad=True) + 4 * dense_share
