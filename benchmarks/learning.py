@@ -169,7 +169,7 @@ def main() -> None:
     seeds = [f"trainer.seed={args.seed}", f"data.seed={args.seed}"]
     image = ["--image-size", str(size["image_size"])] if size["image_size"] else []
     ok = bench.phase("setup", [
-        [*lensrl, "model", "tiny", "--arch", "qwen2_5_vl", "--preset", size["preset"], "--out", str(model),
+        [*lensrl, "model", "tiny", "--arch", "qwen2_5_vl", "--preset", size["preset"], "--out", str(model), "--force",
          "--seed", str(args.seed)],
         [*lensrl, "data", "synth", "--task", TASK, "--n", str(size["n_train"]), "--n-test", str(size["n_test"]),
          "--seed", str(args.seed), "--out", str(data), *image]])

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -66,6 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--preset", default="5m")
     t.add_argument("--out", required=True)
     t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--force", action="store_true", help="overwrite a folder that is not empty")
 
     conv = sub.add_parser("convert", help="a training checkpoint (RUN/checkpoints/step_N) to a Hugging Face folder")
     conv.add_argument("--ckpt", required=True, help="checkpoint folder, e.g. runs/NAME/checkpoints/step_100")
@@ -170,9 +172,18 @@ def _dispatch(args: argparse.Namespace) -> None:
     elif args.command == "data":
         _data(args)
     elif args.command == "model":
-        from lensrl.models.tiny import make_tiny_model
+        from lensrl.models.errors import ModelError
+        from lensrl.models.tiny import PRESETS, make_tiny_model
 
-        path = make_tiny_model(args.out, arch=args.arch, preset=args.preset, seed=args.seed)
+        if args.preset not in PRESETS:
+            raise ModelError(f"--preset {args.preset!r} is not a tiny preset; presets: {', '.join(PRESETS)}")
+        out = Path(args.out)
+        if out.is_dir() and any(out.iterdir()):  # e.g. a run's hf/: eval would grade random weights as that run
+            if not args.force:
+                run = " (a trained model of a lensrl run)" if (out / "lensrl_run.yaml").exists() else ""
+                raise ModelError(f"--out {out} is not empty{run}; choose a new folder, or --force to replace it")
+            shutil.rmtree(out)
+        path = make_tiny_model(out, arch=args.arch, preset=args.preset, seed=args.seed)
         print(f"wrote {path}")
     elif args.command == "convert":
         from lensrl.train.convert import convert_checkpoint, parse_size
@@ -181,6 +192,9 @@ def _dispatch(args: argparse.Namespace) -> None:
                                   max_shard_size_bytes=parse_size(args.max_shard_size), progress=not args.no_progress,
                                   expert_layout=args.expert_layout, lora_format=args.lora_format)
         print(f"wrote {path}")
+        if args.expert_layout == "per_expert":  # config.json is the same as stacked: say what the folder is for
+            print("per-expert layout (experts.{i}.gate_proj/up_proj/down_proj) for loaders that expect it; "
+                  "transformers 5 and lensrl read the stacked layout (--expert-layout stacked)")
     elif args.command == "config":
         from lensrl.config import COMMAND_CONFIGS, load_config, to_yaml
 

@@ -406,6 +406,10 @@ def check(config: Any, world_size: int | None = None) -> None:
         raise ConfigError("set data.train_files (training) and/or data.val_files (evaluation)")
     if isinstance(config, EvalConfig) and not config.data.val_files:
         raise ConfigError("lensrl eval needs data: --data DIR (its test.parquet) or data.val_files=[...]")
+    coef = config.model.router_aux_loss_coef
+    if coef is not None and not 0 <= coef < float("inf"):  # nan fails too: it would drop the loss without a word
+        raise ConfigError(f"model.router_aux_loss_coef must be a finite number >= 0 (0: logged, not added; null: "
+                          f"the model's config.json value), got {coef}")
     lora = config.model.lora
     if lora.rank < 0 or (lora.rank and not (lora.alpha > 0 and 0 <= lora.dropout < 1 and lora.target_modules)):
         raise ConfigError(f"model.lora: rank must be >= 0 (0: off), alpha > 0, 0 <= dropout < 1 and target_modules "

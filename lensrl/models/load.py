@@ -23,6 +23,7 @@ import contextlib
 import json
 import math
 import os
+import re
 import struct
 from collections.abc import Iterator
 from pathlib import Path
@@ -35,11 +36,12 @@ from lensrl.models.errors import ModelError
 from lensrl.models.processor import Processor
 from lensrl.models.shapes import ARCHITECTURES, SHAPES, model_class, shape_config, shape_dir
 
-_HOW_TO_GET_ONE = (
-    "create a tiny test model with `lensrl model tiny --out DIR`, download a Qwen-VL checkpoint "
-    "(e.g. `hf download Qwen/Qwen2.5-VL-3B-Instruct --local-dir DIR`), or name a benchmark shape "
-    f"({', '.join(SHAPES)})"
-)
+def _how_to_get_one(path: Path) -> str:
+    """Where a model folder comes from; a folder named after a Qwen release gets its own download line."""
+    release = path.name if re.fullmatch(r"Qwen[\w.-]*-VL-[\w.-]+", path.name) else "Qwen2.5-VL-3B-Instruct"
+    return ("create a tiny test model with `lensrl model tiny --out DIR`, download a Qwen-VL checkpoint "
+            f"(e.g. `hf download Qwen/{release} --local-dir {path if release == path.name else 'DIR'}`), or name a "
+            f"benchmark shape ({', '.join(SHAPES)})")
 
 
 def detect_arch(path: str | Path) -> str:
@@ -52,7 +54,7 @@ def detect_arch(path: str | Path) -> str:
     path = Path(path)
     config_path = path / "config.json"
     if not path.is_dir():
-        raise FileNotFoundError(f"model folder {path} does not exist; {_HOW_TO_GET_ONE}")
+        raise FileNotFoundError(f"model folder {path} does not exist; {_how_to_get_one(path)}")
     if not config_path.is_file():
         if (path / "meta.json").is_file() or any(path.glob("*.distcp")):
             raise FileNotFoundError(f"{path} is a training checkpoint, not a Hugging Face model folder: make one "
@@ -62,7 +64,7 @@ def detect_arch(path: str | Path) -> str:
                                     "use the run's hf/ folder (adapters merged), or `lensrl convert --ckpt "
                                     "RUN/checkpoints/step_N --out DIR` for a merged folder")
         raise FileNotFoundError(
-            f"{path} has no config.json, so it is not a Hugging Face model folder; {_HOW_TO_GET_ONE}"
+            f"{path} has no config.json, so it is not a Hugging Face model folder; {_how_to_get_one(path)}"
         )
     config = read_json(config_path, "the model's Hugging Face config (a JSON object with model_type)")
     if not isinstance(config, dict):
@@ -308,6 +310,14 @@ def _check_loading_info(folder: Path, info: dict) -> None:
     def first_five(items: list[str]) -> str:
         return ", ".join(items[:5]) + (f" and {len(items) - 5} more" if len(items) > 5 else "")
 
+    per_expert = [k for k in info.get("unexpected_keys") or [] if re.search(r"\.experts\.\d+\.", k)]
+    if per_expert and any(".experts." in k for k in missing):
+        raise ModelError(
+            f"model folder {folder} stores its experts one per expert ({per_expert[0]}, ...): the per-expert layout "
+            "that `lensrl convert --expert-layout per_expert` writes for older loaders; this transformers reads "
+            "stacked experts and would leave them randomly initialised. Convert the checkpoint again with "
+            "--expert-layout stacked (the default)"
+        )
     if missing:
         raise ModelError(
             f"model folder {folder}: {_count(len(missing), 'weight')} that config.json's architecture needs "
@@ -449,4 +459,4 @@ def _require_safetensors(path: Path) -> None:
         return
     found = sorted(p.name for p in path.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
     detail = f" (found {', '.join(found)}; lensrl does not load pickled weights)" if found else ""
-    raise FileNotFoundError(f"{path} has no *.safetensors weights{detail}; {_HOW_TO_GET_ONE}")
+    raise FileNotFoundError(f"{path} has no *.safetensors weights{detail}; {_how_to_get_one(path)}")

@@ -393,6 +393,7 @@ def load_checkpoint(
     options = StateDictOptions(strict=True, ignore_frozen_params=trainable_only)  # as saved
     model_sd, optim_sd = get_state_dict(model, optimizer, options=options)
     model_sd = _trainable(model, model_sd) if trainable_only else model_sd
+    _check_same_model(path, model_sd)
     state = {"model": model_sd, "optim": optim_sd}
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*single process.*")
@@ -408,6 +409,30 @@ def load_checkpoint(
     else:
         set_rng_state(extra["rng"])
     return extra["trainer"]
+
+
+def _check_same_model(path: Path, model_sd: dict[str, Any]) -> None:
+    """CheckpointError, before anything loads, when the checkpoint's model weights (names and shapes
+    in its DCP index) are not this model's: another architecture or size (a dense model.path for a
+    MoE run's checkpoint), which DCP reports as a bare missing-key traceback."""
+    saved = {k.removeprefix("model."): tuple(m.size) for k, m in dcp.FileSystemReader(str(path)).read_metadata()
+             .state_dict_metadata.items() if k.startswith("model.") and hasattr(m, "size")}
+    ours = {k: tuple(v.shape) for k, v in model_sd.items()}
+    missing, extra = sorted(set(ours) - set(saved)), sorted(set(saved) - set(ours))
+    resized = sorted(k for k in set(ours) & set(saved) if ours[k] != saved[k])
+    if not (missing or extra or resized):
+        return
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} of this model's weights are not in it (e.g. {missing[0]})")
+    if extra:
+        parts.append(f"{len(extra)} of its weights are not in this model (e.g. {extra[0]})")
+    if resized:
+        k = resized[0]
+        parts.append(f"{len(resized)} weights differ in shape (e.g. {k}: {list(saved[k])} saved, {list(ours[k])} here)")
+    raise CheckpointError(f"cannot resume from {path}: it holds another model's weights: {'; '.join(parts)}. Resume "
+                          "with the model.path the run was trained with (its config.yaml names it), or start anew "
+                          "with trainer.resume=never")
 
 
 def save_hf(

@@ -110,10 +110,13 @@ def check_targets(model: torch.nn.Module, cfg) -> None:
         if not matches and default:
             continue
         if not matches:
+            linear = sorted({name.rsplit(".", 1)[-1] for name, m in modules.items()
+                             if isinstance(m, torch.nn.Linear) and re.fullmatch(rf".*{where}\..*", name)})
+            experts = " (its MLPs are stacked experts, which LoRA does not adapt)" if any(
+                name.endswith(".mlp.experts") for name in modules) else ""
             raise ConfigError(f"model.lora.target_modules: {target!r} names no module of the "
-                              f"{'language model or vision tower' if cfg.vision_tower else 'language model'} "
-                              f"(e.g. the Linear projections q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, "
-                              "down_proj)")
+                              f"{'language model or vision tower' if cfg.vision_tower else 'language model'}"
+                              f"{experts}; its Linear projections: {', '.join(linear)}")
         other = next((name for name in matches if not isinstance(modules[name], torch.nn.Linear)), None)
         if other is not None:
             raise ConfigError(f"model.lora.target_modules: {target!r} names {other} "

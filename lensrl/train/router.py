@@ -68,12 +68,22 @@ class RouterRecorder:
         text = model.config.get_text_config()
         self.num_experts = int(getattr(text, "num_experts", 0) or 0)
         self.top_k = int(getattr(text, "num_experts_per_tok", 0) or 0)
-        if coef is not None and coef < 0:
-            raise ValueError(f"model.router_aux_loss_coef must be >= 0 (0: no load-balancing loss), got {coef}")
         if not self.routers:
             self.coef = 0.0
+            if coef:  # set for a model without experts: say so rather than ignore it silently
+                from lensrl.logging import console
+                from lensrl.train.distributed import is_main
+
+                if is_main():
+                    console.print(f"[yellow]model.router_aux_loss_coef={coef} is ignored: the model has no experts "
+                                  "(a router load-balancing loss exists only for mixture-of-experts models)[/yellow]")
         else:
-            self.coef = float(getattr(text, "router_aux_loss_coef", 0.0) if coef is None else coef)
+            self.coef = float((getattr(text, "router_aux_loss_coef", None) or 0.0) if coef is None else coef)
+        if not 0 <= self.coef < float("inf"):  # load_config checked the key; this is the model's config.json value
+            from lensrl.config import ConfigError
+
+            raise ConfigError(f"router_aux_loss_coef in the model's config.json is {self.coef}; it must be a finite "
+                              "number >= 0: set model.router_aux_loss_coef (e.g. 0.001) to override it")
         self.active = False
         self._logits: list[torch.Tensor] = []
         self._mask: torch.Tensor | None = None

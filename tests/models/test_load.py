@@ -55,6 +55,9 @@ def test_missing_folder_says_how_to_get_one(tmp_path):
     with pytest.raises(FileNotFoundError, match="lensrl model tiny --out") as error:
         load_policy(tmp_path / "nope")
     assert "nope" in str(error.value) and "Qwen" in str(error.value)
+    with pytest.raises(FileNotFoundError) as error:  # a recipe's folder named after a release: that release's download
+        load_policy(tmp_path / "Qwen3-VL-30B-A3B-Instruct")
+    assert f"hf download Qwen/Qwen3-VL-30B-A3B-Instruct --local-dir {tmp_path / 'Qwen3-VL-30B-A3B-Instruct'}" in str(error.value)
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="no config.json"):
         load_policy(tmp_path / "empty")

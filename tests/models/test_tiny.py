@@ -225,3 +225,24 @@ def _vision_parameters(config) -> int:
     with torch.device("meta"):
         model = model_class(config.model_type)(config)
     return sum(p.numel() for p in model.model.visual.parameters())
+
+
+def test_the_cli_refuses_to_overwrite_a_folder_or_an_unknown_preset(tmp_path, capsys):
+    """`lensrl model tiny --out` over a run's trained model wrote random weights beside its
+    lensrl_run.yaml, and eval then graded them as that run (fresh-user review): refused unless
+    --force, which replaces the whole folder. An unknown preset is one error line, not a traceback."""
+    from lensrl.cli import main
+
+    out = tmp_path / "hf"
+    out.mkdir()
+    (out / "lensrl_run.yaml").write_text("reward: {}\n")
+    with pytest.raises(SystemExit) as e:
+        main(["model", "tiny", "--preset", "1m", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "is not empty (a trained model of a lensrl run)" in err and "--force" in err
+    assert sorted(p.name for p in out.iterdir()) == ["lensrl_run.yaml"]  # untouched
+    main(["model", "tiny", "--preset", "1m", "--out", str(out), "--force"])
+    assert (out / "model.safetensors").is_file() and not (out / "lensrl_run.yaml").exists()
+    with pytest.raises(SystemExit) as e:
+        main(["model", "tiny", "--preset", "7m", "--out", str(tmp_path / "new")])
+    assert e.value.code == 2 and "'7m' is not a tiny preset; presets: " in capsys.readouterr().err

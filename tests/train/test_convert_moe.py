@@ -13,6 +13,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 
 from lensrl.cli import main as cli_main
+from lensrl.models.load import ModelError, load_policy
 from lensrl.models.processor import Processor
 from lensrl.models.shapes import model_class, shape_config
 from lensrl.train import convert as convert_module
@@ -157,6 +158,9 @@ def test_per_expert_layout(moe_run, tmp_path, monkeypatch):
         converted = load_hf(out)
     assert_same_weights(converted, live)
     assert_close_logits(converted, live, out)
+    # lensrl itself (eval, training) refuses it by what it is, not as an incomplete folder
+    with pytest.raises(ModelError, match=r"stores its experts one per expert .*--expert-layout stacked"):
+        load_policy(out)
 
 
 def test_cli_per_expert_in_bfloat16(moe_run, tmp_path, capsys):
@@ -164,7 +168,8 @@ def test_cli_per_expert_in_bfloat16(moe_run, tmp_path, capsys):
     out = tmp_path / "per_expert_bf16"
     cli_main(["convert", "--ckpt", str(ckpt), "--out", str(out), "--dtype", "bfloat16",
               "--expert-layout", "per_expert", "--no-progress"])
-    assert capsys.readouterr().out.strip() == f"wrote {out}"
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0] == f"wrote {out}" and "per-expert layout" in printed[1] and "--expert-layout stacked" in printed[1]
     written = safetensors_contents(out)
     assert {t.dtype for _, t in written.values()} == {torch.bfloat16}
     down = live.state_dict()["model.language_model.layers.2.mlp.experts.down_proj"]

@@ -186,6 +186,12 @@ def test_the_default_targets_adapt_a_moe_policys_attention(tiny_moe_dir):
     assert add_lora(model, LoraSettings(rank=4)) > 0
     trained = {n.split(".lora_")[0].rsplit(".", 1)[-1] for n, p in model.named_parameters() if p.requires_grad}
     assert trained == {"q_proj", "k_proj", "v_proj", "o_proj"}
+    # a list of the user's own naming an MLP projection: refused, saying why and what there is
+    fresh, _ = load_policy(tiny_moe_dir)
+    with pytest.raises(ConfigError, match=r"'gate_proj' names no module of the language model \(its MLPs are "
+                                          r"stacked experts, which LoRA does not adapt\); its Linear projections: "
+                                          r"k_proj, o_proj, q_proj, v_proj$"):
+        add_lora(fresh, LoraSettings(rank=4, target_modules=["q_proj", "gate_proj"]))
 
 
 def test_mfu_counts_no_weight_gradient_for_the_frozen_base(tiny_qwen25_dir, tiny_moe_dir):

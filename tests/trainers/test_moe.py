@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import load_file
 from test_distributed import assert_same_steps, assert_same_weights, grpo_args, launch
 
-from lensrl.config import SFTConfig, load_config
+from lensrl.config import GRPOConfig, SFTConfig, load_config
 from lensrl.logging import read_metrics
 from lensrl.models.load import active_parameters, load_policy
 from lensrl.rollout.engine.moe import trainer_routing
@@ -95,7 +95,7 @@ def test_packed_equals_one_at_a_time_and_padded_with_gradients(tiny_moe_dir, mak
     torch.testing.assert_close(packed_routed.aux_loss, padded_routed.aux_loss, **TOL)
 
 
-def test_router_loss_and_load_are_transformers_own(tiny_moe_dir, tiny_qwen3_dir):
+def test_router_loss_and_load_are_transformers_own(tiny_moe_dir, tiny_qwen3_dir, capsys):
     """The captured loss is what Qwen3-VL-MoE's forward computes with output_router_logits (padding
     masked), the counts are its routers' top-k choices; the loss term carries the coefficient and
     the micro-batch's share, with gradient to every router; outside a capture nothing is kept."""
@@ -149,13 +149,28 @@ def test_router_loss_and_load_are_transformers_own(tiny_moe_dir, tiny_qwen3_dir)
         model.model(input_ids=input_ids)
     term, metrics = logged_only.loss_term(routed, 1.0, "train")
     assert term == 0.0 and not routed.aux_loss.requires_grad and metrics["train/router_aux_loss"] > 0
+    capsys.readouterr()
     dense = RouterRecorder(load_policy(tiny_qwen3_dir)[0], coef=1.0)  # a dense model is just a model
+    assert "model.router_aux_loss_coef=1.0 is ignored: the model has no experts" in " ".join(capsys.readouterr().err.split())
     with dense.capture() as routed:
         pass
     assert not dense.enabled and dense.coef == 0.0 and dense.loss_term(routed, 1.0, "actor") == (0.0, {})
     assert dense.take_metrics() == {}
     with pytest.raises(ValueError, match="router_aux_loss_coef"):
         RouterRecorder(model, coef=-1.0)
+    model.config.get_text_config().router_aux_loss_coef = float("nan")  # nan > 0 is false: the loss would vanish
+    with pytest.raises(ValueError, match="config.json is nan"):
+        RouterRecorder(model)
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-0.5"])
+def test_a_router_aux_coefficient_that_cannot_train_is_refused_before_loading(value):
+    """nan dropped the load-balancing loss without a word, inf skipped every update, a negative
+    value failed after the model loaded (fresh-user review): each is a config error now."""
+    from lensrl.config import ConfigError, SFTConfig, load_config
+
+    with pytest.raises(ConfigError, match=r"model.router_aux_loss_coef must be a finite number >= 0"):
+        load_config(SFTConfig, None, [f"model.router_aux_loss_coef={value}", "data.train_files=[x.parquet]"])
 
 
 def test_experts_run_torchs_grouped_gemm_not_a_python_loop(tiny_moe_dir):
@@ -396,6 +411,21 @@ def test_resume_from_the_two_rank_checkpoint_continues_the_run(grpo_runs, tiny_m
     assert [r["step"] for r in resumed] == [2]
     assert_same_steps(read_metrics(grpo_runs / "two")[1:], resumed)
     assert_same_weights(grpo_runs / "two" / "hf", grpo_runs / "resumed" / "hf")
+
+
+def test_resuming_a_moe_checkpoint_with_a_dense_model_names_the_mismatch(grpo_runs, tiny_qwen3_dir, color_data):
+    """A dense model.path for a MoE run's checkpoint: a CheckpointError naming the checkpoint, a
+    weight missing from it and one it holds, not DCP's bare missing-key traceback (fresh-user review)."""
+    from lensrl.train.checkpoint import CheckpointError
+    from lensrl.trainers.grpo import GRPOTrainer
+
+    ckpt = grpo_runs / "one" / "checkpoints" / "step_1"
+    cfg = load_config(GRPOConfig, None, grpo_args(tiny_qwen3_dir, color_data, grpo_runs, "dense",
+                                                  "trainer.total_steps=2", f"trainer.resume={ckpt}"))
+    with pytest.raises(CheckpointError, match=r"step_1: it holds another model's weights: \d+ of this model's "
+                                              r"weights are not in it \(e.g. .*mlp.down_proj.weight\); \d+ of its "
+                                              r"weights are not in this model \(e.g. .*experts.*\)"):
+        GRPOTrainer(cfg).fit()
 
 
 @pytest.mark.gpu
