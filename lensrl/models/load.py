@@ -36,6 +36,7 @@ from lensrl.models.errors import ModelError
 from lensrl.models.processor import Processor
 from lensrl.models.shapes import ARCHITECTURES, SHAPES, model_class, shape_config, shape_dir
 
+
 def _how_to_get_one(path: Path) -> str:
     """Where a model folder comes from; a folder named after a Qwen release gets its own download line."""
     release = path.name if re.fullmatch(r"Qwen[\w.-]*-VL-[\w.-]+", path.name) else "Qwen2.5-VL-3B-Instruct"
