@@ -1,4 +1,5 @@
-"""The README's main command: `lensrl demo` makes a model and data, SFTs, GRPOs and shows a gain."""
+"""The README's main command: `lensrl demo` makes a model and data, SFTs, GRPOs and shows a gain;
+and GRPO with LoRA from the same SFT model gains too."""
 
 from __future__ import annotations
 
@@ -6,21 +7,55 @@ import json
 import subprocess
 import sys
 
-from lensrl.demo import run_demo
+import pytest
+
+from lensrl.config import GRPOConfig, load_config
+from lensrl.demo import RECIPES, run_demo
+from lensrl.logging import read_metrics
+from lensrl.trainers.grpo import GRPOTrainer
 
 
-def test_demo_grpo_raises_heldout_accuracy_over_sft(tmp_path):
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
     """One seed at reduced size (the full three-seed demo is benchmarks/demo_seeds.py)."""
-    result = run_demo(str(tmp_path / "demo"), seed=1, quick=True)
+    out = tmp_path_factory.mktemp("demo") / "demo"
+    return out, run_demo(str(out), seed=1, quick=True)
+
+
+def test_demo_grpo_raises_heldout_accuracy_over_sft(demo):
+    out, result = demo
     assert result["untrained"] < 0.3
     assert result["grpo"] - result["sft"] >= 0.10, result
-    saved = json.loads((tmp_path / "demo" / "demo_result.json").read_text())
+    saved = json.loads((out / "demo_result.json").read_text())
     assert saved["grpo"] == result["grpo"]
     for phase in ("sft", "grpo"):
-        run = tmp_path / "demo" / "runs" / phase
+        run = out / "runs" / phase
         assert (run / "config.yaml").is_file() and (run / "metrics.jsonl").is_file()
         assert (run / "hf" / "model.safetensors").is_file()
         assert any((run / "tensorboard").iterdir())
+
+
+def test_lora_grpo_from_the_demos_sft_raises_heldout_accuracy(demo):
+    """LoRA GRPO (peft adapters alone, rank 32, on the language model and the vision tower) from
+    the demo's SFT model raises held-out accuracy as full-parameter GRPO does, in more steps. The
+    tiny demo's gain needs the vision tower and the language model trained together: full GRPO
+    restricted to either, or to the norms and biases, stayed at 59% -> 60% in 30 steps, and so did
+    LoRA on the language model alone; LoRA on both went 59 -> 60 -> 63 -> 80% at steps 0, 20, 40, 60
+    (2026-12-01, seed 1, lr 2e-3; at 3e-3 it collapsed to 0% by step 40)."""
+    out, result = demo
+    runs, data = out / "runs", out / "data"
+    overrides = [f"model.path={runs / 'sft' / 'hf'}", f"data.train_files=[{data / 'train.parquet'}]",
+                 f"data.val_files=[{data / 'test.parquet'}]", f"trainer.output_dir={runs}", "trainer.run_name=lora",
+                 "trainer.seed=1", "data.seed=1", "trainer.resume=never", "trainer.total_steps=60",
+                 "trainer.loggers=[jsonl]", "model.lora.rank=32", "model.lora.alpha=64", "model.lora.vision_tower=true",
+                 "model.lora.target_modules=[q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj,qkv]",
+                 "actor.optim.lr=2e-3"]
+    trainer = GRPOTrainer(load_config(GRPOConfig, RECIPES / "tiny_demo_grpo.yaml", overrides))
+    assert all("lora_" in n for n, p in trainer.policy.named_parameters() if p.requires_grad)
+    assert any(".visual." in n and p.requires_grad for n, p in trainer.policy.named_parameters())
+    trainer.fit()
+    after = [r["val/accuracy"] for r in read_metrics(runs / "lora") if "val/accuracy" in r][-1]
+    assert after - result["sft"] >= 0.10, (result, after)
 
 
 def test_cli_help_lists_every_command():
