@@ -411,10 +411,24 @@ def check(config: Any, world_size: int | None = None) -> None:
         raise ConfigError(f"model.router_aux_loss_coef must be a finite number >= 0 (0: logged, not added; null: "
                           f"the model's config.json value), got {coef}")
     lora = config.model.lora
-    if lora.rank < 0 or (lora.rank and not (lora.alpha > 0 and 0 <= lora.dropout < 1 and lora.target_modules)):
-        raise ConfigError(f"model.lora: rank must be >= 0 (0: off), alpha > 0, 0 <= dropout < 1 and target_modules "
-                          f"not empty; got rank={lora.rank}, alpha={lora.alpha}, dropout={lora.dropout}, "
-                          f"target_modules={list(lora.target_modules)}")
+    if lora.rank < 0 or (lora.rank and not (0 < lora.alpha < float("inf") and 0 <= lora.dropout < 1
+                                            and lora.target_modules)):
+        raise ConfigError(f"model.lora: rank must be >= 0 (0: off), alpha a finite number > 0, 0 <= dropout < 1 "
+                          f"and target_modules not empty; got rank={lora.rank}, alpha={lora.alpha}, "
+                          f"dropout={lora.dropout}, target_modules={list(lora.target_modules)}")
+    if not lora.rank:  # settings of a LoRA that is off: the user meant something that would not happen
+        unused = [f"model.lora.{k}" for k, v in dataclasses.asdict(lora).items()
+                  if k != "rank" and v != getattr(LoraSettings(), k)]
+        if unused:
+            raise ConfigError(f"{', '.join(unused)} set while model.lora.rank=0 (LoRA off: full-parameter training); "
+                              "set model.lora.rank (e.g. 16) or leave them out")
+    elif config.model.freeze_vision_tower and lora.vision_tower:
+        raise ConfigError("model.freeze_vision_tower=true and model.lora.vision_tower=true contradict each other "
+                          "(the vision adapters would train); keep one")
+    ref = getattr(config, "ref", None)
+    if lora.rank and ref is not None and (ref.dtype != "auto" or ref.offload_params):
+        raise ConfigError(f"ref.dtype={ref.dtype} / ref.offload_params={ref.offload_params} do not apply with LoRA: the "
+                          "KL reference is the base model with the adapters off, not a copy; leave ref.* at its defaults")
     if training and config.model.dtype == "bfloat16" and not lora.rank:  # LoRA: the frozen base may be bf16
         raise ConfigError(
             "model.dtype=bfloat16 trains bf16 weights with a plain AdamW: an update at RL learning rates "

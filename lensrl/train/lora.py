@@ -110,8 +110,12 @@ def check_targets(model: torch.nn.Module, cfg) -> None:
         if not matches and default:
             continue
         if not matches:
-            linear = sorted({name.rsplit(".", 1)[-1] for name, m in modules.items()
-                             if isinstance(m, torch.nn.Linear) and re.fullmatch(rf".*{where}\..*", name)})
+            scope = {name: m for name, m in modules.items() if re.fullmatch(rf".*{where}\..*", name)}
+            last = {}  # a name is offered when every module it matches is Linear (`proj` also names a Conv3d)
+            for name, m in scope.items():
+                key = name.rsplit(".", 1)[-1]
+                last[key] = last.get(key, True) and isinstance(m, torch.nn.Linear)
+            linear = sorted(k for k, ok in last.items() if ok and not k.isdigit())
             experts = " (its MLPs are stacked experts, which LoRA does not adapt)" if any(
                 name.endswith(".mlp.experts") for name in modules) else ""
             raise ConfigError(f"model.lora.target_modules: {target!r} names no module of the "
@@ -200,8 +204,8 @@ def merged_state_dict(model: torch.nn.Module, dtype: torch.dtype | None = None, 
         if name in scales:
             layer, scale = scales[name]
             value = merge(tensor, state[f"{layer}.lora_A.{ADAPTER}.weight"], state[f"{layer}.lora_B.{ADAPTER}.weight"],
-                          scale).to(tensor.dtype)
-        merged[plain] = value.to(dtype) if dtype is not None else value
+                          scale)  # fp32: cast once, to `dtype` (a bf16 W would round the update away first)
+        merged[plain] = value.to(dtype if dtype is not None else tensor.dtype)
     return merged
 
 

@@ -158,6 +158,44 @@ def test_lora_settings_that_cannot_train_correctly_are_refused(tiny_qwen25_dir, 
                                                      "model.lora.target_modules=[]"))
     for setting in ("rollout.backend=engine", "trainer.fsdp.enable=always"):
         load_config(GRPOConfig, None, grpo_overrides(tiny_qwen25_dir, color_data, tmp_path, "x", *LORA, setting))
+    # from the fresh-user review: each of these ran, silently doing something else than asked
+    refused = {  # settings -> what the message says
+        ("model.lora.alpha=inf",): "alpha a finite number > 0",  # inf wrote a NaN model
+        ("model.lora.rank=0", "model.lora.target_modules=[qkv]"): "model.lora.target_modules set while model.lora.rank=0",
+        ("model.lora.rank=0", "model.lora.vision_tower=true"): "model.lora.vision_tower set while",
+        ("model.freeze_vision_tower=true", "model.lora.vision_tower=true"): "contradict each other",
+        ("algorithm.use_kl_loss=true", "ref.dtype=bfloat16"): "do not apply with LoRA",
+        ("ref.offload_params=true",): "do not apply with LoRA",
+    }
+    for settings, message in refused.items():
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            load_config(GRPOConfig, None, grpo_overrides(tiny_qwen25_dir, color_data, tmp_path, "x", *LORA, *settings))
+
+
+def test_a_bf16_base_writes_the_trained_policy_not_a_rounded_one(tiny_qwen25_dir, color_data, tmp_path):
+    """With a bf16 base, hf/ is merged and written in fp32: a bf16 merge rounded a small update away
+    (a reviewer's 3 steps at lr 1e-5: 97% of the adapted weights equal to the base), so hf/ was not
+    the policy that trained. Here each adapted weight is exactly W + scale * B A in fp32."""
+    from lensrl.train.lora import ADAPTER
+
+    overrides = sft_overrides(tiny_qwen25_dir, color_data, tmp_path, "bf16", *LORA, "model.dtype=bfloat16",
+                              "trainer.total_steps=2", "optim.lr=1e-4")
+    trainer = SFTTrainer(load_config(SFTConfig, None, overrides))
+    trainer.fit()
+    from transformers import AutoModelForImageTextToText
+
+    assert {t.dtype for t in load_file(tmp_path / "bf16" / "hf" / "model.safetensors").values()} == {torch.float32}
+    written = AutoModelForImageTextToText.from_pretrained(tmp_path / "bf16" / "hf").state_dict()  # config.json: float32
+    state, checked = trainer.policy.state_dict(), 0
+    for name, tensor in state.items():
+        if name.endswith(".base_layer.weight"):
+            layer = name.removesuffix(".base_layer.weight")
+            assert tensor.dtype == torch.bfloat16
+            a, b = state[f"{layer}.lora_A.{ADAPTER}.weight"], state[f"{layer}.lora_B.{ADAPTER}.weight"]
+            expected = tensor.float() + 2.0 * b.float() @ a.float()  # alpha 16 / rank 8
+            torch.testing.assert_close(written[layer + ".weight"], expected, rtol=1e-6, atol=1e-7)
+            checked += int(not torch.equal(expected.to(torch.bfloat16).float(), expected))  # bf16 would lose it
+    assert checked > 0
 
 
 def test_lora_on_a_layer_that_is_not_linear_is_refused(tiny_qwen25_dir, color_data, tmp_path):
