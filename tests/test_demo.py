@@ -22,6 +22,7 @@ def demo(tmp_path_factory):
     return out, run_demo(str(out), seed=1, quick=True)
 
 
+@pytest.mark.learning
 def test_demo_grpo_raises_heldout_accuracy_over_sft(demo):
     out, result = demo
     assert result["untrained"] < 0.3
@@ -35,6 +36,7 @@ def test_demo_grpo_raises_heldout_accuracy_over_sft(demo):
         assert any((run / "tensorboard").iterdir())
 
 
+@pytest.mark.learning
 def test_lora_grpo_from_the_demos_sft_raises_heldout_accuracy(demo):
     """LoRA GRPO (peft adapters alone, rank 32, on the language model and the vision tower) from
     the demo's SFT model raises held-out accuracy as full-parameter GRPO does, in more steps. The
