@@ -67,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--preset", default="5m")
     t.add_argument("--out", required=True)
     t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--force", action="store_true", help="overwrite a folder that is not empty")
+    t.add_argument("--force", action="store_true", help="replace a folder that is not empty")
 
     conv = sub.add_parser("convert", help="a training checkpoint (RUN/checkpoints/step_N) to a Hugging Face folder")
     conv.add_argument("--ckpt", required=True, help="checkpoint folder, e.g. runs/NAME/checkpoints/step_100")

@@ -79,11 +79,12 @@ class RouterRecorder:
                                   "(a router load-balancing loss exists only for mixture-of-experts models)[/yellow]")
         else:
             self.coef = float((getattr(text, "router_aux_loss_coef", None) or 0.0) if coef is None else coef)
-        if not 0 <= self.coef < float("inf"):  # load_config checked the key; this is the model's config.json value
+        if not 0 <= self.coef < float("inf"):  # load_config checks the key; config.json's value is checked here
             from lensrl.config import ConfigError
 
-            raise ConfigError(f"router_aux_loss_coef in the model's config.json is {self.coef}; it must be a finite "
-                              "number >= 0: set model.router_aux_loss_coef (e.g. 0.001) to override it")
+            where = "router_aux_loss_coef in the model's config.json" if coef is None else "model.router_aux_loss_coef"
+            raise ConfigError(f"{where} is {self.coef}; it must be a finite number >= 0"
+                              + (": set model.router_aux_loss_coef (e.g. 0.001) to override it" if coef is None else ""))
         self.active = False
         self._logits: list[torch.Tensor] = []
         self._mask: torch.Tensor | None = None

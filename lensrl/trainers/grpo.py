@@ -71,6 +71,7 @@ class GRPOTrainer:
         setup_policy(self, cfg, with_ref=cfg.algorithm.use_kl_loss)
         self.router = RouterRecorder(self.policy, cfg.model.router_aux_loss_coef)  # MoE: aux loss, expert load
         self._overlong_warned = False
+        self.flops_per_token = update_flops_per_token(self.policy)  # perf/mfu/actor; what trains is fixed from here
         self.train_data = load_split(cfg.data.train_files, cfg.data, "train", self.processor)
         self.val_data = load_split(cfg.data.val_files, cfg.data, "test", self.processor)
         self.sampler = BatchSampler.from_dataset(self.train_data, t.rollout_batch_size, cfg.data.seed,
@@ -501,7 +502,7 @@ class GRPOTrainer:
         metrics["perf/cpu_memory_used_gb"] = cpu_memory_gb()
         if self.device.type == "cuda":
             metrics["perf/max_memory_allocated_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
-            flops = update_flops_per_token(self.policy) * tokens * self.cfg.actor.ppo_epochs  # MoE: active; LoRA: 4 a frozen weight
+            flops = self.flops_per_token * tokens * self.cfg.actor.ppo_epochs  # MoE: active; LoRA: 4 a frozen weight
             metrics["perf/mfu/actor"] = flops / max(timing["update_actor"], 1e-9) / (H100_BF16_FLOPS * dist.world_size())
         return metrics
 
