@@ -68,7 +68,7 @@ def setup_policy(trainer, cfg, with_ref: bool = False) -> None:
     with. Sets trainer.device, .amp_dtype, .policy, .processor, .ref, .rollout_model, .logprob_model,
     .anchor."""
     from lensrl.models.compile import compile_blocks, compile_enabled
-    from lensrl.models.load import load_policy
+    from lensrl.models.load import load_policy, set_gradient_checkpointing
     from lensrl.train import fsdp
     from lensrl.train.logprobs import compile_head
 
@@ -83,7 +83,7 @@ def setup_policy(trainer, cfg, with_ref: bool = False) -> None:
                                             min_pixels=cfg.model.min_pixels, max_pixels=cfg.model.max_pixels)
     policy.train()
     if cfg.model.gradient_checkpointing:
-        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        set_gradient_checkpointing(policy, cfg.model.gradient_checkpointing_scope)
     if cfg.model.freeze_vision_tower:
         policy.model.visual.requires_grad_(False)
     trainer.lora = cfg.model.lora.rank > 0
