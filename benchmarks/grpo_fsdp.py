@@ -17,6 +17,8 @@ capture and the step itself; `--runs 2` runs each case again, reusing the compil
 Cases (--cases):
   3b        Qwen2.5-VL-3B shape, fp32 master weights, bf16 compute (FSDP mixed precision)
   3b-gc     the same with gradient checkpointing
+  3b-gcv    3b-gc with model.gradient_checkpointing_scope=vision: the decoder keeps its activations
+  3b-gcv-8k 3b-gcv with 8,192-token micro-batches (half the activation memory)
   3b-gc-step  3b-gc with trainer.fsdp.reduce_grads=per_step and reshard_after_forward=false
   3b-gc-kl  3b-gc with algorithm.use_kl_loss=true: the reference in bf16 (ref.dtype=auto)
   3b-gc-kl-fp32ref  the same with the reference in fp32, as the policy's master weights (the old behaviour)
@@ -55,6 +57,9 @@ COMMON = [
 CASES = {
     "3b": ["model.path=qwen2_5_vl_3b"],
     "3b-gc": ["model.path=qwen2_5_vl_3b", "model.gradient_checkpointing=true"],
+    "3b-gcv": ["model.path=qwen2_5_vl_3b", "model.gradient_checkpointing=true", "model.gradient_checkpointing_scope=vision"],
+    "3b-gcv-8k": ["model.path=qwen2_5_vl_3b", "model.gradient_checkpointing=true",
+                  "model.gradient_checkpointing_scope=vision", "actor.max_tokens_per_mbs=8192"],
     # each FSDP unit gathered and its gradients reduced once per optimizer step, not per micro-batch
     "3b-gc-step": ["model.path=qwen2_5_vl_3b", "model.gradient_checkpointing=true", "trainer.fsdp.reduce_grads=per_step",
                    "trainer.fsdp.reshard_after_forward=false"],

@@ -64,9 +64,28 @@ def summarize(path: Path) -> list[dict]:
     return [*rows.values(), total]
 
 
+def top_kernels(path: Path, phase: str, top: int = 15) -> list[tuple[str, float, int]]:
+    """The `top` GPU kernels by summed duration inside phase `phase` (every range of that name):
+    [(name, ms, count)], longest first."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt") as f:
+        events = [e for e in json.load(f)["traceEvents"] if e.get("ph") == "X"]
+    ranges = [(e["ts"], e["ts"] + e["dur"]) for e in events
+              if e.get("cat") == "user_annotation" and e["name"] == f"lensrl/{phase}"]
+    totals: dict[str, list] = {}
+    for e in events:
+        if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset") and any(a <= e["ts"] < b for a, b in ranges):
+            entry = totals.setdefault(e["name"][:90], [0.0, 0])
+            entry[0] += e["dur"] / 1e3
+            entry[1] += 1
+    return sorted(((n, ms, c) for n, (ms, c) in totals.items()), key=lambda x: -x[1])[:top]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("traces", nargs="+", type=Path)
+    parser.add_argument("--top", type=int, default=0, help="also list the N longest kernels of --phase")
+    parser.add_argument("--phase", default="update_actor", help="the phase --top looks into")
     args = parser.parse_args()
     for path in args.traces:
         print(f"\n{path}")
@@ -76,6 +95,10 @@ def main() -> None:
         print(f"{'phase':<14} {'wall ms':>9} {'compute':>9} {'nccl':>9} {'GPU idle':>9}")
         for r in rows:
             print(f"{r['phase']:<14} {r['wall_ms']:>9.1f} {r['compute_ms']:>9.1f} {r['nccl_ms']:>9.1f} {r['idle_ms']:>9.1f}")
+        if args.top:
+            print(f"\nlongest kernels in {args.phase}:\n{'ms':>9} {'count':>6}  kernel")
+            for name, ms, count in top_kernels(path, args.phase, args.top):
+                print(f"{ms:>9.1f} {count:>6}  {name}")
 
 
 if __name__ == "__main__":
