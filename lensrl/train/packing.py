@@ -7,7 +7,9 @@ Sequences (prompt + response, no padding) are grouped into micro-batches of at m
     input_ids     (1, T)      the sequences back to back
     position_ids  (4, 1, T)   row 0: 0..L_i-1 per sequence (transformers' packing signal),
                               rows 1-3: each sequence's own multimodal rope positions
-    pixel_values  all images of the micro-batch: the vision tower runs once
+    pixel_values  the micro-batch's distinct images: the vision tower runs once, and an image
+                  that several sequences hold (a GRPO group's n samples of one prompt, which the
+                  plan keeps together) runs once, its output expanded to each (`shared_images`)
 
 so every sequence sees exactly the positions it sees alone, and attention stays inside each
 sequence (`lensrl.train.attention`: varlen FlashAttention on CUDA, a block-diagonal mask on CPU).
@@ -18,7 +20,8 @@ sequence alone. Log-probabilities of the response tokens come from the chunked h
 `forward_response_logprobs(..., packed=True)` runs a micro-batch this way, with the same (B, R)
 outputs as the padded forward. In a trainer, per mini-batch `rows`:
 
-    plan = plan_micro_batches([seqs[i].num_tokens for i in rows], max_tokens_per_mbs)
+    plan = plan_micro_batches([seqs[i].num_tokens for i in rows], max_tokens_per_mbs,
+                              units=image_units([seqs[i] for i in rows]))  # a group's image: once
     for group in plan:                          # each group: positions into `rows`
         micro = [rows[j] for j in group]
         logp, entropy, mask = forward_response_logprobs(policy, [seqs[i] for i in micro], ..., packed=True)
@@ -38,7 +41,13 @@ import warnings
 import torch
 
 from lensrl.train.attention import TEXT_ATTENTION, enable_packed_attention, packed_attention_calls
-from lensrl.train.sequences import Sequence, forward_response_logprobs, image_inputs
+from lensrl.train.sequences import (
+    Sequence,
+    forward_response_logprobs,
+    image_inputs,
+    image_units,
+    language_model_forward,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -48,23 +57,32 @@ logger = logging.getLogger(__name__)
 
 
 def plan_micro_batches(
-    lengths: list[int], max_tokens: int, num_groups_multiple_of: int = 1, min_num_groups: int = 1
+    lengths: list[int], max_tokens: int, num_groups_multiple_of: int = 1, min_num_groups: int = 1,
+    units: list | None = None,
 ) -> list[list[int]]:
     """Group sequence indices into micro-batches of at most `max_tokens` tokens each.
 
-    Every index appears exactly once. The groups are balanced: longest-first, each sequence goes
-    to the group with the fewest tokens, so the spread between the fullest and the emptiest group
-    is at most the longest sequence that shares groups. A sequence longer than `max_tokens` gets a
-    group of its own (with a warning). The number of groups is the smallest that fits, at least
+    Every index appears exactly once. The groups are balanced: longest-first, each item goes to the
+    group with the fewest tokens, so the spread between the fullest and the emptiest group is at
+    most the longest item that shares groups. A sequence longer than `max_tokens` gets a group of
+    its own (with a warning). The number of groups is the smallest that fits, at least
     `min_num_groups` and a multiple of `num_groups_multiple_of` (ranks must run the same number of
     micro-batches); groups are empty only when there are fewer sequences than that. Groups come
     fullest first, each with its indices in ascending order.
+
+    `units` (one hashable per index, or None for "alone"): indices with the same unit are kept in
+    one micro-batch where it fits, as items of their summed length: a GRPO group's n sequences
+    share their prompt's image, which a packed forward then runs through the vision tower once
+    (`image_inputs(share=True)`). A unit over half the budget is cut into the fewest consecutive
+    pieces of at most half the budget each, so the items stay small enough to balance.
     """
     if max_tokens < 1:
         raise ValueError(f"max_tokens must be positive, got {max_tokens}")
     if num_groups_multiple_of < 1 or min_num_groups < 0:
         raise ValueError("num_groups_multiple_of must be >= 1 and min_num_groups >= 0")
     lengths = [int(n) for n in lengths]
+    if units is not None and len(units) != len(lengths):
+        raise ValueError(f"units has {len(units)} entries for {len(lengths)} sequences")
     oversized = [i for i, n in enumerate(lengths) if n > max_tokens]
     if oversized:
         message = (
@@ -73,17 +91,18 @@ def plan_micro_batches(
         )
         warnings.warn(message, stacklevel=2)
         logger.warning(message)
-    rest = sorted((i for i, n in enumerate(lengths) if n <= max_tokens), key=lambda i: (-lengths[i], i))
+    items = _items([i for i in range(len(lengths)) if lengths[i] <= max_tokens], lengths, units, max_tokens // 2)
+    items.sort(key=lambda item: (-item[0], item[1][0]))
     step = num_groups_multiple_of
 
     def round_up(k: int) -> int:
         return max(step, math.ceil(k / step) * step)
 
     num_groups = round_up(
-        max(len(oversized) + math.ceil(sum(lengths[i] for i in rest) / max_tokens), min_num_groups)
+        max(len(oversized) + math.ceil(sum(size for size, _ in items) / max_tokens), min_num_groups)
     )
     while True:
-        groups = _longest_first(rest, lengths, num_groups - len(oversized), max_tokens)
+        groups = _longest_first(items, num_groups - len(oversized), max_tokens)
         if groups is not None:
             break
         num_groups = round_up(num_groups + 1)
@@ -93,20 +112,39 @@ def plan_micro_batches(
     return groups
 
 
-def _longest_first(
-    order: list[int], lengths: list[int], num_groups: int, max_tokens: int
-) -> list[list[int]] | None:
-    """Greedy LPT: each index (longest first) into the emptiest of `num_groups` groups; None if one overflows."""
+def _items(indices: list[int], lengths: list[int], units: list | None, piece: int) -> list[tuple[int, list[int]]]:
+    """(tokens, indices) items to place: one per index, or with `units` one per unit (cut into
+    consecutive pieces of at most `piece` tokens where it is longer)."""
+    if units is None:
+        return [(lengths[i], [i]) for i in indices]
+    members: dict = {}
+    for i in indices:
+        members.setdefault(("alone", i) if units[i] is None else ("unit", units[i]), []).append(i)
+    items = []
+    for group in members.values():
+        current, tokens = [], 0
+        for i in group:
+            if current and tokens + lengths[i] > piece:
+                items.append((tokens, current))
+                current, tokens = [], 0
+            current.append(i)
+            tokens += lengths[i]
+        items.append((tokens, current))
+    return items
+
+
+def _longest_first(items: list[tuple[int, list[int]]], num_groups: int, max_tokens: int) -> list[list[int]] | None:
+    """Greedy LPT: each item (longest first) into the emptiest of `num_groups` groups; None if one overflows."""
     if num_groups <= 0:
-        return [] if not order else None
+        return [] if not items else None
     heap = [(0, g) for g in range(num_groups)]  # (tokens, group)
     groups: list[list[int]] = [[] for _ in range(num_groups)]
-    for i in order:
+    for size, indices in items:
         tokens, g = heapq.heappop(heap)
-        if tokens + lengths[i] > max_tokens:
+        if tokens + size > max_tokens:
             return None
-        groups[g].append(i)
-        heapq.heappush(heap, (tokens + lengths[i], g))
+        groups[g].extend(indices)
+        heapq.heappush(heap, (tokens + size, g))
     return groups
 
 
@@ -124,15 +162,16 @@ def restore_order(chunks: list[torch.Tensor], plan: list[list[int]]) -> torch.Te
 # the packed forward
 
 
-def pack_sequences(seqs: list, device: torch.device | str) -> dict[str, torch.Tensor]:
+def pack_sequences(seqs: list, device: torch.device | str, share_images: bool = False) -> dict[str, torch.Tensor]:
     """Model inputs for one packed row holding `seqs` back to back (see module doc). `seqs`:
-    `Sequence`s, or prompts (`ProcessedSample`s: the engine's packed prefill)."""
+    `Sequence`s, or prompts (`ProcessedSample`s: the engine's packed prefill). `share_images`: an
+    image several sequences hold is passed once (`image_inputs`; run with `language_model_forward`)."""
     input_ids = torch.cat([s.input_ids for s in seqs]).unsqueeze(0)  # (1, T)
     text = torch.cat([torch.arange(s.input_ids.shape[0], dtype=torch.long) for s in seqs])  # (T,)
     mrope = torch.cat([s.position_ids for s in seqs], dim=1)  # (3, T)
     position_ids = torch.cat([text.unsqueeze(0), mrope]).unsqueeze(1)  # (4, 1, T)
-    inputs = {"input_ids": input_ids, "position_ids": position_ids, **image_inputs(seqs)}
-    return {k: v.to(device, non_blocking=True) for k, v in inputs.items()}
+    inputs = {"input_ids": input_ids, "position_ids": position_ids, **image_inputs(seqs, share=share_images)}
+    return {k: v if k == "image_index" else v.to(device, non_blocking=True) for k, v in inputs.items()}
 
 
 def packed_hidden_states(
@@ -143,8 +182,8 @@ def packed_hidden_states(
     enable_packed_attention(model)
     calls_before = packed_attention_calls()
     device = device if device is not None else next(model.parameters()).device
-    inputs = pack_sequences(seqs, device)
-    hidden = model.model(**inputs, use_cache=False).last_hidden_state[0]  # (T, H)
+    inputs = pack_sequences(seqs, device, share_images=True)  # a GRPO group's image runs the vision tower once
+    hidden = language_model_forward(model, inputs).last_hidden_state[0]  # (T, H)
     if len(seqs) > 1 and model.config.get_text_config()._attn_implementation == TEXT_ATTENTION:
         # Attention that silently spans sequences would be wrong, not slow: make sure it was packed.
         if packed_attention_calls() == calls_before:
@@ -166,7 +205,7 @@ def micro_batched_response_logprobs(
 ) -> torch.Tensor:
     """Response log-probabilities of many sequences, packed in token-budget micro-batches, on the
     host in the original order: (B, R). Meant for the no-grad passes (old / reference logprobs)."""
-    plan = plan_micro_batches([s.num_tokens for s in seqs], max_tokens)
+    plan = plan_micro_batches([s.num_tokens for s in seqs], max_tokens, units=image_units(seqs))
     width = width if width is not None else max(s.response_length for s in seqs)
     chunks = []
     for group in plan:

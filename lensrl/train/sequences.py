@@ -7,6 +7,7 @@ the prompt's exactly as they did during generation.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -65,18 +66,115 @@ def collate(seqs: list[Sequence], pad_token_id: int, device: torch.device) -> di
         attention_mask[i, : s.num_tokens] = 1
         position_ids[:, i, : s.num_tokens] = s.position_ids
     inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
-    inputs.update(image_inputs(seqs))
+    inputs.update(image_inputs(seqs))  # the padded path is the plain one: an image per sequence
     return {k: v.to(device, non_blocking=True) for k, v in inputs.items()}
 
 
-def image_inputs(items) -> dict[str, torch.Tensor]:
+def image_inputs(items, share: bool = False) -> dict[str, torch.Tensor]:
     """`pixel_values` and `image_grid_thw` of every image of `items` (Sequences or prompts) in
-    order, for one model call; empty when none has an image."""
+    order, for one model call; empty when none has an image.
+
+    `share`: items holding the same image tensor (a GRPO group's n sequences all hold their
+    prompt's) pass its patches once: `pixel_values` holds each distinct image once, while
+    `image_grid_thw` still lists every item's images, and `image_index` (rows of image_grid_thw,)
+    gives each image's row among the distinct ones. Run the model under `shared_images` (`language_model_forward`
+    does), so the vision tower computes each distinct image once and its output is expanded to every
+    item (gradients summed back), exactly what the repeated images would give."""
     with_images = [s for s in items if s.pixel_values is not None]
     if not with_images:
         return {}
-    return {"pixel_values": torch.cat([s.pixel_values for s in with_images]),
-            "image_grid_thw": torch.cat([s.image_grid_thw for s in with_images])}
+    grid = torch.cat([s.image_grid_thw for s in with_images])
+    if not share:
+        return {"pixel_values": torch.cat([s.pixel_values for s in with_images]), "image_grid_thw": grid}
+    first: dict[int, int] = {}  # id of a distinct item's pixel_values -> its first image's row among the distinct
+    distinct, index, rows = [], [], 0
+    for s in with_images:
+        if id(s.pixel_values) not in first:
+            first[id(s.pixel_values)], rows = rows, rows + s.image_grid_thw.shape[0]
+            distinct.append(s)
+        index.extend(range(first[id(s.pixel_values)], first[id(s.pixel_values)] + s.image_grid_thw.shape[0]))
+    inputs = {"pixel_values": torch.cat([s.pixel_values for s in distinct]), "image_grid_thw": grid}
+    if len(distinct) < len(with_images):
+        inputs["image_index"] = torch.tensor(index)
+    return inputs
+
+
+def image_units(seqs) -> list[int | None]:
+    """One entry per sequence for `plan_micro_batches(units=...)`: sequences holding the same image
+    tensor (a GRPO group's) get the same unit, so they are planned into one micro-batch and
+    `image_inputs(share=True)` passes their image once; None for a sequence without an image."""
+    return [None if s.pixel_values is None else id(s.pixel_values) for s in seqs]
+
+
+@contextmanager
+def shared_images(model: torch.nn.Module, image_index: torch.Tensor | None, image_grid_thw: torch.Tensor | None):
+    """While active, `model`'s vision tower is given the distinct images of an `image_inputs(...,
+    share=True)` call and returns what it would for every item: its grid_thw argument is replaced
+    by the distinct images' grids, and each tensor of its output whose rows are the distinct images'
+    patches (e.g. the patch-level hidden states) or merged tokens (the image embeddings, Qwen3-VL's
+    deepstack features) is expanded with index_select (autograd sums the copies' gradients). Nothing
+    changes when `image_index` is None. RuntimeError for an output tensor of another row count (a
+    vision tower whose outputs this does not know)."""
+    if image_index is None:
+        yield
+        return
+    visual = model.model.visual
+    merge = visual.spatial_merge_size ** 2
+    first = {}
+    for row, image in enumerate(image_index.tolist()):
+        first.setdefault(image, row)
+    distinct_grid = image_grid_thw[[first[i] for i in range(len(first))]]
+    patches = distinct_grid.prod(-1)  # (distinct,)
+
+    def rows_of(sizes: torch.Tensor) -> torch.Tensor:
+        starts = torch.cat([sizes.new_zeros(1), sizes.cumsum(0)[:-1]])
+        return torch.cat([torch.arange(starts[i], starts[i] + sizes[i]) for i in image_index.tolist()])
+
+    index = {int(patches.sum()): rows_of(patches), int(patches.sum()) // merge: rows_of(patches // merge)}
+
+    def expand(value):
+        if isinstance(value, torch.Tensor):
+            if value.ndim == 0 or value.shape[0] not in index:
+                raise RuntimeError(f"shared_images: the vision tower returned a tensor of shape {tuple(value.shape)}, "
+                                   f"neither {max(index)} patch rows nor {min(index)} merged rows of its "
+                                   f"{len(patches)} distinct images; this transformers version's vision outputs "
+                                   "are not known to lensrl")
+            return value.index_select(0, index[value.shape[0]].to(value.device))
+        if isinstance(value, (list, tuple)) and not hasattr(value, "keys"):
+            return type(value)(expand(v) for v in value)
+        return value
+
+    def before(module, args, kwargs):
+        if "grid_thw" in kwargs:
+            kwargs = {**kwargs, "grid_thw": distinct_grid.to(kwargs["grid_thw"].device)}
+        else:
+            args = (args[0], distinct_grid.to(args[1].device), *args[2:])
+        return args, kwargs
+
+    def after(module, args, kwargs, output):
+        if isinstance(output, torch.Tensor) or (isinstance(output, (list, tuple)) and not hasattr(output, "keys")):
+            return expand(output)
+        for key in list(output.keys()):  # a ModelOutput
+            if output[key] is not None:
+                output[key] = expand(output[key])
+        return output
+
+    handles = [visual.register_forward_pre_hook(before, with_kwargs=True),
+               visual.register_forward_hook(after, with_kwargs=True)]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def language_model_forward(model: torch.nn.Module, inputs: dict[str, torch.Tensor]):
+    """`model.model(**inputs, use_cache=False)`, under `shared_images` when `inputs` (from
+    `image_inputs(..., share=True)`) has an `image_index`."""
+    inputs = dict(inputs)
+    index = inputs.pop("image_index", None)
+    with shared_images(model, index, inputs.get("image_grid_thw")):
+        return model.model(**inputs, use_cache=False)
 
 
 def forward_response_logprobs(

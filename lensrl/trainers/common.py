@@ -34,7 +34,7 @@ from lensrl.train.heartbeat import RankHungError
 from lensrl.train.optim import follow_schedule
 from lensrl.train.packing import plan_micro_batches
 from lensrl.train.runlock import acquire_run_lock
-from lensrl.train.sequences import Sequence, make_sequence
+from lensrl.train.sequences import Sequence, image_units, make_sequence
 from lensrl.trainers.errors import BadStepsError
 
 
@@ -331,8 +331,9 @@ def micro_batches(rows: list[int], seqs, use_dynamic_bsz: bool, max_tokens: int,
 
     same_count_on_all_ranks (FSDP): every rank gets the largest rank's number of micro-batches,
     some of them empty when a rank has fewer sequences than that."""
+    units = image_units([seqs[i] for i in rows])  # a GRPO group's sequences together: its image runs once
     if use_dynamic_bsz:
-        plan = plan_micro_batches([seqs[i].num_tokens for i in rows], max_tokens)
+        plan = plan_micro_batches([seqs[i].num_tokens for i in rows], max_tokens, units=units)
         groups = [[rows[j] for j in group] for group in plan if group]
     else:
         groups = [rows[i : i + micro_batch_size] for i in range(0, len(rows), micro_batch_size)]
@@ -340,7 +341,7 @@ def micro_batches(rows: list[int], seqs, use_dynamic_bsz: bool, max_tokens: int,
         return groups
     count = int(dist.all_reduce_max(torch.tensor(float(len(groups)))).item())
     if use_dynamic_bsz and len(groups) < count and len(rows) > len(groups):
-        plan = plan_micro_batches([seqs[i].num_tokens for i in rows], max_tokens, min_num_groups=count)
+        plan = plan_micro_batches([seqs[i].num_tokens for i in rows], max_tokens, min_num_groups=count, units=units)
         groups = [[rows[j] for j in group] for group in plan]
     return groups + [[] for _ in range(count - len(groups))]
 

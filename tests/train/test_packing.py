@@ -4,6 +4,8 @@ promises (budget, balance, coverage, order)."""
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import random
 
 import pytest
@@ -309,3 +311,91 @@ def test_packed_equals_padded_under_bf16_autocast_on_cuda(request, arch_fixture,
     assert (packed - padded).abs()[mask].mean() < 2e-2
     assert torch.isfinite(entropy).all()
     assert all(p.grad is None or torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize("arch_fixture", ["tiny_qwen25_dir", "tiny_qwen3_dir"])
+def test_a_groups_shared_image_runs_the_vision_tower_once_with_the_same_results(request, arch_fixture,
+                                                                                make_image_bytes):
+    """A GRPO group's n sequences hold their prompt's image tensor: the packed training forward
+    passes it once and expands the vision tower's output (Qwen3-VL: deepstack features too), so the
+    tower computes 2 distinct prompts' 3 images, not 6 sequences' 9; log-probabilities, entropies
+    and every gradient equal those of the same sequences holding copies of the images."""
+    packed = True
+    model_dir = request.getfixturevalue(arch_fixture)
+    processor = load_policy(model_dir)[1]
+    prompts = [processor(Sample("<image>What colour is the shape?", [ImageSource(make_image_bytes(56, 84, 1), "a")])),
+               processor(Sample("Compare <image> and <image>", [ImageSource(make_image_bytes(84, 56, 2), "b0"),
+                                                                ImageSource(make_image_bytes(56, 56, 3), "b1")])),
+               processor(Sample("No image in this one"))]
+    generator = torch.Generator().manual_seed(0)
+    shared = [make_sequence(p, torch.randint(0, processor.tokenizer.vocab_size, (n,), generator=generator))
+              for p in prompts for n in (5, 9, 2)]
+    copies = [dataclasses.replace(s, pixel_values=None if s.pixel_values is None else s.pixel_values.clone())
+              for s in shared]
+    advantages = torch.linspace(-1.0, 1.5, len(shared))
+    num_tokens = sum(s.response_length for s in shared)
+    results = []
+    for seqs in (shared, copies):
+        model, _ = load_policy(model_dir)
+        patches = []
+        model.model.visual.register_forward_pre_hook(lambda m, args, kwargs, patches=patches: patches.append(args[0].shape[0]),
+                                                     with_kwargs=True)
+        logp, entropy, mask = forward_response_logprobs(model, seqs, processor.pad_token_id, 0.7, 16,
+                                                        with_entropy=True, packed=packed)
+        _loss(logp, entropy, mask, advantages, num_tokens).backward()
+        grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+        results.append((logp.detach(), entropy.detach(), grads, sum(patches)))
+    (logp, entropy, grads, seen), (logp_c, entropy_c, grads_c, seen_c) = results
+    one_each = sum(s.pixel_values.shape[0] for s in shared if s.pixel_values is not None)
+    assert seen_c == one_each and seen == sum(p.pixel_values.shape[0] for p in prompts[:2]) == one_each // 3
+    torch.testing.assert_close(logp, logp_c, **TOL)
+    torch.testing.assert_close(entropy, entropy_c, **TOL)
+    assert grads.keys() == grads_c.keys() and any(".visual." in n for n in grads)
+    for name in grads:
+        torch.testing.assert_close(grads[name], grads_c[name], **TOL, msg=lambda m, name=name: f"{name}: {m}")
+
+
+def test_the_padded_forward_keeps_an_image_per_sequence(tiny_qwen25_dir, make_image_bytes):
+    """use_dynamic_bsz=false is the plain reference path (the CPU demo's): no sharing, so its
+    numbers do not depend on which sequences hold the same tensor."""
+    model, processor = load_policy(tiny_qwen25_dir)
+    prompt = processor(Sample("<image>What colour is the shape?", [ImageSource(make_image_bytes(56, 84, 1), "a")]))
+    seqs = [make_sequence(prompt, torch.tensor([5, 6, 7])) for _ in range(3)]
+    patches = []
+    model.model.visual.register_forward_pre_hook(lambda m, args, kwargs: patches.append(args[0].shape[0]),
+                                                 with_kwargs=True)
+    forward_response_logprobs(model, seqs, processor.pad_token_id, 1.0, 16, packed=False)
+    assert sum(patches) == 3 * prompt.pixel_values.shape[0]
+
+
+def test_a_unit_is_planned_into_one_micro_batch_and_halves_of_the_budget_bound_its_pieces():
+    rng = random.Random(0)
+    lengths, units = [], []
+    for group in range(16):  # 16 prompts x 8 samples of ~570 tokens, as a GRPO step on 448-px images
+        for _ in range(8):
+            lengths.append(rng.randint(300, 600))
+            units.append(group)
+    lengths += [50, 60]  # two text-only sequences, each its own
+    units += [None, None]
+    plain = plan_micro_batches(lengths, 16384)
+    plan = plan_micro_batches(lengths, 16384, units=units)
+    assert sorted(i for g in plan for i in g) == list(range(len(lengths)))
+    assert all(sum(lengths[i] for i in g) <= 16384 for g in plan)
+    where = {i: k for k, g in enumerate(plan) for i in g}
+    assert all(len({where[i] for i in range(8 * u, 8 * u + 8)}) == 1 for u in range(16))  # each group whole
+    assert len({where[i] for i in range(0, 8)} | {where[i] for i in range(8, 16)}) <= 2
+    assert len(plan) <= len(plain) + 1
+    # the same units under a quarter of the budget: a group (~3.6k tokens) is cut into consecutive
+    # pieces of at most 2,048 tokens, each of which stays whole
+    small = plan_micro_batches(lengths, 4096, units=units)
+    assert sorted(i for g in small for i in g) == list(range(len(lengths)))
+    assert all(sum(lengths[i] for i in g) <= 4096 for g in small)
+    where = {i: k for k, g in enumerate(small) for i in g}
+    for u in range(16):
+        members = range(8 * u, 8 * u + 8)
+        pieces = len({where[i] for i in members})
+        assert 1 <= pieces <= math.ceil(sum(lengths[i] for i in members) / 2048) + 1
+    # without units the plan is what it always was
+    assert plan_micro_batches(lengths, 16384, units=None) == plain
+    with pytest.raises(ValueError, match="units has 3 entries"):
+        plan_micro_batches([1, 2], 10, units=[0, 0, 0])

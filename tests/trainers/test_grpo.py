@@ -679,3 +679,35 @@ def test_a_reward_that_fails_sometimes_or_hangs_always(tiny_qwen25_dir, color_da
     assert ev.returncode == 0, ev.stderr[-2000:]
     metrics = json.loads((tmp_path / "ev" / "eval_metrics.json").read_text())
     assert metrics["eval/reward/errors"] >= 1 or metrics["eval/reward/mean"] == 1.0
+
+
+class VisionCountTrainer(GRPOTrainer):
+    """Counts the image patches the vision tower computes during each update."""
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.seen = []
+
+    def update(self, seqs, batch, minibatches, width):
+        patches = []
+        hook = self.policy.model.visual.register_forward_pre_hook(
+            lambda module, args, kwargs: patches.append(args[0].shape[0]), with_kwargs=True)
+        try:
+            return super().update(seqs, batch, minibatches, width)
+        finally:
+            hook.remove()
+            self.seen.append((sum(patches), seqs))
+
+
+def test_the_update_runs_each_prompts_image_through_the_vision_tower_once(tiny_qwen25_dir, color_data, tmp_path):
+    """A GRPO group's n completions share their prompt's image: the packed update plans them into
+    one micro-batch and the vision tower computes the image once, not n times (4 prompts x 4)."""
+    overrides = grpo_overrides(tiny_qwen25_dir, color_data, tmp_path, "shared", "trainer.total_steps=1",
+                               "trainer.save_hf=false", "trainer.save_last=false")
+    trainer = VisionCountTrainer(load_config(GRPOConfig, None, overrides))
+    trainer.fit()
+    ((patches, seqs),) = trainer.seen
+    distinct = {id(s.pixel_values): s.pixel_values.shape[0] for s in seqs if s.pixel_values is not None}
+    every = sum(s.pixel_values.shape[0] for s in seqs if s.pixel_values is not None)
+    assert len(seqs) == 16 and len(distinct) == 4
+    assert patches == sum(distinct.values()) == every // 4
