@@ -28,6 +28,8 @@ import weakref
 import torch
 import torch.nn.functional as F
 
+from lensrl.train.sequences import to_device
+
 logger = logging.getLogger(__name__)
 
 TEXT_ATTENTION = "lensrl_packed"  # text decoder: packing read from the text position ids
@@ -79,7 +81,7 @@ def segments_from_lengths(lengths: list[int] | tuple[int, ...], device: torch.de
     lengths = tuple(int(n) for n in lengths)
     cu = torch.zeros(len(lengths) + 1, dtype=torch.int32)
     cu[1:] = torch.tensor(lengths, dtype=torch.int64).cumsum(0)
-    return Segments(cu.to(device), max(lengths, default=0), lengths)
+    return Segments(to_device(cu, device), max(lengths, default=0), lengths)
 
 
 def segments_from_positions(text_positions: torch.Tensor) -> Segments | None:

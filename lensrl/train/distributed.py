@@ -100,6 +100,16 @@ def all_reduce_max(value: torch.Tensor) -> torch.Tensor:
     return _all_reduce(value, dist.ReduceOp.MAX)
 
 
+def host_floats(metrics: dict) -> dict[str, float]:
+    """`metrics` with every tensor value (0-d, one device) made a float by one device->host copy for
+    all of them (one host sync, not one per value)."""
+    keys = [k for k, v in metrics.items() if isinstance(v, torch.Tensor)]
+    out = {k: float(v) for k, v in metrics.items() if k not in keys}
+    if keys:
+        out.update(zip(keys, torch.stack([metrics[k].detach().float().reshape(()) for k in keys]).tolist()))
+    return out
+
+
 def sum_metrics(metrics: dict[str, float]) -> dict[str, float]:
     """Each key summed over ranks (every rank must pass the same keys)."""
     if not dist.is_initialized() or not metrics:

@@ -47,6 +47,7 @@ from lensrl.train.sequences import (
     image_inputs,
     image_units,
     language_model_forward,
+    to_device,
 )
 
 logger = logging.getLogger(__name__)
@@ -171,7 +172,7 @@ def pack_sequences(seqs: list, device: torch.device | str, share_images: bool = 
     mrope = torch.cat([s.position_ids for s in seqs], dim=1)  # (3, T)
     position_ids = torch.cat([text.unsqueeze(0), mrope]).unsqueeze(1)  # (4, 1, T)
     inputs = {"input_ids": input_ids, "position_ids": position_ids, **image_inputs(seqs, share=share_images)}
-    return {k: v if k == "image_index" else v.to(device, non_blocking=True) for k, v in inputs.items()}
+    return {k: v if k == "image_index" else to_device(v, device) for k, v in inputs.items()}
 
 
 def packed_hidden_states(

@@ -35,7 +35,7 @@ from lensrl.train.fsdp import forward_with_anchor, prepare_micro_batch
 from lensrl.train.optim import build_optimizer, build_scheduler, clip_grad_norm
 from lensrl.train.router import RouterRecorder
 from lensrl.train.runlock import release_run_lock
-from lensrl.train.sequences import Sequence, forward_response_logprobs, make_sequence
+from lensrl.train.sequences import Sequence, forward_response_logprobs, make_sequence, to_device
 from lensrl.trainers.common import (
     StopFlag,
     autocast,
@@ -412,7 +412,9 @@ class GRPOTrainer:
                     loss.backward()
                     for k, v in micro_metrics.items():
                         mb_metrics[k] = mb_metrics.get(k, 0.0) + v
-                mb_metrics = dist.sum_metrics(mb_metrics)  # each rank's part of the mini-batch's values
+                for micro, logp in batch.pop("current_logp_on_device", []):  # the on-policy old log-probs
+                    batch["current_logp"][micro] = logp.cpu()
+                mb_metrics = dist.sum_metrics(dist.host_floats(mb_metrics))  # each rank's part of the mini-batch's values
                 grad_norm = clip_grad_norm(self.policy.parameters(), actor.optim.grad_clip)
                 finite = math.isfinite(float(grad_norm)) and math.isfinite(mb_metrics.get("actor/loss", 0.0))
                 if finite:
@@ -437,35 +439,37 @@ class GRPOTrainer:
 
     def _micro_loss(self, seqs, batch, micro, width, num_tokens, num_seqs):
         cfg, actor = self.cfg, self.cfg.actor
-        mask = batch["mask"][micro].to(self.device)  # (b, width); b may be 0 (FSDP: an empty micro-batch)
+        # No host sync until the backward is queued: inputs go through pinned memory (to_device), the
+        # metrics stay tensors until the mini-batch ends (update), so the GPU's queue never drains.
+        share = float(batch["mask"][micro].sum()) / num_tokens  # this micro-batch's share of the tokens
+        mask = to_device(batch["mask"][micro], self.device)  # (b, width); b may be 0 (FSDP: an empty micro-batch)
         agg = dict(num_tokens=num_tokens, num_seqs=num_seqs, horizon=cfg.rollout.max_new_tokens)
         with autocast(self.device, self.amp_dtype), self.router.capture() as routed:
             logp, entropy, _ = self.forward(self.policy, [seqs[i] for i in micro], width, with_entropy=True)
         if batch["old_logp"] is None:  # on-policy: the old log-probabilities are these, detached
             old = logp.detach()
-            batch["current_logp"][micro] = old.float().cpu()
-            is_w = self.is_weights(old, batch["rollout_logp"][micro].to(self.device), mask)[0]
+            batch.setdefault("current_logp_on_device", []).append((micro, old.float()))  # to the host in update
+            is_w = self.is_weights(old, to_device(batch["rollout_logp"][micro], self.device), mask)[0]
         else:
-            old = batch["old_logp"][micro].to(self.device)
-            is_w = batch["is_weights"][micro].to(self.device) if batch["is_weights"] is not None else None
+            old = to_device(batch["old_logp"][micro], self.device)
+            is_w = to_device(batch["is_weights"][micro], self.device) if batch["is_weights"] is not None else None
         pg_loss, pg = policy_loss(
-            logp, old, batch["adv"][micro].to(self.device), mask,
+            logp, old, to_device(batch["adv"][micro], self.device), mask,
             actor.clip_ratio_low, actor.clip_ratio_high, actor.clip_ratio_c, actor.loss_agg_mode,
             level="sequence" if actor.policy_loss == "gspo" else "token", is_weights=is_w, **agg)
         entropy_term = agg_loss(entropy, mask, actor.loss_agg_mode, **agg)
         loss = pg_loss - actor.entropy_coeff * entropy_term if actor.entropy_coeff else pg_loss
-        share = float(mask.sum()) / num_tokens  # this micro-batch's share of the mini-batch's tokens
         router_term, router_metrics = self.router.loss_term(routed, share, "actor")  # MoE load balancing
         loss = loss + router_term
-        metrics = {"actor/pg_loss": pg_loss.item(), "actor/entropy": entropy_term.item(), **router_metrics}
+        metrics = {"actor/pg_loss": pg_loss.detach(), "actor/entropy": entropy_term.detach(), **router_metrics}
         for key in ("pg_clipfrac", "pg_clipfrac_lower", "ppo_kl"):
-            metrics[f"actor/{key}"] = float(pg[key]) * share if share > 0 else 0.0
+            metrics[f"actor/{key}"] = pg[key].detach() * share if share > 0 else 0.0
         if self.ref is not None:
-            kl = kl_penalty(logp, batch["ref_logp"][micro].to(self.device), cfg.algorithm.kl_loss_type)
+            kl = kl_penalty(logp, to_device(batch["ref_logp"][micro], self.device), cfg.algorithm.kl_loss_type)
             kl_loss = agg_loss(kl, mask, actor.loss_agg_mode, **agg)
             loss = loss + cfg.algorithm.kl_loss_coef * kl_loss
-            metrics["actor/kl_loss"] = kl_loss.item()
-        metrics["actor/loss"] = loss.item()
+            metrics["actor/kl_loss"] = kl_loss.detach()
+        metrics["actor/loss"] = loss.detach()
         return loss, metrics
 
     # ------------------------------------------------------------------------------------------
