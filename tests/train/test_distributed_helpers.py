@@ -105,3 +105,12 @@ def test_cpu_threads_are_shared_among_the_ranks_torchrun_started(monkeypatch):
         assert dist.set_cpu_threads(0) == 3
     finally:
         torch.set_num_threads(before)
+
+
+def test_host_floats_turns_every_tensor_metric_into_its_float_and_keeps_the_rest():
+    metrics = {"actor/pg_loss": torch.tensor(0.25), "actor/ppo_kl": torch.tensor([1.5]).sum() * 2,
+               "actor/entropy": torch.tensor(0.5, dtype=torch.float64), "router/aux": 0.125, "count": 3}
+    out = dist.host_floats(metrics)
+    assert out == {"actor/pg_loss": 0.25, "actor/ppo_kl": 3.0, "actor/entropy": 0.5, "router/aux": 0.125, "count": 3.0}
+    assert all(type(v) is float for v in out.values())
+    assert dist.host_floats({}) == {}
