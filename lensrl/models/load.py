@@ -20,6 +20,7 @@ file, a shard the index lists but the folder lacks, weights missing or of the wr
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import math
 import os
@@ -387,7 +388,17 @@ def set_gradient_checkpointing(model: nn.Module, scope: str = "all") -> None:
     third of a layer's forward+backward FLOPs). ValueError for another scope."""
     if scope not in ("all", "vision"):
         raise ValueError(f"gradient checkpointing scope must be 'all' or 'vision', got {scope!r}")
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    enable = getattr(model, "activation_checkpointing_enable", None)  # the name since transformers 5.2x
+    if enable is not None and "activation_checkpointing_kwargs" in inspect.signature(enable).parameters:
+        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    # transformers also hooks the input embeddings (the vision tower's patch embedding too) so that
+    # their outputs require grad, which only reentrant checkpointing needs; with a frozen vision
+    # tower (freeze_vision_tower, LoRA on the language model) it made every backward run through
+    # the whole tower and recompute it, for gradients nothing uses
+    if getattr(model, "_require_grads_hooks", None) or hasattr(model, "_require_grads_hook"):
+        model.disable_input_require_grads()
     if scope == "vision":
         for layer in model_blocks(model)[1]:
             layer.gradient_checkpointing = False

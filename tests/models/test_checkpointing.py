@@ -61,3 +61,26 @@ def test_a_scope_without_checkpointing_is_refused():
     cfg = load_config(GRPOConfig, overrides=["data.train_files=[x.parquet]", "model.gradient_checkpointing=true",
                                          "model.gradient_checkpointing_scope=vision"])
     assert cfg.model.gradient_checkpointing_scope == "vision"
+
+
+@pytest.mark.parametrize("scope", ["all", "vision"])
+def test_a_frozen_vision_tower_is_neither_recomputed_nor_backpropagated(tiny_qwen25_dir, make_image_bytes, scope):
+    """freeze_vision_tower (or LoRA on the language model alone): with checkpointing on, the tower
+    runs once and no gradient flows into it (transformers' input-require-grads hook had made every
+    backward go through it and recompute it); the language model's gradients are unchanged."""
+    model, processor = load_policy(tiny_qwen25_dir)
+    model.train()
+    model.model.visual.requires_grad_(False)
+    seqs = _batch(processor, make_image_bytes, seed=0)
+    plain, plain_calls = _forward_backward(model, seqs, processor.pad_token_id)
+    set_gradient_checkpointing(model, scope)
+    outputs = []
+    hook = model.model.visual.register_forward_hook(lambda m, args, out: outputs.append(out))
+    grads, calls = _forward_backward(model, seqs, processor.pad_token_id)
+    hook.remove()
+    assert calls == {"vision": 1, "decoder": 2 if scope == "all" else 1}
+    visual_out = outputs[0] if isinstance(outputs[0], torch.Tensor) else outputs[0][0]
+    assert not visual_out.requires_grad
+    assert grads.keys() == plain.keys() and not any(".visual." in n for n in grads)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, plain[name], rtol=1e-5, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}")
