@@ -126,6 +126,18 @@ def check_targets(model: torch.nn.Module, cfg) -> None:
             raise ConfigError(f"model.lora.target_modules: {target!r} names {other} "
                               f"({type(modules[other]).__name__}), not a Linear layer; LoRA adapts Linear "
                               "projections only (e.g. q_proj, gate_proj)")
+    if cfg.vision_tower:  # the names differ by architecture: Qwen3-VL's vision MLP is linear_fc1/linear_fc2
+        names = "|".join(re.escape(t) for t in cfg.target_modules)
+        if not any(re.fullmatch(rf".*visual\..*\.({names})", name) for name in modules):
+            last = {}  # a name is offered when every module it matches is Linear (`proj` also names a Conv3d)
+            for name, m in modules.items():
+                if re.fullmatch(r".*visual\..*", name):
+                    key = name.rsplit(".", 1)[-1]
+                    last[key] = last.get(key, True) and isinstance(m, torch.nn.Linear)
+            linear = sorted(k for k, ok in last.items() if ok and not k.isdigit())
+            raise ConfigError(f"model.lora.vision_tower=true, but no name in model.lora.target_modules="
+                              f"{list(cfg.target_modules)} is a layer of this model's vision tower, so nothing "
+                              f"in it would train; its Linear projections: {', '.join(linear)} (add those to adapt)")
 
 
 def lora_layers(model: torch.nn.Module) -> list[torch.nn.Module]:

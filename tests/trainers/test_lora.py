@@ -252,3 +252,22 @@ def test_mfu_counts_no_weight_gradient_for_the_frozen_base(tiny_qwen25_dir, tiny
     add_lora(moe, LoraSettings(rank=4))
     assert active_parameters(moe, requires_grad=False) == dense_share  # the frozen base: experts at K / E
     assert update_flops_per_token(moe) == 6 * active_parameters(moe, requires_grad=True) + 4 * dense_share
+
+
+def test_a_vision_tower_lora_that_adapts_nothing_in_it_is_refused(tiny_qwen3_dir):
+    """Qwen3-VL's vision tower has qkv / linear_fc1 / linear_fc2, none of the default names: with
+    vision_tower=true and the defaults nothing in the tower would train (it did, silently); naming
+    its projections adapts them."""
+    from lensrl.config import LoraSettings
+    from lensrl.models.load import load_policy
+    from lensrl.train.lora import add_lora
+
+    model, _ = load_policy(tiny_qwen3_dir)
+    with pytest.raises(ConfigError, match=r"vision_tower=true, but no name .* vision tower.*its Linear projections: "
+                                          r"linear_fc1, linear_fc2, qkv \(add those"):
+        add_lora(model, LoraSettings(rank=4, vision_tower=True))
+    model, _ = load_policy(tiny_qwen3_dir)
+    add_lora(model, LoraSettings(rank=4, vision_tower=True, target_modules=["q_proj", "linear_fc1", "linear_fc2"]))
+    trained = {n.split(".lora_")[0].rsplit(".", 1)[-1] for n, p in model.named_parameters()
+               if p.requires_grad and ".visual." in n}
+    assert trained == {"linear_fc1", "linear_fc2"}
