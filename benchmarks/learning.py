@@ -16,7 +16,7 @@ recorded (rc, last error line) and the phases that do not need its output still 
    parameters) and `lensrl data synth --task count` (1 to 5 shapes on white: the answer is a number
    that exists only in the image; `angle` needs reading digits and arithmetic, too much from scratch).
 2. sft: `lensrl sft --config lensrl/configs/tiny_demo_sft.yaml ...`, the demo's recipe: it stops once
-   the mean loss of 5 steps is below its stop loss (0.15 in the recipe, 0.2 on the GPU: the model reads
+   the mean loss of 5 steps is below its stop loss (0.15 in the recipe, 0.25 on the GPU: the model reads
    the image but has not mastered it).
 3. grpo: `lensrl grpo --config lensrl/configs/tiny_demo_grpo.yaml model.path=RUNS/sft/hf ...` with
    validation before training and every `test_freq` steps. Held-out accuracy (greedy, `val/accuracy`)

@@ -318,6 +318,7 @@ def plot_topic(runs: list[Run], heading: str, panels: list[tuple[str, tuple[str,
         ax = fig.add_subplot(rows, cols, index + 1)
         used_keys: list[str] = []
         all_steps: list[int] = []
+        all_values: list[float] = []
         for i, run in enumerate(runs):
             steps, values, used = series(run.records, candidates)
             if not steps:
@@ -325,9 +326,11 @@ def plot_topic(runs: list[Run], heading: str, panels: list[tuple[str, tuple[str,
             all_steps += steps
             used_keys += [k for k in used if k not in used_keys]
             values = [v if math.isfinite(v) else float("nan") for v in values]
+            all_values += [v for v in values if math.isfinite(v)]
             ax.plot(steps, values, label=run.label, color=_colour(i), linewidth=1.4,
                     marker="o" if len(steps) <= 40 else None, markersize=3)
         _integer_steps(ax, all_steps)
+        _no_noise_zoom(ax, all_values)
         ax.set_title(f"{title}\n{' | '.join(used_keys)}", fontsize=9)
         ax.set_xlabel("step", fontsize=8)
         ax.tick_params(labelsize=8)
@@ -335,6 +338,20 @@ def plot_topic(runs: list[Run], heading: str, panels: list[tuple[str, tuple[str,
         ax.legend(fontsize=7, loc="best")
     fig.savefig(out, dpi=100)
     return out
+
+
+def _no_noise_zoom(ax, values: list[float]) -> None:
+    """A curve that moves by less than 0.1% of its size (IS weights of 1 +- 1e-7) keeps a y-range of
+    0.1% of its size around its middle, so float noise is not drawn as a plunge; matplotlib's own
+    offset labels (e.g. "+1" over "1e-7") are turned off."""
+    if not values:
+        return
+    low, high = min(values), max(values)
+    span = 1e-3 * max(abs(low), abs(high))
+    if 0 < high - low < span or (high == low and span > 0):
+        middle = (low + high) / 2
+        ax.set_ylim(middle - span / 2, middle + span / 2)
+    ax.ticklabel_format(axis="y", useOffset=False)
 
 
 def _colour(index: int) -> str:

@@ -269,3 +269,22 @@ def test_report_of_a_real_grpo_run(tiny_qwen25_dir, synth_data, tmp_path):
     assert sum(src.startswith("images/") for src in page.srcs) >= 2  # train and val samples' images
     text = "".join(page.text)
     assert "train step 1" in text and "val step 1" in text and "1 of 1" in text
+
+
+def test_float_noise_around_a_constant_is_not_drawn_as_a_plunge():
+    from matplotlib.figure import Figure
+
+    from lensrl.report import _no_noise_zoom
+
+    ax = Figure().add_subplot()
+    weights = [1.0, 1.0 + 1e-7, 1.0 - 1e-7, 1.0]  # rollout/is_weight_mean where rollout and training agree
+    ax.plot(range(4), weights)
+    _no_noise_zoom(ax, weights)
+    low, high = ax.get_ylim()
+    assert high - low == pytest.approx(1e-3) and low < 1.0 < high
+    kl = [1e-5, 8e-5, 2e-6]  # a curve that moves by more than 0.1% of its size keeps matplotlib's range
+    ax2 = Figure().add_subplot()
+    ax2.plot(range(3), kl)
+    before = ax2.get_ylim()
+    _no_noise_zoom(ax2, kl)
+    assert ax2.get_ylim() == before

@@ -299,6 +299,7 @@ def rollout_train_gap(train_log_prob: Tensor, rollout_log_prob: Tensor, mask: Te
         rollout = torch.where(valid, rollout_log_prob.float(), 0.0)  # (B, T)
         maskf = valid.float()
         return {
-            "rollout/train_kl": masked_mean(kl_penalty(rollout, train, "k3"), maskf),
+            # >= 0 exactly; fp32 rounding of exp(d) - d - 1 at |d| ~ 1e-4 gave -1e-9 (read as a negative KL)
+            "rollout/train_kl": masked_mean(kl_penalty(rollout, train, "k3").clamp_min(0.0), maskf),
             "rollout/train_logprob_absdiff": masked_mean((train - rollout).abs(), maskf),
         }

@@ -90,8 +90,7 @@ def plan_micro_batches(
             f"{len(oversized)} sequence(s) longer than the micro-batch token budget ({max_tokens}) "
             f"run alone: lengths {sorted((lengths[i] for i in oversized), reverse=True)[:8]}"
         )
-        warnings.warn(message, stacklevel=2)
-        logger.warning(message)
+        warnings.warn(message, stacklevel=2)  # once: a logger.warning beside it printed it twice
     items = _items([i for i in range(len(lengths)) if lengths[i] <= max_tokens], lengths, units, max_tokens // 2)
     items.sort(key=lambda item: (-item[0], item[1][0]))
     step = num_groups_multiple_of
