@@ -53,6 +53,7 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # train_step: the matmul rate, the FLOP count
 
 from lensrl.config import RolloutConfig  # noqa: E402
 from lensrl.data.sample import ImageSource, Sample  # noqa: E402
@@ -126,6 +127,10 @@ def all_weight_bytes(model) -> int:
 
 
 def bench_bandwidth(device: torch.device, tiny: bool) -> dict:
+    """The device's copy rate (the decode roofline's denominator) and its dense matmul rate (bf16
+    8192^3 on CUDA: the prefill limit's), both measured here, on this device."""
+    from train_step import measure_matmul_rate
+
     size = (64 if tiny else 2048) * 2**20
     src = torch.empty(size, dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
@@ -140,8 +145,26 @@ def bench_bandwidth(device: torch.device, tiny: bool) -> dict:
     return {
         "bytes_per_s": 2 * size * iters / elapsed,
         "buffer_bytes": size,
+        "matmul_flops_per_s": measure_matmul_rate(device, tiny),
         "note": "copy rate counts the bytes read and written",
     }
+
+
+def physical_limit(model, prompts, run: dict, roof: dict, matmul_rate: float) -> dict:
+    """End-to-end tokens/s if prefill ran at the measured matmul rate (the vision tower and the text
+    model's forward FLOPs over every prompt, `train_step.count_flops`) and decode at the bandwidth
+    roofline (`roofline`: weights and KV read once a step), one after the other; and the run's
+    fraction of it (issue 17's target: >= 0.70)."""
+    from train_step import count_flops
+
+    prefill_flops = count_flops(model, [make_sequence(p, []) for p in prompts])["total_forward"]
+    prefill_s = prefill_flops / matmul_rate
+    decode_s = run["decode_tokens"] / roof["roofline_tokens_per_s"]
+    limit = run["tokens"] / (prefill_s + decode_s)
+    return {"prefill_flops": prefill_flops, "prefill_limit_s": prefill_s, "decode_limit_s": decode_s,
+            "limit_tokens_per_s": limit, "fraction": run["tokens_per_s"] / limit,
+            "prefill_fraction": prefill_s / max(run["prefill_s"], 1e-9),
+            "decode_fraction": decode_s / max(run["decode_s"], 1e-9)}
 
 
 def bench_hf(model, processor, prompts, args) -> dict:
@@ -225,6 +248,12 @@ def bench_engine(model, processor, prompts, args, results, anchor_hf: float | No
     bandwidth = results.get("bandwidth", {}).get("bytes_per_s")
     if bandwidth:
         out["roofline"] = roofline(engine, model, warm, bandwidth)
+        rate = results["bandwidth"].get("matmul_flops_per_s")
+        if rate:
+            out["physical_limit"] = lim = physical_limit(model, prompts, warm, out["roofline"], rate)
+            log(f"  physical limit (prefill at {rate / 1e12:.3g} TFLOP/s, decode at the copy rate): "
+                f"{lim['limit_tokens_per_s']:.0f} tokens/s; this run {lim['fraction']:.2f} of it "
+                f"(prefill {lim['prefill_fraction']:.2f}, decode {lim['decode_fraction']:.2f})")
     hf = results.get("hf")
     if hf and "tokens_per_s" in hf:
         out["speedup_vs_hf"] = warm["tokens_per_s"] / hf["tokens_per_s"]
@@ -782,6 +811,12 @@ def print_table(results: dict, args) -> None:
             "roofline fraction (text weights + KV)",
             fmt(get("engine", "roofline", "fraction"), ".2f"),
             ">= 0.50",
+        ),
+        (
+            "end to end, fraction of the physical limit (eager / compiled)",
+            f"{fmt(get('engine', 'physical_limit', 'fraction'), '.2f')} / "
+            f"{fmt(get('engine_compiled', 'physical_limit', 'fraction'), '.2f')}",
+            ">= 0.70",
         ),
         (
             "roofline fraction (all weights + KV)",
