@@ -124,6 +124,7 @@ def load_policy(
     if name in SHAPES and not Path(name).exists():
         model = build_random_model(shape_config(name), dtype, device)
         use_grouped_experts(model, device)
+        model.lensrl_base = {"model_type": model.config.model_type, "weights": None}  # random: nothing to compare
         return model, Processor.from_pretrained(shape_dir(name), **pixels)
     folder = Path(name)
     arch = check_model_folder(folder)
@@ -140,7 +141,35 @@ def load_policy(
     _check_loading_info(folder, info)
     model = model.to(device).eval()
     use_grouped_experts(model, device)
+    model.lensrl_base = base_identity(folder)  # what checkpoints record of their starting weights
     return model, Processor.from_pretrained(name, **pixels)
+
+
+def base_identity(folder: str | Path) -> dict:
+    """{"model_type", "weights"} of a model folder, which checkpoints record (meta.json "base") so
+    that resuming LoRA adapters or merging them (`lensrl convert`) into other base weights of the
+    same shapes is refused. "weights": a SHA-256 (16 hex digits) over every tensor's shape and its
+    first values (up to 4,096 along the last dimension, at index 0 of the others), sorted, so it does
+    not depend on the tensors' names (a folder in transformers' other layout has the same) and costs
+    milliseconds to read; None for a folder without weights (a shape's config folder)."""
+    import hashlib
+
+    from safetensors import safe_open
+
+    folder = Path(folder)
+    config = json.loads((folder / "config.json").read_text())
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        return {"model_type": config.get("model_type"), "weights": None}
+    parts = []
+    for file in files:
+        with safe_open(str(file), framework="pt") as f:
+            for key in f.keys():
+                piece = f.get_slice(key)
+                shape = list(piece.get_shape())
+                values = piece[(*(slice(0, 1) for _ in shape[:-1]), slice(0, 4096))] if shape else f.get_tensor(key)
+                parts.append(hashlib.sha256(f"{shape}".encode() + values.float().numpy().tobytes()).hexdigest())
+    return {"model_type": config.get("model_type"), "weights": hashlib.sha256("".join(sorted(parts)).encode()).hexdigest()[:16]}
 
 
 @contextlib.contextmanager

@@ -163,6 +163,9 @@ def save_checkpoint(
             lora = getattr(model, "lensrl_lora", None)  # set by lensrl.train.lora.add_lora
             if trainable_only and dataclasses.is_dataclass(lora):
                 meta["lora"] = dataclasses.asdict(lora)
+            base = getattr(model, "lensrl_base", None)  # set by lensrl.models.load.load_policy
+            if base is not None:
+                meta["base"] = base
             _write_synced(tmp / "meta.json", json.dumps(meta))
             _fsync_dir(tmp)
             if final.exists():

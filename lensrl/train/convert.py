@@ -186,6 +186,9 @@ def convert_checkpoint(
         raise ConvertError("--expert-layout per_expert with --lora-format peft: an adapter folder holds no expert "
                            "weights; leave --expert-layout out")
     base_dir, pixels = _resolve_base(ckpt, base, adapters_only=lora is not None)
+    from lensrl.models.load import base_identity
+
+    check_base(ckpt, base_identity(base_dir), adapters=lora is not None, named=f"the base model {base_dir}")
     if adapter_folder:
         adapters = _plan_adapters(ckpt, _meta_model(base_dir)[1], lora)
     else:
@@ -486,6 +489,31 @@ def _stored_model_weights(ckpt: Path) -> dict[str, Any]:
 
     metadata = FileSystemReader(str(ckpt)).read_metadata().state_dict_metadata
     return {key.removeprefix("model."): meta for key, meta in metadata.items() if key.startswith("model.")}
+
+
+def check_base(ckpt: str | Path, base: dict, adapters: bool, named: str) -> None:
+    """Refuse a base model other than the one checkpoint `ckpt` was trained from, by what its
+    meta.json recorded ("base": `lensrl.models.load.base_identity` of the starting folder): another
+    model_type always (its config.json would describe other weights); other weights of the same
+    shapes when the checkpoint holds LoRA adapters (`adapters`), which only mean something on the
+    weights they were trained on (a merge gives a model nobody trained, a resume trains on top of
+    the wrong one). `base`: the identity of the folder offered, `named` how to name it. Checkpoints
+    written before meta.json recorded a base, and bases without weights (shape names), pass."""
+    ckpt = Path(ckpt)
+    try:
+        recorded = json.loads((ckpt / "meta.json").read_text()).get("base")
+    except (OSError, ValueError):
+        return  # load_checkpoint / lora_settings say what is wrong with the folder
+    if not recorded:
+        return
+    if recorded.get("model_type") and base.get("model_type") and recorded["model_type"] != base["model_type"]:
+        raise ConvertError(f"{ckpt} was trained from a {recorded['model_type']} model, and {named} is a "
+                           f"{base['model_type']} model: name the model folder the run started from")
+    if adapters and recorded.get("weights") and base.get("weights") and recorded["weights"] != base["weights"]:
+        raise ConvertError(f"{ckpt} holds LoRA adapters trained on other base weights than {named}'s (weights "
+                           f"fingerprint {recorded['weights']} when trained, {base['weights']} now): adapters only "
+                           "mean something on the weights they were trained with; name that model folder "
+                           "(the run's model.path)")
 
 
 def lora_settings(ckpt: str | Path) -> LoraSettings | None:

@@ -386,12 +386,13 @@ def save(trainer) -> Path:
                            state, trainer.cfg.trainer.save_limit, trainable_only=trainer.lora)
 
 
-def check_lora_resume(path: Path, current) -> None:
+def check_lora_resume(path: Path, current, base: dict | None = None) -> None:
     """Refuse to resume checkpoint `path` with other LoRA settings than it was trained with: full
     parameters vs adapters, or another rank, alpha, target_modules or vision_tower (dropout may
     change). Loading would fail deep in torch's loader or, with fewer targets, silently drop
-    trained adapters. current: this run's LoraSettings, None for full-parameter training."""
-    from lensrl.train.convert import ConvertError, lora_settings
+    trained adapters. current: this run's LoraSettings, None for full-parameter training. base:
+    this run's base identity (`base_identity`), checked against the checkpoint's for LoRA."""
+    from lensrl.train.convert import ConvertError, check_base, lora_settings
 
     if not (Path(path) / ".metadata").is_file():  # no DCP index: load_checkpoint says what is wrong with it
         return
@@ -412,6 +413,11 @@ def check_lora_resume(path: Path, current) -> None:
         raise ConfigError(f"{path} was trained with {say(saved)}, and this run asks for {say(current)}: resuming "
                           "would drop or misplace trained weights. Resume with the checkpoint's settings, or start "
                           "afresh under another trainer.run_name (or trainer.resume=never)")
+    if current is not None and base is not None:  # adapters on top of other base weights: refused
+        try:
+            check_base(path, base, adapters=True, named="this run's model.path")
+        except ConvertError as e:
+            raise ConfigError(str(e)) from None
 
 
 def resume(trainer) -> None:
@@ -441,7 +447,7 @@ def resume(trainer) -> None:
                           "those newer checkpoints are replaced as the run reaches their steps[/yellow]", soft_wrap=True)
     if path is None:
         return
-    check_lora_resume(path, trainer.cfg.model.lora if trainer.lora else None)
+    check_lora_resume(path, trainer.cfg.model.lora if trainer.lora else None, getattr(trainer.policy, "lensrl_base", None))
     state = load_checkpoint(path, trainer.policy, trainer.optimizer, trainer.scheduler, trainable_only=trainer.lora)
     trainer.step = state["step"]
     optim = trainer.cfg.actor.optim if hasattr(trainer.cfg, "actor") else trainer.cfg.optim

@@ -168,3 +168,23 @@ def test_what_cannot_be_converted_is_refused(lora_run, tiny_qwen25_dir, tmp_path
     out = convert_checkpoint(run / "checkpoints" / "step_2", tmp_path / "out", lora_format="peft", progress=False)
     assert json.loads((out / "adapter_config.json").read_text())["lora_alpha"] == 8.0
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp_")]
+
+
+def test_adapters_are_not_merged_into_other_base_weights_of_the_same_shapes(lora_run, tiny_qwen25_dir, tiny_qwen3_dir,
+                                                                           tmp_path):
+    """The checkpoint records its base (model_type and a fingerprint of its weights): a base of the
+    same shapes but other weights (another seed: another fine-tune of the same release, say) gave a
+    merged model nobody trained, without a word; another architecture is refused too."""
+    from lensrl.models.tiny import make_tiny_model
+
+    _, ckpt, _ = lora_run
+    meta = json.loads((ckpt / "meta.json").read_text())
+    assert meta["base"]["model_type"] == "qwen2_5_vl" and len(meta["base"]["weights"]) == 16
+    other = make_tiny_model(tmp_path / "other_seed", arch="qwen2_5_vl", preset="1m", seed=1)
+    with pytest.raises(ConvertError, match=r"LoRA adapters trained on other base weights than the base model "
+                                           r".*other_seed's \(weights fingerprint [0-9a-f]{16} when trained, "
+                                           r"[0-9a-f]{16} now\)"):
+        convert_checkpoint(ckpt, tmp_path / "out", base=str(other), progress=False)
+    with pytest.raises(ConvertError, match=r"trained from a qwen2_5_vl model, and the base model .* is a qwen3_vl model"):
+        convert_checkpoint(ckpt, tmp_path / "out", base=str(tiny_qwen3_dir), lora_format="peft", progress=False)
+    assert not (tmp_path / "out").exists()

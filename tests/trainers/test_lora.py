@@ -134,6 +134,21 @@ def test_resuming_with_other_lora_settings_is_refused(lora_grpo):
             check_lora_resume(ckpt, other)
 
 
+def test_resuming_lora_adapters_on_other_base_weights_is_refused(lora_grpo, color_data, tmp_path):
+    """model.path changed between runs to weights of the same shapes: the adapters would load and
+    train on top of a base they were not trained with, without a word; refused, naming both."""
+    import shutil
+
+    from lensrl.models.tiny import make_tiny_model
+
+    out, _ = lora_grpo
+    shutil.copytree(out / "one", tmp_path / "runs" / "one")  # the fixture's run stays as it was
+    other = make_tiny_model(tmp_path / "other_seed", arch="qwen2_5_vl", preset="1m", seed=1)
+    overrides = grpo_args(other, color_data, tmp_path / "runs", "one", *LORA_GRPO, "trainer.total_steps=4")
+    with pytest.raises(ConfigError, match=r"LoRA adapters trained on other base weights than this run's model\.path"):
+        GRPOTrainer(load_config(GRPOConfig, None, overrides)).fit()
+
+
 def test_a_lora_target_that_names_nothing_is_refused(tiny_qwen25_dir, color_data, tmp_path):
     overrides = sft_overrides(tiny_qwen25_dir, color_data, tmp_path, "typo", *LORA,
                               "model.lora.target_modules=[q_proj,bogus]")
