@@ -87,6 +87,14 @@ def add_lora(model: torch.nn.Module, cfg, seed: int = 0) -> int:
         if "lora_" in name:
             param.requires_grad_(True)
             param.data = param.data.float()  # fp32 adapters over a base of any dtype
+    narrow = min((min(m.in_features, m.out_features), name) for name, m in model.named_modules()
+                 if isinstance(m, LoraLinear) for m in [m.get_base_layer()])
+    if cfg.rank > narrow[0]:
+        import warnings
+
+        warnings.warn(f"model.lora.rank={cfg.rank} is above the width of {narrow[1]} ({narrow[0]}): B A cannot "
+                      f"have a rank above {narrow[0]} there, so the extra rank only adds parameters and compute; "
+                      "a rank at most the smallest adapted width gives the same capacity", stacklevel=2)
     model.lensrl_lora = cfg  # what save_adapter writes into adapter_config.json
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 

@@ -286,3 +286,22 @@ def test_a_vision_tower_lora_that_adapts_nothing_in_it_is_refused(tiny_qwen3_dir
     trained = {n.split(".lora_")[0].rsplit(".", 1)[-1] for n, p in model.named_parameters()
                if p.requires_grad and ".visual." in n}
     assert trained == {"linear_fc1", "linear_fc2"}
+
+
+def test_a_rank_above_a_layers_width_is_named(tiny_qwen25_dir):
+    from lensrl.config import LoraSettings
+    from lensrl.models.load import load_policy
+    from lensrl.train.lora import add_lora
+
+    model, _ = load_policy(tiny_qwen25_dir)
+    narrowest = min(min(m.in_features, m.out_features) for n, m in model.named_modules()
+                    if isinstance(m, torch.nn.Linear) and ".language_model." in f".{n}" and n.endswith("k_proj"))
+    with pytest.warns(UserWarning, match=rf"model\.lora\.rank={narrowest + 1} is above the width of .*k_proj "
+                                         rf"\({narrowest}\)"):
+        add_lora(model, LoraSettings(rank=narrowest + 1))
+    model, _ = load_policy(tiny_qwen25_dir)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*lora.rank")
+        add_lora(model, LoraSettings(rank=narrowest))
