@@ -414,8 +414,8 @@ class GRPOTrainer:
                         mb_metrics[k] = mb_metrics.get(k, 0.0) + v
                 for micro, logp in batch.pop("current_logp_on_device", []):  # the on-policy old log-probs
                     batch["current_logp"][micro] = logp.cpu()
+                grad_norm = clip_grad_norm(self.policy.parameters(), actor.optim.grad_clip)  # queued before the sync below
                 mb_metrics = dist.sum_metrics(dist.host_floats(mb_metrics))  # each rank's part of the mini-batch's values
-                grad_norm = clip_grad_norm(self.policy.parameters(), actor.optim.grad_clip)
                 finite = math.isfinite(float(grad_norm)) and math.isfinite(mb_metrics.get("actor/loss", 0.0))
                 if finite:
                     lrs.append(self.optimizer.param_groups[0]["lr"])
