@@ -41,10 +41,20 @@ def launch(nproc: int, command: str, overrides: list[str], timeout: float = 300,
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
                *LENSRL, command, *overrides]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(env or {})}
+    # PYTHONFAULTHANDLER: a rank that aborts (the rare "terminate called without an active exception"
+    # of a 2-rank gloo run in the full suite, sessions 5-9) dumps every thread's Python stack
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1", **(env or {})}
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-6000:]
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-12000:] + _rank_notes(overrides)
     return result
+
+
+def _rank_notes(overrides: list[str]) -> str:
+    """Each rank's last phase (lensrl.train.heartbeat's notes in the run folder), for a failure message."""
+    given = dict(o.split("=", 1) for o in overrides if "=" in o)
+    folder = Path(given.get("trainer.output_dir", "runs")) / given.get("trainer.run_name", "run") / ".ranks"
+    notes = [p.read_text() for p in sorted(folder.glob("rank_*.json"))] if folder.is_dir() else []
+    return "\nrank notes: " + (" ".join(notes) or f"none under {folder}")
 
 
 def grpo_args(model_dir: Path, data: Path, out: Path, name: str, *extra: str) -> list[str]:
