@@ -658,7 +658,9 @@ def parse_args() -> argparse.Namespace:
     if only - set(SECTIONS):
         p.error(f"--only: unknown sections {sorted(only - set(SECTIONS))}; known: {', '.join(SECTIONS)}")
     if only:
-        args.skip |= set(SECTIONS) - only - {"bandwidth", "hf"}  # hf: the HF run of each section that runs
+        # hf: the HF run of each section that runs; setup: the Qwen2.5-VL model the dense sections need
+        keep = {"bandwidth", "hf"} | ({"setup"} if only - {"qwen3", "moe"} else set())
+        args.skip |= set(SECTIONS) - only - keep
     if args.tiny:
         args.device = torch.device("cpu")
         args.dtype = torch.float32
