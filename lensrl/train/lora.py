@@ -118,12 +118,7 @@ def check_targets(model: torch.nn.Module, cfg) -> None:
         if not matches and default:
             continue
         if not matches:
-            scope = {name: m for name, m in modules.items() if re.fullmatch(rf".*{where}\..*", name)}
-            last = {}  # a name is offered when every module it matches is Linear (`proj` also names a Conv3d)
-            for name, m in scope.items():
-                key = name.rsplit(".", 1)[-1]
-                last[key] = last.get(key, True) and isinstance(m, torch.nn.Linear)
-            linear = sorted(k for k, ok in last.items() if ok and not k.isdigit())
+            linear = _linear_names(modules, where)
             experts = " (its MLPs are stacked experts, which LoRA does not adapt)" if any(
                 name.endswith(".mlp.experts") for name in modules) else ""
             raise ConfigError(f"model.lora.target_modules: {target!r} names no module of the "
@@ -137,15 +132,24 @@ def check_targets(model: torch.nn.Module, cfg) -> None:
     if cfg.vision_tower:  # the names differ by architecture: Qwen3-VL's vision MLP is linear_fc1/linear_fc2
         names = "|".join(re.escape(t) for t in cfg.target_modules)
         if not any(re.fullmatch(rf".*visual\..*\.({names})", name) for name in modules):
-            last = {}  # a name is offered when every module it matches is Linear (`proj` also names a Conv3d)
-            for name, m in modules.items():
-                if re.fullmatch(r".*visual\..*", name):
-                    key = name.rsplit(".", 1)[-1]
-                    last[key] = last.get(key, True) and isinstance(m, torch.nn.Linear)
-            linear = sorted(k for k, ok in last.items() if ok and not k.isdigit())
+            linear = _linear_names(modules, "visual")
             raise ConfigError(f"model.lora.vision_tower=true, but no name in model.lora.target_modules="
                               f"{list(cfg.target_modules)} is a layer of this model's vision tower, so nothing "
                               f"in it would train; its Linear projections: {', '.join(linear)} (add those to adapt)")
+
+
+def _linear_names(modules: dict[str, torch.nn.Module], where: str) -> list[str]:
+    """The last name parts of the Linear layers under `where` (a regex: "language_model", "visual")
+    that a target_modules entry can name: a name is offered when every module it matches there is
+    Linear (`proj` also names the patch embedding's Conv3d), block indices left out."""
+    import re
+
+    linear: dict[str, bool] = {}
+    for name, m in modules.items():
+        if re.fullmatch(rf".*{where}\..*", name):
+            key = name.rsplit(".", 1)[-1]
+            linear[key] = linear.get(key, True) and isinstance(m, torch.nn.Linear)
+    return sorted(k for k, ok in linear.items() if ok and not k.isdigit())
 
 
 def lora_layers(model: torch.nn.Module) -> list[torch.nn.Module]:

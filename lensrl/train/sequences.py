@@ -158,9 +158,9 @@ def shared_images(model: torch.nn.Module, image_index: torch.Tensor | None, imag
 
     def before(module, args, kwargs):
         if "grid_thw" in kwargs:
-            kwargs = {**kwargs, "grid_thw": distinct_grid.to(kwargs["grid_thw"].device)}
+            kwargs = {**kwargs, "grid_thw": to_device(distinct_grid, kwargs["grid_thw"].device)}
         else:
-            args = (args[0], distinct_grid.to(args[1].device), *args[2:])
+            args = (args[0], to_device(distinct_grid, args[1].device), *args[2:])
         return args, kwargs
 
     def after(module, args, kwargs, output):

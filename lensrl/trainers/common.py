@@ -331,8 +331,8 @@ def micro_batches(rows: list[int], seqs, use_dynamic_bsz: bool, max_tokens: int,
 
     same_count_on_all_ranks (FSDP): every rank gets the largest rank's number of micro-batches,
     some of them empty when a rank has fewer sequences than that."""
-    units = image_units([seqs[i] for i in rows])  # a GRPO group's sequences together: its image runs once
     if use_dynamic_bsz:
+        units = image_units([seqs[i] for i in rows])  # a GRPO group's sequences together: its image runs once
         plan = plan_micro_batches([seqs[i].num_tokens for i in rows], max_tokens, units=units)
         groups = [[rows[j] for j in group] for group in plan if group]
     else:
