@@ -102,6 +102,10 @@ def mean_of(records: list[dict], key: str, last: int | None = None) -> float | N
     return round(statistics.mean(values), 6) if values else None
 
 
+def _env() -> dict[str, str]:
+    return {**os.environ, "PYTHONUNBUFFERED": "1", "NCCL_NVLS_ENABLE": "0"}
+
+
 class Bench:
     def __init__(self, out: Path, timeout: float):
         self.out, self.timeout = out, timeout
@@ -116,7 +120,7 @@ class Bench:
         start, log_path = time.time(), self.out / "logs" / f"{name}.log"
         entry = {"commands": [" ".join(c) for c in commands], "log": str(log_path)}
         print(f"--- {name}: {' && '.join(' '.join(c[2:]) for c in commands)}", flush=True)
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "NCCL_NVLS_ENABLE": "0"}
+        env = _env()
         with open(log_path, "w") as log:
             for cmd in commands:
                 try:
@@ -131,7 +135,7 @@ class Bench:
     def phases_together(self, phases: dict[str, list[str]]) -> dict[str, bool]:
         """Run one command per phase, all at once (the two GRPO twins on one GPU: a 50M model leaves
         it mostly idle, so together they take about the time of one); {name: succeeded}."""
-        start, env = time.time(), {**os.environ, "PYTHONUNBUFFERED": "1", "NCCL_NVLS_ENABLE": "0"}
+        start, env = time.time(), _env()
         procs = {}
         for name, cmd in phases.items():
             log_path = self.out / "logs" / f"{name}.log"

@@ -30,12 +30,16 @@ def _clip(intervals, lo, hi):
     return [(max(a, lo), min(b, hi)) for a, b in intervals if b > lo and a < hi]
 
 
-def summarize(path: Path) -> list[dict]:
-    """Rows {phase, wall_ms, compute_ms, nccl_ms, idle_ms} for one trace file, in step order."""
+def load_spans(path: Path) -> list[dict]:
+    """The complete-duration events ("ph": "X") of one trace file (a step's trace is hundreds of MB:
+    read it once)."""
     opener = gzip.open if path.suffix == ".gz" else open
     with opener(path, "rt") as f:
-        events = json.load(f)["traceEvents"]
-    spans = [e for e in events if e.get("ph") == "X"]
+        return [e for e in json.load(f)["traceEvents"] if e.get("ph") == "X"]
+
+
+def summarize(spans: list[dict]) -> list[dict]:
+    """Rows {phase, wall_ms, compute_ms, nccl_ms, idle_ms} of one trace's `load_spans`, in step order."""
     phases = sorted((e["ts"], e["ts"] + e["dur"], e["name"][len("lensrl/"):]) for e in spans
                      if e.get("cat") == "user_annotation" and e["name"].startswith("lensrl/"))
     gpu = [e for e in spans if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")]
@@ -64,12 +68,9 @@ def summarize(path: Path) -> list[dict]:
     return [*rows.values(), total]
 
 
-def top_kernels(path: Path, phase: str, top: int = 15) -> list[tuple[str, float, int]]:
-    """The `top` GPU kernels by summed duration inside phase `phase` (every range of that name):
-    [(name, ms, count)], longest first."""
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt") as f:
-        events = [e for e in json.load(f)["traceEvents"] if e.get("ph") == "X"]
+def top_kernels(events: list[dict], phase: str, top: int = 15) -> list[tuple[str, float, int]]:
+    """The `top` GPU kernels of one trace's `load_spans` by summed duration inside phase `phase`
+    (every range of that name): [(name, ms, count)], longest first."""
     ranges = [(e["ts"], e["ts"] + e["dur"]) for e in events
               if e.get("cat") == "user_annotation" and e["name"] == f"lensrl/{phase}"]
     totals: dict[str, list] = {}
@@ -89,7 +90,8 @@ def main() -> None:
     args = parser.parse_args()
     for path in args.traces:
         print(f"\n{path}")
-        rows = summarize(path)
+        spans = load_spans(path)
+        rows = summarize(spans)
         if rows and rows[-1]["compute_ms"] == 0 and rows[-1]["nccl_ms"] == 0:
             print("(no GPU kernels in this trace: a CPU run, so all its time shows as 'GPU idle')")
         print(f"{'phase':<14} {'wall ms':>9} {'compute':>9} {'nccl':>9} {'GPU idle':>9}")
@@ -97,7 +99,7 @@ def main() -> None:
             print(f"{r['phase']:<14} {r['wall_ms']:>9.1f} {r['compute_ms']:>9.1f} {r['nccl_ms']:>9.1f} {r['idle_ms']:>9.1f}")
         if args.top:
             print(f"\nlongest kernels in {args.phase}:\n{'ms':>9} {'count':>6}  kernel")
-            for name, ms, count in top_kernels(path, args.phase, args.top):
+            for name, ms, count in top_kernels(spans, args.phase, args.top):
                 print(f"{ms:>9.1f} {count:>6}  {name}")
 
 
