@@ -297,3 +297,14 @@ def test_rollout_train_gap():
     same = rollout_train_gap(train, train, mask)
     assert same["rollout/train_kl"].item() == 0.0
     assert same["rollout/train_logprob_absdiff"].item() == 0.0
+
+
+def test_rollout_train_kl_is_never_negative_when_the_two_nearly_agree():
+    """k3 = exp(d) - d - 1 >= 0, but in fp32 at |d| ~ 1e-4 it rounds below zero; the metric showed
+    -1e-9 (a negative KL) on a GPU run whose rollout and trainer agreed to 1e-5."""
+    generator = torch.Generator().manual_seed(0)
+    train = -torch.rand(64, 32, generator=generator) * 5
+    rollout = train + torch.randn(64, 32, generator=generator) * 1e-4
+    raw = kl_penalty(rollout.float(), train.float(), "k3")
+    assert (raw < 0).any()  # what the metric used to average
+    assert rollout_train_gap(train, rollout, torch.ones(64, 32))["rollout/train_kl"] >= 0
