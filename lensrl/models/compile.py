@@ -130,3 +130,14 @@ def _experts_dispatch(experts, *args, **kwargs):
 @torch.compiler.disable
 def _eager_experts(experts, *args, **kwargs):
     return type(experts).forward(experts, *args, **kwargs)
+
+
+def compile_seconds() -> float:
+    """Seconds this process has spent in torch.compile so far (dynamo tracing, AOTAutograd and
+    inductor, cache hits included, a backward compiled at its first call not; from `torch._dynamo.utils.compile_times`); 0.0 before any
+    compile. The GRPO trainer logs its growth per step as `timing_s/compile`: where a first step's
+    time goes, and a later step that recompiles."""
+    from torch._dynamo.utils import compile_times
+
+    names, values = compile_times(repr="csv", aggregate=True)
+    return sum((float(v) for n, v in zip(names, values) if n == "_compile.compile_inner"), 0.0)

@@ -25,6 +25,7 @@ from lensrl.algorithms.losses import (
 from lensrl.config import GRPOConfig, check
 from lensrl.data.datasets import BatchSampler, process_rows
 from lensrl.logging import console, progress_bar
+from lensrl.models.compile import compile_enabled, compile_seconds
 from lensrl.models.load import update_flops_per_token
 from lensrl.rewards.function import reward_sample
 from lensrl.rewards.pool import RewardPool
@@ -67,16 +68,22 @@ class GRPOTrainer:
         check_data(cfg.data)
         self.cfg = cfg
         t, actor = cfg.trainer, cfg.actor
-        # the frozen reference exists only when a KL term needs it
-        setup_policy(self, cfg, with_ref=cfg.algorithm.use_kl_loss)
+        self.startup: dict[str, float] = {}  # where the time to the first step goes: timing_s/startup/* at step 1
+        with _timer(self.startup, "policy"):  # load, compile wrappers, FSDP, the rollout's full-weight copy
+            # the frozen reference exists only when a KL term needs it
+            setup_policy(self, cfg, with_ref=cfg.algorithm.use_kl_loss)
+        self.compiled = compile_enabled(cfg.model.compile, self.device)  # compiles happen at first call
+        self.compile_s = compile_seconds() if self.compiled else 0.0
         self.router = RouterRecorder(self.policy, cfg.model.router_aux_loss_coef)  # MoE: aux loss, expert load
         self._overlong_warned = False
         self.flops_per_token = update_flops_per_token(self.policy)  # perf/mfu/actor; what trains is fixed from here
-        self.train_data = load_split(cfg.data.train_files, cfg.data, "train", self.processor)
-        self.val_data = load_split(cfg.data.val_files, cfg.data, "test", self.processor)
+        with _timer(self.startup, "data"):
+            self.train_data = load_split(cfg.data.train_files, cfg.data, "train", self.processor)
+            self.val_data = load_split(cfg.data.val_files, cfg.data, "test", self.processor)
         self.sampler = BatchSampler.from_dataset(self.train_data, t.rollout_batch_size, cfg.data.seed,
                                                  cfg.data.shuffle)
-        self.rollout = build_rollout(cfg.rollout, self.rollout_model, self.processor, self.device)
+        with _timer(self.startup, "rollout"):  # the engine: KV cache, weights, CUDA graphs
+            self.rollout = build_rollout(cfg.rollout, self.rollout_model, self.processor, self.device)
         self.pool = RewardPool(cfg.reward)
         self.updates_per_step = actor.ppo_epochs * (t.rollout_batch_size // actor.mini_batch_size)
         self.optimizer = build_optimizer(self.policy.parameters(), actor.optim)
@@ -496,6 +503,11 @@ class GRPOTrainer:
         for part in sorted({part for r in everyone for part in r["parts"]}):  # every part any completion had
             metrics[f"reward/{part}"] = sum(r["parts"].get(part, 0.0) for r in everyone) / len(everyone)
         metrics.update({f"timing_s/{k}": v for k, v in timing.items()})
+        metrics.update({f"timing_s/startup/{k}": v for k, v in self.startup.items()})  # then emptied: step 1 only
+        self.startup = {}
+        if self.compiled:  # torch.compile's share of this step (step 1: most of it; later: a recompile)
+            total = compile_seconds()
+            metrics["timing_s/compile"], self.compile_s = total - self.compile_s, total
         metrics.update(dist.sum_metrics(self.pool.take_metrics()))  # reward worker restarts, deaths, grader timeouts
         if dist.world_size() > 1:  # where ranks wait for each other: the slowest rank's phases
             slowest = dist.all_gather_objects(timing)

@@ -107,3 +107,17 @@ def test_compile_setting():
     assert compile_enabled("auto", "cpu") is False  # CPU compiles slower than tiny models run
     with pytest.raises(ValueError, match="model.compile must be auto, always or never, got 'yes'"):
         compile_enabled("yes", "cpu")
+
+
+def test_compile_seconds_counts_compiles_not_cached_calls():
+    """`compile_seconds` (the GRPO trainer's timing_s/compile) grows when torch.compile traces a
+    new function or shape class, and not when a compiled function runs again."""
+    from lensrl.models.compile import compile_seconds
+
+    before = compile_seconds()
+    fn = torch.compile(lambda x: torch.sin(x) * x + 1, backend="eager", dynamic=True)
+    fn(torch.randn(8))
+    after_first = compile_seconds()
+    assert after_first > before
+    fn(torch.randn(12))  # dynamic shapes: the same graph, no new compile
+    assert compile_seconds() == after_first

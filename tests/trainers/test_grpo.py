@@ -47,6 +47,11 @@ def test_grpo_cli_writes_a_complete_run(tiny_qwen25_dir, color_data, tmp_path, m
                  "critic/advantages/max", "critic/advantages/min", "prompt_length/min", "prompt_length/clip_ratio",
                  "perf/cpu_memory_used_gb"]:
         assert name in records[1], name
+    # where the time to the first step went: the set-up phases, once, in the first step's record
+    startup = {k: v for k, v in records[1].items() if k.startswith("timing_s/startup/")}
+    assert set(startup) == {"timing_s/startup/policy", "timing_s/startup/data", "timing_s/startup/rollout"}
+    assert all(v >= 0 for v in startup.values()) and startup["timing_s/startup/policy"] > 0
+    assert not any(k.startswith("timing_s/startup/") for k in records[2])
     assert "val/accuracy" in records[0] and "val/accuracy" in records[2]
     assert "val-core/test/acc/mean@2" in records[2] and "timing_s/testing" in records[2]  # 2 samples per validation prompt
     # TensorBoard: a real event file with the same numbers.
