@@ -19,6 +19,7 @@ Cases (--cases):
   3b-gc     the same with gradient checkpointing
   3b-gcv    3b-gc with model.gradient_checkpointing_scope=vision: the decoder keeps its activations
   3b-gcv-8k 3b-gcv with 8,192-token micro-batches (half the activation memory)
+  3b-gcv-step 3b-gcv with trainer.fsdp.reduce_grads=per_step and reshard_after_forward=false
   3b-gc-step  3b-gc with trainer.fsdp.reduce_grads=per_step and reshard_after_forward=false
   3b-gc-kl  3b-gc with algorithm.use_kl_loss=true: the reference in bf16 (ref.dtype=auto)
   3b-gc-kl-fp32ref  the same with the reference in fp32, as the policy's master weights (the old behaviour)
@@ -36,6 +37,7 @@ Cases (--cases):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -58,6 +60,11 @@ CASES = {
     "3b": ["model.path=qwen2_5_vl_3b"],
     "3b-gc": ["model.path=qwen2_5_vl_3b", "model.gradient_checkpointing=true"],
     "3b-gcv": ["model.path=qwen2_5_vl_3b", "model.gradient_checkpointing=true", "model.gradient_checkpointing_scope=vision"],
+    # 3b-gcv with each FSDP unit gathered once per step and its gradients reduced once (one rank:
+    # FSDP's per-micro-batch copies and casts move nothing)
+    "3b-gcv-step": ["model.path=qwen2_5_vl_3b", "model.gradient_checkpointing=true",
+                    "model.gradient_checkpointing_scope=vision", "trainer.fsdp.reduce_grads=per_step",
+                    "trainer.fsdp.reshard_after_forward=false"],
     "3b-gcv-8k": ["model.path=qwen2_5_vl_3b", "model.gradient_checkpointing=true",
                   "model.gradient_checkpointing_scope=vision", "actor.max_tokens_per_mbs=8192"],
     # each FSDP unit gathered and its gradients reduced once per optimizer step, not per micro-batch
@@ -79,6 +86,29 @@ CASES = {
     "q3-4b": ["model.path=qwen3_vl_4b", "model.gradient_checkpointing=true"],
     "tiny": ["rollout.backend=hf", "rollout.max_new_tokens=16"],
 }
+
+
+def _live_members(pgid: int) -> list[int]:
+    """Processes of group `pgid` that are not zombies (Linux /proc)."""
+    live = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()  # after "(comm)": state, ppid, pgrp, ...
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            live.append(int(stat.parent.name))
+    return live
+
+
+def _wait_group_gone(pgid: int, limit_s: float = 60.0) -> None:
+    """Kill what is left of a timed-out case's process group and wait until none of it runs, so the
+    next case does not start beside a dying rank that still holds GPU memory (an OOM in session 10)."""
+    deadline = time.time() + limit_s
+    while time.time() < deadline and _live_members(pgid):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pgid, 9)
+        time.sleep(0.5)
 
 
 def run_case(name: str, nproc: int, data: Path, out: Path, prompts: int, steps: int, extra: list[str],
@@ -105,6 +135,8 @@ def run_case(name: str, nproc: int, data: Path, out: Path, prompts: int, steps: 
             time.sleep(0.2)
         rc = proc.wait()
         rc = 124 if rc in (-9, 137) and time.time() - start > timeout else rc
+        if rc == 124:  # a killed rank frees its GPU memory only once it is gone
+            _wait_group_gone(proc.pid)
     log = log_file.read_text()
     result = {"case": name, "nproc": nproc, "rc": rc, "wall_s": round(time.time() - start, 1),
               "time_to_first_step_s": first_step_s, "run": run_name, "command": " ".join(cmd)}
@@ -131,6 +163,9 @@ def run_case(name: str, nproc: int, data: Path, out: Path, prompts: int, steps: 
             "response_length": mean("response_length/mean"), "ref_s": mean("timing_s/ref"),
             # every phase of the step, this rank's (rank 0) and the slowest rank's
             "split": {k[len("timing_s/"):]: mean(k) for k in sorted(timed[-1]) if k.startswith("timing_s/")},
+            # where the time to the first step went: the trainer's set-up phases and step 1's own phases
+            "first_step_split": {k[len("timing_s/"):]: round(v, 2) for k, v in sorted(records[0].items())
+                                 if k.startswith("timing_s/") and "slowest" not in k},
         })
     return result
 
