@@ -6,11 +6,17 @@ For every `lensrl/<phase>` range of the step (the trainers' `_timer` phases) it 
 time, the time the GPU ran compute kernels, the time NCCL kernels ran (collectives: on several
 ranks, a long NCCL time beside idle compute is a rank waiting for a slower one), and the time the
 GPU did nothing (host work, launch gaps, waits). Time outside every phase is listed as `(between)`.
+
+    python benchmarks/trace_summary.py --top 40 --idle 25 --phase update_actor TRACE
+
+`--top` lists a phase's longest kernels; `--idle` what the host was running (the innermost op of
+its latest work) while the GPU idled in that phase: where a host-bound phase loses its time.
 """
 
 from __future__ import annotations
 
 import argparse
+import bisect
 import gzip
 import json
 from pathlib import Path
@@ -82,11 +88,70 @@ def top_kernels(events: list[dict], phase: str, top: int = 15) -> list[tuple[str
     return sorted(((n, ms, c) for n, (ms, c) in totals.items()), key=lambda x: -x[1])[:top]
 
 
+def idle_by_host_op(events: list[dict], phase: str, top: int = 15) -> tuple[list[tuple[str, float, int]], dict]:
+    """What the host was doing while the GPU idled inside phase `phase`: for each GPU-idle gap of
+    one trace's `load_spans`, the CPU op (or annotation) running at the gap's midpoint that started
+    last on any host thread, i.e. the innermost op of the host's most recent work ("main": the
+    thread of the phase's range; "other": another, e.g. autograd's backward thread; nothing but the
+    phase itself: Python between ops). Returns ([(thread: op, idle ms, gaps)], longest first, and
+    {gap size class: idle ms}). A long idle under a Python-level op (dynamo's cache lookup, a
+    compiled function's wrapper, FSDP's hooks) is host overhead that a larger or fused unit of work
+    removes; under a kernel launch or a copy, a synchronisation."""
+    ranges = [(e["ts"], e["ts"] + e["dur"], e.get("tid")) for e in events
+              if e.get("cat") == "user_annotation" and e["name"] == f"lensrl/{phase}"]
+    main_tids = {tid for _, _, tid in ranges}
+    gpu = sorted((e["ts"], e["ts"] + e["dur"]) for e in events if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset"))
+    gaps = []
+    for lo, hi, _ in ranges:
+        end = lo
+        for a, b in _clip(gpu, lo, hi):
+            if a > end:
+                gaps.append((end, a))
+            end = max(end, b)
+        if hi > end:
+            gaps.append((end, hi))
+    sizes: dict[str, float] = {}
+    for a, b in gaps:
+        d = b - a
+        label = "< 10 us" if d < 10 else "< 50 us" if d < 50 else "< 200 us" if d < 200 else "< 1 ms" if d < 1000 else ">= 1 ms"
+        sizes[label] = sizes.get(label, 0.0) + d / 1e3
+    threads: dict[object, list[dict]] = {}
+    for e in events:
+        if e.get("cat") in ("cpu_op", "user_annotation", "cuda_runtime", "cuda_driver"):
+            threads.setdefault(e.get("tid"), []).append(e)
+    starts = {}
+    for tid, evs in threads.items():
+        evs.sort(key=lambda e: e["ts"])
+        starts[tid] = [e["ts"] for e in evs]
+    totals: dict[str, list] = {}
+    for a, b in gaps:
+        mid = (a + b) / 2
+        best = None  # over all threads: the covering op that started last (the host's most recent work)
+        for tid, evs in threads.items():
+            i = bisect.bisect_right(starts[tid], mid) - 1
+            for j in range(i, max(i - 5000, -1), -1):  # the latest-starting op that covers mid: the innermost
+                if evs[j]["ts"] + evs[j]["dur"] >= mid:
+                    if best is None or evs[j]["ts"] > best[1]["ts"]:
+                        best = (tid, evs[j])
+                    break
+        if best is None or best[1]["name"] == f"lensrl/{phase}":
+            key = f"main: lensrl/{phase} (Python between ops)"
+        else:
+            key = f"{'main' if best[0] in main_tids else 'other'}: {best[1]['name'][:70]}"
+        entry = totals.setdefault(key, [0.0, 0])
+        entry[0] += (b - a) / 1e3
+        entry[1] += 1
+    ranked = sorted(((k, ms, n) for k, (ms, n) in totals.items()), key=lambda x: -x[1])[:top]
+    return ranked, sizes
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("traces", nargs="+", type=Path)
     parser.add_argument("--top", type=int, default=0, help="also list the N longest kernels of --phase")
-    parser.add_argument("--phase", default="update_actor", help="the phase --top looks into")
+    parser.add_argument("--phase", default="update_actor", help="the phase --top and --idle look into")
+    parser.add_argument("--idle", type=int, default=0,
+                        help="also list the N host ops most often running while the GPU idled in --phase")
     args = parser.parse_args()
     for path in args.traces:
         print(f"\n{path}")
@@ -100,6 +165,13 @@ def main() -> None:
         if args.top:
             print(f"\nlongest kernels in {args.phase}:\n{'ms':>9} {'count':>6}  kernel")
             for name, ms, count in top_kernels(spans, args.phase, args.top):
+                print(f"{ms:>9.1f} {count:>6}  {name}")
+        if args.idle:
+            ranked, sizes = idle_by_host_op(spans, args.phase, args.idle)
+            print(f"\nGPU idle in {args.phase} by gap size: "
+                  + ", ".join(f"{k} {v:.0f} ms" for k, v in sorted(sizes.items(), key=lambda x: -x[1])))
+            print(f"host op at the gap's midpoint (the innermost of the latest work):\n{'idle ms':>9} {'gaps':>6}  thread: op")
+            for name, ms, count in ranked:
                 print(f"{ms:>9.1f} {count:>6}  {name}")
 
 
