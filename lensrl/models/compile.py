@@ -10,9 +10,11 @@ Triton kernel (and the same for their backward), matrix multiplies stay cuBLAS.
     n = compile_blocks(model)     # in place; state-dict keys, FSDP units and hooks unchanged
 
 What stays eager, by design:
-  * attention: lensrl's packed attention (`lensrl.train.attention`) reads host-side segment
-    boundaries and calls FlashAttention's varlen kernel; it is excluded from tracing, so each
-    block compiles into two graphs (before and after attention);
+  * attention that needs host-side work: where the caller gives the packed sequences' boundaries
+    (the trainer's packed forward; the vision tower's cu_seqlens) on CUDA in bf16, FlashAttention's
+    varlen kernel is traced into the block's graph (one graph per block); otherwise (boundaries
+    read from the positions, the engine's prefill with its KV sink, CPU) the attention runs
+    eagerly and the block compiles into two graphs, before and after it;
   * calls with a KV cache (`past_key_values`: transformers `generate`): the cache object is
     Python bookkeeping, so those calls take the block's original forward. The engine's prefill
     passes no cache (its K/V go to the pool through `attention.kv_sink`) and runs compiled.

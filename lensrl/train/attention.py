@@ -16,6 +16,17 @@ straight to transformers' own `sdpa_attention_forward`, so a model switched to i
 exactly what it computed before. The vision tower gets the same function under a name containing
 "flash", which makes transformers hand it the per-image/per-window `cu_seqlens` (one varlen call
 per block instead of one SDPA call per image window).
+
+Where the boundaries come from, and what torch.compile sees:
+  * the vision tower: transformers passes `cu_seq_lens_q` and its longest length `max_length_q`;
+  * the text model: a caller that packs (the trainer's `packed_hidden_states`) passes
+    `lensrl_cu_seqlens` (N + 1,) int32 and `lensrl_max_seqlen` (int) to the model's forward;
+    transformers hands every decoder layer's attention its extra keyword arguments. Without them
+    (the engine's prefill, a user's own packed call) the boundaries are read from the text
+    positions on the host, once per forward.
+Given boundaries on CUDA in bf16/fp16 run `varlen_attn` straight from the compiled decoder
+layer or vision block (one graph per block, no host synchronisation); everything else runs in
+`_eager_attention`, which torch.compile leaves out of its graphs (a graph break).
 """
 
 from __future__ import annotations
@@ -193,6 +204,9 @@ def _loop(query, key, value, segments: Segments, causal: bool, scale):
     return torch.cat(outs, dim=2).transpose(1, 2).contiguous()
 
 
+# Resolved once, eagerly (`register`), so that compiled code reads constants: whether torch has
+# varlen attention, and which keywords its signature takes (is_causal on 2.9/2.10, window_size
+# later; scale and enable_gqa arrived later).
 _varlen_state: dict[str, object] = {"usable": None}
 
 
@@ -201,7 +215,9 @@ def _varlen_usable() -> bool:
         try:
             from torch.nn.attention.varlen import varlen_attn
 
-            _varlen_state["params"] = set(inspect.signature(varlen_attn).parameters)
+            params = set(inspect.signature(varlen_attn).parameters)
+            _varlen_state.update(params=params, is_causal="is_causal" in params, scale="scale" in params,
+                                 enable_gqa="enable_gqa" in params)
             _varlen_state["usable"] = True
         except ImportError:
             _varlen_state["usable"] = False
@@ -214,44 +230,51 @@ def _disable_varlen(error: Exception) -> None:
 
 
 def _varlen(query, key, value, segments: Segments, causal: bool, scale):
+    if not _varlen_usable():  # called as backend="varlen" directly
+        raise RuntimeError("torch.nn.attention.varlen is not available in this torch build")
+    return varlen_attention(query, key, value, segments.cu_seqlens, segments.max_length, causal, scale)
+
+
+def varlen_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    max_length,
+    causal: bool,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """FlashAttention over the packed sequences of one row (`torch.nn.attention.varlen.varlen_attn`).
+
+    query (1, Hq, T, D), key/value (1, Hkv, T, D) on CUDA in bf16/fp16; cu_seqlens (N + 1,) int32
+    sequence starts and T; max_length: the longest sequence (int, or a SymInt under
+    torch.compile) -> (1, T, Hq, D). Traceable: no host synchronisation, so a compiled block keeps
+    its attention in its graph. Needs `_varlen_usable()` resolved beforehand (`register`)."""
     from torch.nn.attention.varlen import varlen_attn
 
-    if "params" not in _varlen_state and not _varlen_usable():  # called as backend="varlen" directly
-        raise RuntimeError("torch.nn.attention.varlen is not available in this torch build")
-    params = _varlen_state["params"]
     head_dim = query.shape[-1]
     q = query[0].transpose(0, 1)  # (T, Hq, D)
     k = key[0].transpose(0, 1)  # (T, Hkv, D)
     v = value[0].transpose(0, 1)
     kwargs = {}
-    # The signature moved between torch releases: is_causal (2.9/2.10) became window_size=(-1, 0);
-    # scale and enable_gqa arrived later. Without `scale` the kernel uses 1/sqrt(D).
-    if "is_causal" in params:
+    if _varlen_state["is_causal"]:
         kwargs["is_causal"] = causal
     else:
         kwargs["window_size"] = (-1, 0) if causal else (-1, -1)
-    if scale is not None:
-        if "scale" in params:
+    if scale is not None:  # without `scale` the kernel uses 1/sqrt(D)
+        if _varlen_state["scale"]:
             kwargs["scale"] = scale
         elif abs(scale - head_dim**-0.5) > 1e-12:
             q = q * (scale * head_dim**0.5)
     if k.shape[1] != q.shape[1]:
-        if "enable_gqa" in params:
+        if _varlen_state["enable_gqa"]:
             kwargs["enable_gqa"] = True
         else:
             groups = q.shape[1] // k.shape[1]
             k, v = _repeat_kv(k, groups, 1), _repeat_kv(v, groups, 1)
-    cu = segments.cu_seqlens.to(device=q.device, dtype=torch.int32)
-    out = varlen_attn(
-        q.contiguous(),
-        k.contiguous(),
-        v.contiguous(),
-        cu,
-        cu,
-        segments.max_length,
-        segments.max_length,
-        **kwargs,
-    )  # (T, Hq, D)
+    cu = cu_seqlens.to(device=q.device, dtype=torch.int32)
+    out = varlen_attn(q.contiguous(), k.contiguous(), v.contiguous(), cu, cu, max_length, max_length,
+                      **kwargs)  # (T, Hq, D)
     return out.unsqueeze(0)
 
 
@@ -274,7 +297,31 @@ def kv_sink(fn):
         _kv_sink[0] = previous
 
 
-@torch.compiler.disable  # host-side segment bookkeeping: compiled blocks call it eagerly
+TEXT_SEGMENTS = ("lensrl_cu_seqlens", "lensrl_max_seqlen")  # the model-forward keywords of a packed text row
+
+
+def text_segments(lengths: list[int], device: torch.device | str) -> dict:
+    """The keyword arguments that tell the text attention where the packed sequences of `lengths`
+    (tokens each, back to back in one row) start: pass them to the model's forward with the packed
+    row. cu_seqlens (N + 1,) int32 on `device`, the longest length an int. Nothing is read back
+    from the GPU, and compiled decoder layers keep their attention in the graph."""
+    lengths = [int(n) for n in lengths]
+    cu = torch.zeros(len(lengths) + 1, dtype=torch.int32)
+    cu[1:] = torch.tensor(lengths, dtype=torch.int64).cumsum(0)
+    return {TEXT_SEGMENTS[0]: to_device(cu, device), TEXT_SEGMENTS[1]: max(lengths, default=0)}
+
+
+def _given_segments(query, key, attention_mask, causal: bool, kwargs: dict):
+    """(cu_seqlens, longest length) that the call's keywords give for a packed row, or (None, None)."""
+    if attention_mask is not None or query.shape[0] != 1:
+        return None, None
+    if kwargs.get("cu_seq_lens_q") is not None:  # the vision tower: images / windows
+        return kwargs["cu_seq_lens_q"], kwargs.get("max_length_q")
+    if kwargs.get(TEXT_SEGMENTS[0]) is not None and causal and query.shape[2] == key.shape[2]:
+        return kwargs[TEXT_SEGMENTS[0]], kwargs.get(TEXT_SEGMENTS[1])
+    return None, None
+
+
 def packed_attention_forward(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -286,20 +333,51 @@ def packed_attention_forward(
     is_causal: bool | None = None,
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
-    """An `AttentionInterface` function: segment attention for packed rows, sdpa otherwise."""
+    """An `AttentionInterface` function: segment attention for packed rows, sdpa otherwise.
+
+    Rows whose boundaries the call's keywords give (module doc), on CUDA in bf16/fp16 (the dtype
+    of `value`, which no rope has promoted), with no KV sink active, run `varlen_attention` here,
+    traceable by torch.compile; every other call runs `_eager_attention`."""
+    causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", True))
+    cu_seqlens, max_length = _given_segments(query, key, attention_mask, causal, kwargs)
+    if (
+        cu_seqlens is not None
+        and max_length is not None
+        and not dropout
+        and query.is_cuda
+        and value.dtype in (torch.bfloat16, torch.float16)
+        and _varlen_state["usable"] is True
+        and not _kv_sink_active()
+    ):
+        dtype = value.dtype  # q and k come out of rope in fp32 under autocast
+        return varlen_attention(query.to(dtype), key.to(dtype), value, cu_seqlens, max_length, causal, scaling), None
+    return _eager_attention(module, query, key, value, attention_mask, dropout, scaling, is_causal, **kwargs)
+
+
+def _kv_sink_active() -> bool:
+    """Whether a kv_sink is active; for compiled code, a constant of the trace (the engine's
+    prefill, the only sink, passes no text boundaries and takes the eager path anyway)."""
+    if torch.compiler.is_compiling():
+        return False
+    return _kv_sink[0] is not None
+
+
+@torch.compiler.disable  # host-side segment bookkeeping: compiled blocks call it eagerly
+def _eager_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None,
+                     **kwargs) -> tuple[torch.Tensor, None]:
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     if _kv_sink[0] is not None:
         _kv_sink[0](module, key, value)
-    segments, causal = None, bool(is_causal if is_causal is not None else getattr(module, "is_causal", True))
-    cu_seqlens = kwargs.get("cu_seq_lens_q")
-    if cu_seqlens is not None and query.shape[0] == 1 and attention_mask is None:
-        # vision tower: images / windows given as cu_seqlens (and their longest length)
-        max_length = kwargs.get("max_length_q")
+    causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", True))
+    cu_seqlens, max_length = _given_segments(query, key, attention_mask, causal, kwargs)
+    segments = None
+    if cu_seqlens is not None:  # boundaries given: vision cu_seqlens, or the text's from the caller
         segments = _cached_segments(
             cu_seqlens,
             lambda cu: Segments(cu, max_length if max_length is not None else int((cu[1:] - cu[:-1]).max())),
         )
+        _counters["packed_text_calls"] += "cu_seq_lens_q" not in kwargs
     elif (
         attention_mask is None
         and causal
@@ -357,6 +435,7 @@ def register() -> None:
     from transformers import AttentionInterface
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
+    _varlen_usable()  # resolved here, outside any compiled code
     AttentionInterface.register(TEXT_ATTENTION, packed_attention_forward)
     AttentionInterface.register(VISION_ATTENTION, packed_attention_forward)
     ALL_MASK_ATTENTION_FUNCTIONS.register(TEXT_ATTENTION, _packed_mask)
@@ -379,3 +458,15 @@ def enable_packed_attention(model: torch.nn.Module, vision: bool = True) -> None
     vision_config = getattr(config, "vision_config", None)
     if vision and vision_config is not None and vision_config._attn_implementation == "sdpa":
         vision_config._attn_implementation = VISION_ATTENTION
+    layers = getattr(getattr(model, "model", model), "language_model", None)
+    first = next(iter(getattr(layers, "layers", [])), None)
+    if first is not None and not getattr(first, "_lensrl_counts_segments", False):
+        first.register_forward_pre_hook(_count_text_segments, with_kwargs=True)
+        first._lensrl_counts_segments = True
+
+
+def _count_text_segments(module, args, kwargs):
+    """The first decoder layer's pre-hook (eager, outside compiled code): a forward given text
+    boundaries (`text_segments`) counts as a packed call, as the eager path counts each layer's."""
+    if kwargs.get(TEXT_SEGMENTS[0]) is not None:
+        _counters["packed_text_calls"] += 1

@@ -40,7 +40,12 @@ import warnings
 
 import torch
 
-from lensrl.train.attention import TEXT_ATTENTION, enable_packed_attention, packed_attention_calls
+from lensrl.train.attention import (
+    TEXT_ATTENTION,
+    enable_packed_attention,
+    packed_attention_calls,
+    text_segments,
+)
 from lensrl.train.sequences import (
     Sequence,
     forward_response_logprobs,
@@ -183,6 +188,7 @@ def packed_hidden_states(
     calls_before = packed_attention_calls()
     device = device if device is not None else next(model.parameters()).device
     inputs = pack_sequences(seqs, device, share_images=True)  # a GRPO group's image runs the vision tower once
+    inputs.update(text_segments([s.num_tokens for s in seqs], device))  # the boundaries, as given (no host sync)
     hidden = language_model_forward(model, inputs).last_hidden_state[0]  # (T, H)
     if len(seqs) > 1 and model.config.get_text_config()._attn_implementation == TEXT_ATTENTION:
         # Attention that silently spans sequences would be wrong, not slow: make sure it was packed.

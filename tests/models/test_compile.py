@@ -76,6 +76,41 @@ def test_compiled_model_equals_eager_with_gradients(request, arch_fixture, check
     assert _unique_graphs() == graphs_after_first, "a new packed length recompiled the blocks"
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="varlen attention in the graph needs CUDA")
+@pytest.mark.parametrize("arch_fixture", ["tiny_qwen25_dir", "tiny_qwen3_dir"])
+def test_compiled_blocks_keep_varlen_attention_in_one_graph_on_cuda(request, arch_fixture, make_image_bytes):
+    """The trainer's GPU set-up (fp32 master weights, bf16 autocast, packed rows): every compiled
+    vision block and decoder layer is one graph with its attention inside (no graph break, so no
+    second guard check, graph entry and autograd node per block), a new packed length compiles
+    nothing new, and log-probabilities and gradients equal the eager model's within bf16 noise."""
+    from torch._dynamo.utils import counters
+
+    model_dir = request.getfixturevalue(arch_fixture)
+    eager, processor = load_policy(model_dir, torch.float32, "cuda")
+    compiled, _ = load_policy(model_dir, torch.float32, "cuda")
+    compile_blocks(compiled)
+    pad = processor.pad_token_id
+    torch._dynamo.reset()
+    counters.clear()
+    for seqs in (_batch(processor, make_image_bytes, seed=0), _batch(processor, make_image_bytes, seed=1)[1:]):
+        results = []
+        for model in (eager, compiled):
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                logp, _, mask = forward_response_logprobs(model, seqs, pad, 1.0, 16, packed=True)
+                (logp * mask).sum().backward()
+            results.append((logp.detach().float(), {n: p.grad.float() for n, p in model.named_parameters()
+                                                    if p.grad is not None}))
+            model.zero_grad(set_to_none=True)
+        (want, want_grads), (got, grads) = results
+        assert (got - want).abs()[mask].max() < 2e-2
+        assert grads.keys() == want_grads.keys() and any(".visual." in n for n in grads)
+        for name, grad in grads.items():
+            scale = want_grads[name].abs().max().clamp_min(1e-6)
+            assert (grad - want_grads[name]).abs().max() / scale < 5e-2, name
+        assert not counters["graph_break"], f"graph breaks: {dict(counters['graph_break'])}"
+        assert _unique_graphs() == 2, "one graph per block class (vision block, decoder layer), no recompile"
+
+
 def test_cached_generation_runs_the_blocks_eagerly_and_unchanged(tiny_qwen25_dir, make_image_bytes):
     from lensrl.data.sample import ImageSource, Sample
 

@@ -244,6 +244,38 @@ def test_packed_equals_one_at_a_time_and_padded_with_gradients(request, arch_fix
 
 
 @pytest.mark.parametrize("arch_fixture", ["tiny_qwen25_dir", "tiny_qwen3_dir"])
+def test_every_text_attention_call_is_given_the_packed_boundaries(request, arch_fixture, make_image_bytes,
+                                                                 monkeypatch):
+    """The trainer's packed forward hands each decoder layer's attention the sequences' boundaries
+    (`lensrl_cu_seqlens`, `lensrl_max_seqlen`) through transformers' keyword plumbing, and the vision
+    tower its own (`cu_seq_lens_q`): what lets a compiled layer run varlen attention in its graph."""
+    from lensrl.train import attention
+
+    model_dir = request.getfixturevalue(arch_fixture)
+    model, processor = load_policy(model_dir)
+    seqs = _batch(processor, make_image_bytes, seed=4)
+    seen = {"text": [], "vision": []}
+    given_segments = attention._given_segments
+
+    def recorded(query, key, attention_mask, causal, kwargs):
+        given = given_segments(query, key, attention_mask, causal, kwargs)
+        seen["vision" if "cu_seq_lens_q" in kwargs else "text"].append(given)
+        return given
+
+    monkeypatch.setattr(attention, "_given_segments", recorded)
+    with torch.no_grad():
+        packed_hidden_states(model, seqs)
+    lengths = [s.num_tokens for s in seqs]
+    # each call is seen twice: by packed_attention_forward, then by the eager path it takes on CPU
+    assert len(seen["text"]) == 2 * model.config.get_text_config().num_hidden_layers
+    assert len(seen["vision"]) == 2 * model.config.vision_config.depth
+    for cu, longest in seen["text"]:
+        assert cu.tolist() == [0, *torch.tensor(lengths).cumsum(0).tolist()] and longest == max(lengths)
+    for cu, longest in seen["vision"]:
+        assert cu is not None and longest == int((cu[1:] - cu[:-1]).max())
+
+
+@pytest.mark.parametrize("arch_fixture", ["tiny_qwen25_dir", "tiny_qwen3_dir"])
 def test_packed_positions_are_each_sequences_own(request, arch_fixture, make_image_bytes):
     """The packed row carries each sequence's own rope positions; transformers' own sdpa packing
     (a block-causal mask built from the text positions) gives the same states as ours."""
