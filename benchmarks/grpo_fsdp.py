@@ -19,6 +19,8 @@ Cases (--cases):
   3b-gc     the same with gradient checkpointing
   3b-gcv    3b-gc with model.gradient_checkpointing_scope=vision: the decoder keeps its activations
   3b-gcv-8k 3b-gcv with 8,192-token micro-batches (half the activation memory)
+  3b-gcv-24k  3b-gcv with 24,576-token micro-batches (4 a step instead of 6)
+  3b-gcv-nofsdp  3b-gcv without FSDP (trainer.fsdp.enable=never): fp32 parameters, bf16 autocast
   3b-gcv-step 3b-gcv with trainer.fsdp.reduce_grads=per_step and reshard_after_forward=false
   3b-gc-step  3b-gc with trainer.fsdp.reduce_grads=per_step and reshard_after_forward=false
   3b-gc-kl  3b-gc with algorithm.use_kl_loss=true: the reference in bf16 (ref.dtype=auto)
@@ -65,6 +67,12 @@ CASES = {
     "3b-gcv-step": ["model.path=qwen2_5_vl_3b", "model.gradient_checkpointing=true",
                     "model.gradient_checkpointing_scope=vision", "trainer.fsdp.reduce_grads=per_step",
                     "trainer.fsdp.reshard_after_forward=false"],
+    # 3b-gcv without FSDP (one rank only): fp32 parameters under bf16 autocast, no per-unit copies
+    "3b-gcv-nofsdp": ["model.path=qwen2_5_vl_3b", "model.gradient_checkpointing=true",
+                      "model.gradient_checkpointing_scope=vision", "trainer.fsdp.enable=never"],
+    # 3b-gcv with 24,576-token micro-batches: 4 instead of 6 per step (fewer host calls per token)
+    "3b-gcv-24k": ["model.path=qwen2_5_vl_3b", "model.gradient_checkpointing=true",
+                   "model.gradient_checkpointing_scope=vision", "actor.max_tokens_per_mbs=24576"],
     "3b-gcv-8k": ["model.path=qwen2_5_vl_3b", "model.gradient_checkpointing=true",
                   "model.gradient_checkpointing_scope=vision", "actor.max_tokens_per_mbs=8192"],
     # each FSDP unit gathered and its gradients reduced once per optimizer step, not per micro-batch
@@ -121,6 +129,7 @@ def run_case(name: str, nproc: int, data: Path, out: Path, prompts: int, steps: 
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "NCCL_NVLS_ENABLE": "0"}
     metrics_file = out / run_name / "metrics.jsonl"
     log_file = out / f"{run_name}.log"
+    metrics_file.unlink(missing_ok=True)  # a stale file from an earlier run in the same folder is not this run's first step
     start = time.time()
     first_step_s = None  # command start -> the first step's record in metrics.jsonl (model build, compile, graphs)
     with open(log_file, "w") as log_out:
