@@ -216,7 +216,7 @@ def _varlen_usable() -> bool:
             from torch.nn.attention.varlen import varlen_attn
 
             params = set(inspect.signature(varlen_attn).parameters)
-            _varlen_state.update(params=params, is_causal="is_causal" in params, scale="scale" in params,
+            _varlen_state.update(is_causal="is_causal" in params, scale="scale" in params,
                                  enable_gqa="enable_gqa" in params)
             _varlen_state["usable"] = True
         except ImportError:
@@ -305,10 +305,8 @@ def text_segments(lengths: list[int], device: torch.device | str) -> dict:
     (tokens each, back to back in one row) start: pass them to the model's forward with the packed
     row. cu_seqlens (N + 1,) int32 on `device`, the longest length an int. Nothing is read back
     from the GPU, and compiled decoder layers keep their attention in the graph."""
-    lengths = [int(n) for n in lengths]
-    cu = torch.zeros(len(lengths) + 1, dtype=torch.int32)
-    cu[1:] = torch.tensor(lengths, dtype=torch.int64).cumsum(0)
-    return {TEXT_SEGMENTS[0]: to_device(cu, device), TEXT_SEGMENTS[1]: max(lengths, default=0)}
+    segments = segments_from_lengths(lengths, device)
+    return {TEXT_SEGMENTS[0]: segments.cu_seqlens, TEXT_SEGMENTS[1]: segments.max_length}
 
 
 def _given_segments(query, key, attention_mask, causal: bool, kwargs: dict):
@@ -351,7 +349,8 @@ def packed_attention_forward(
     ):
         dtype = value.dtype  # q and k come out of rope in fp32 under autocast
         return varlen_attention(query.to(dtype), key.to(dtype), value, cu_seqlens, max_length, causal, scaling), None
-    return _eager_attention(module, query, key, value, attention_mask, dropout, scaling, is_causal, **kwargs)
+    return _eager_attention(module, query, key, value, attention_mask, dropout, scaling, is_causal, causal,
+                            cu_seqlens, max_length, **kwargs)
 
 
 def _kv_sink_active() -> bool:
@@ -363,14 +362,13 @@ def _kv_sink_active() -> bool:
 
 
 @torch.compiler.disable  # host-side segment bookkeeping: compiled blocks call it eagerly
-def _eager_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None,
-                     **kwargs) -> tuple[torch.Tensor, None]:
+def _eager_attention(module, query, key, value, attention_mask, dropout, scaling, is_causal, causal: bool,
+                     cu_seqlens, max_length, **kwargs) -> tuple[torch.Tensor, None]:
+    """packed_attention_forward's other calls; `causal`, `cu_seqlens`, `max_length` as it worked them out."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     if _kv_sink[0] is not None:
         _kv_sink[0](module, key, value)
-    causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", True))
-    cu_seqlens, max_length = _given_segments(query, key, attention_mask, causal, kwargs)
     segments = None
     if cu_seqlens is not None:  # boundaries given: vision cu_seqlens, or the text's from the caller
         segments = _cached_segments(
