@@ -347,6 +347,8 @@ def packed_attention_forward(
         and _varlen_state["usable"] is True
         and not _kv_sink_active()
     ):
+        if not torch.compiler.is_compiling() and "cu_seq_lens_q" not in kwargs:  # eager: counted per call
+            _counters["packed_text_calls"] += 1
         dtype = value.dtype  # q and k come out of rope in fp32 under autocast
         return varlen_attention(query.to(dtype), key.to(dtype), value, cu_seqlens, max_length, causal, scaling), None
     return _eager_attention(module, query, key, value, attention_mask, dropout, scaling, is_causal, causal,
@@ -464,7 +466,10 @@ def enable_packed_attention(model: torch.nn.Module, vision: bool = True) -> None
 
 
 def _count_text_segments(module, args, kwargs):
-    """The first decoder layer's pre-hook (eager, outside compiled code): a forward given text
-    boundaries (`text_segments`) counts as a packed call, as the eager path counts each layer's."""
-    if kwargs.get(TEXT_SEGMENTS[0]) is not None:
+    """The first decoder layer's pre-hook (eager, outside compiled code). Attention counts its own
+    packed calls, except inside a compiled layer, where a counter would be a guard that changes on
+    every call: there a forward whose layer was given text boundaries (`text_segments`) counts
+    once. The keywords reach the attention by the same transformers code, compiled or not, which
+    the uncompiled runs check call by call."""
+    if getattr(module, "_lensrl_compiled", False) and kwargs.get(TEXT_SEGMENTS[0]) is not None:
         _counters["packed_text_calls"] += 1

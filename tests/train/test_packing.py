@@ -274,6 +274,33 @@ def test_every_text_attention_call_is_given_the_packed_boundaries(request, arch_
         assert cu is not None and longest == int((cu[1:] - cu[:-1]).max())
 
 
+def test_a_packed_forward_whose_attention_gets_no_boundaries_is_refused(tiny_qwen25_dir, make_image_bytes,
+                                                                       monkeypatch):
+    """If the text attention is handed neither the given boundaries nor the positions (a
+    transformers release that stops forwarding them), it would attend across the packed
+    sequences: the packed forward refuses instead of returning those states."""
+    from transformers import AttentionInterface
+
+    from lensrl.train import attention
+
+    model, processor = load_policy(tiny_qwen25_dir)
+    seqs = _batch(processor, make_image_bytes, seed=5)[2:4]  # two text-only sequences
+
+    def stripped(module, query, key, value, attention_mask, **kwargs):
+        for name in (*attention.TEXT_SEGMENTS, "position_ids"):
+            kwargs.pop(name, None)
+        return attention.packed_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+    enable_packed_attention(model)
+    monkeypatch.setattr(attention, "register", lambda: None)  # keeps the stripping function registered
+    AttentionInterface.register(TEXT_ATTENTION, stripped)
+    try:
+        with torch.no_grad(), pytest.raises(RuntimeError, match="the packed forward ran without packed attention"):
+            packed_hidden_states(model, seqs)
+    finally:
+        AttentionInterface.register(TEXT_ATTENTION, attention.packed_attention_forward)
+
+
 @pytest.mark.parametrize("arch_fixture", ["tiny_qwen25_dir", "tiny_qwen3_dir"])
 def test_packed_positions_are_each_sequences_own(request, arch_fixture, make_image_bytes):
     """The packed row carries each sequence's own rope positions; transformers' own sdpa packing
